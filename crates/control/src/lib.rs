@@ -1,0 +1,12 @@
+//! The embedded control plane: store, local API, reconciliation. See ARCHITECTURE.md.
+
+pub mod api;
+mod objects;
+pub mod paths;
+mod reconcile;
+mod server;
+mod status;
+mod store;
+mod up;
+
+pub use up::{UpOptions, run_up};

@@ -1,0 +1,265 @@
+//! The object lifecycle: what `apply`, `delete` and `label` do to the store,
+//! with Kubernetes' bookkeeping (uid, creationTimestamp, resourceVersion,
+//! generation) and the rule that a change which does not translate is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use waystone_model::{Resource, lookup_kind, parse_manifests, translate::TranslateOptions};
+
+use crate::api::{ApplyResult, LabelRequest};
+use crate::store::{Store, StoreError, Write};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// Bad input: the message is ready for the user.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
+fn new_uid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn key_of(r: &Resource) -> (&'static str, String, String) {
+    (r.kind_info().kind, r.meta().namespace.clone().unwrap_or_default(), r.meta().name.clone())
+}
+
+/// The parts of an object a user writes: a re-apply of the same is `unchanged`.
+fn user_view(r: &Resource) -> serde_json::Value {
+    let mut v = r.to_json();
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("status");
+        if let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for k in ["creationTimestamp", "resourceVersion", "generation", "uid", "managedFields"] {
+                meta.remove(k);
+            }
+        }
+    }
+    v
+}
+
+/// Parses, validates and stores `manifests` as one atomic change.
+pub fn apply(
+    store: &mut Store,
+    manifests: &str,
+    source: &str,
+    default_namespace: &str,
+    opts: &TranslateOptions,
+) -> Result<(Vec<ApplyResult>, u64), ObjectError> {
+    let mut parsed = parse_manifests(manifests, source).map_err(|e| ObjectError::Invalid(e.to_string()))?;
+    if parsed.is_empty() {
+        return Err(ObjectError::Invalid(format!("{source}: no objects passed to apply")));
+    }
+    for r in &mut parsed {
+        r.set_default_namespace(default_namespace);
+        // What the server owns is never taken from the user.
+        r.set_status(None);
+        r.validate().map_err(|e| ObjectError::Invalid(e.to_string()))?;
+    }
+    let mut seen = BTreeSet::new();
+    for r in &parsed {
+        if !seen.insert(key_of(r)) {
+            let (k, ns, n) = key_of(r);
+            return Err(ObjectError::Invalid(format!("{source}: {k} {ns}/{n} appears twice")));
+        }
+    }
+
+    let version = store.current_version()? + 1;
+    let now = now_rfc3339();
+    let mut writes = Vec::new();
+    let mut results = Vec::new();
+    let mut namespaces: BTreeSet<String> = BTreeSet::new();
+    for mut r in parsed {
+        let (kind, ns, name) = key_of(&r);
+        if r.kind_info().namespaced {
+            namespaces.insert(ns.clone());
+        }
+        let existing = store.get(kind, &ns, &name)?;
+        let action = match &existing {
+            None => {
+                let m = r.meta_mut();
+                m.uid = Some(new_uid());
+                m.creation_timestamp = Some(now.clone());
+                m.generation = Some(1);
+                m.resource_version = Some(version.to_string());
+                "created"
+            }
+            Some(old) if user_view(old) == user_view(&r) => {
+                results.push(result(&r, "unchanged"));
+                continue;
+            }
+            Some(old) => {
+                let generation = old.meta().generation.unwrap_or(1);
+                let spec_changed = old.spec_json() != r.spec_json();
+                let m = r.meta_mut();
+                m.uid = old.meta().uid.clone();
+                m.creation_timestamp = old.meta().creation_timestamp.clone();
+                m.generation = Some(if spec_changed { generation + 1 } else { generation });
+                m.resource_version = Some(version.to_string());
+                r.set_status(old.status().cloned());
+                "configured"
+            }
+        };
+        results.push(result(&r, action));
+        writes.push(Write::Put(r));
+    }
+    // On one machine namespaces are implicit: create the ones objects land in.
+    for ns in namespaces {
+        if store.get("Namespace", "", &ns)?.is_none()
+            && !writes.iter().any(|w| matches!(w, Write::Put(r) if r.kind_info().kind == "Namespace" && r.meta().name == ns))
+        {
+            writes.push(Write::Put(new_namespace(&ns, version, &now)));
+        }
+    }
+    if writes.is_empty() {
+        return Ok((results, store.current_version()?));
+    }
+    refuse_untranslatable(store, &writes, opts)?;
+    store.commit(&writes, version)?;
+    Ok((results, version))
+}
+
+fn result(r: &Resource, action: &str) -> ApplyResult {
+    ApplyResult {
+        kind: r.kind_info().kind.to_string(),
+        namespace: r.meta().namespace.clone().unwrap_or_default(),
+        name: r.meta().name.clone(),
+        action: action.to_string(),
+        warnings: Vec::new(),
+    }
+}
+
+pub fn new_namespace(name: &str, version: u64, now: &str) -> Resource {
+    let mut ns = Resource::from_json(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+    }))
+    .expect("a bare Namespace is valid");
+    let m = ns.meta_mut();
+    m.uid = Some(new_uid());
+    m.creation_timestamp = Some(now.to_string());
+    m.generation = Some(1);
+    m.resource_version = Some(version.to_string());
+    ns
+}
+
+/// A change whose own objects do not translate is refused; the running config stays.
+fn refuse_untranslatable(store: &Store, writes: &[Write], opts: &TranslateOptions) -> Result<(), ObjectError> {
+    let mut objects: BTreeMap<(&'static str, String, String), Resource> =
+        store.list(None, None)?.into_iter().map(|r| (key_of(&r), r)).collect();
+    let mut touched = BTreeSet::new();
+    for w in writes {
+        match w {
+            Write::Put(r) => {
+                touched.insert(key_of(r));
+                objects.insert(key_of(r), r.clone());
+            }
+            Write::Delete { kind, namespace, name } => {
+                objects.remove(&(*kind, namespace.clone(), name.clone()));
+            }
+        }
+    }
+    let all: Vec<Resource> = objects.into_values().collect();
+    let translation = waystone_model::translate::translate(&all, opts);
+    let errors: Vec<String> = translation
+        .errors
+        .iter()
+        .filter(|e| touched.contains(&(e.kind, e.key.namespace.clone(), e.key.name.clone())))
+        .map(|e| format!("{} {}: {}", e.kind, e.key, e.message))
+        .collect();
+    if errors.is_empty() { Ok(()) } else { Err(ObjectError::Invalid(errors.join("; "))) }
+}
+
+/// Resolves a kind name the way kubectl does, or says it is unknown.
+pub fn canonical_kind(kind: &str) -> Result<&'static waystone_model::KindInfo, ObjectError> {
+    lookup_kind(kind)
+        .ok_or_else(|| ObjectError::Invalid(format!("the server doesn't have a resource type \"{kind}\"")))
+}
+
+pub fn not_found(info: &waystone_model::KindInfo, name: &str) -> ObjectError {
+    let plural = if info.group.is_empty() { info.plural.to_string() } else { format!("{}.{}", info.plural, info.group) };
+    ObjectError::NotFound(format!("{plural} \"{name}\" not found"))
+}
+
+pub fn delete(store: &mut Store, kind: &str, namespace: &str, name: &str) -> Result<u64, ObjectError> {
+    let info = canonical_kind(kind)?;
+    let namespace = if info.namespaced { namespace } else { "" };
+    if store.get(info.kind, namespace, name)?.is_none() {
+        return Err(not_found(info, name));
+    }
+    let version = store.current_version()? + 1;
+    store.commit(&[Write::Delete { kind: info.kind, namespace: namespace.to_string(), name: name.to_string() }], version)?;
+    Ok(version)
+}
+
+pub fn label(store: &mut Store, req: &LabelRequest, opts: &TranslateOptions) -> Result<(String, u64), ObjectError> {
+    let info = canonical_kind(&req.kind)?;
+    let namespace = if info.namespaced { req.namespace.as_str() } else { "" };
+    let Some(mut obj) = store.get(info.kind, namespace, &req.name)? else {
+        return Err(not_found(info, &req.name));
+    };
+    let mut changed = false;
+    {
+        let labels = &mut obj.meta_mut().labels;
+        for (k, v) in &req.set {
+            validate_label(k, v)?;
+            match labels.get(k) {
+                Some(old) if old == v => {}
+                Some(old) if !req.overwrite => {
+                    return Err(ObjectError::Conflict(format!(
+                        "'{k}' already has a value ({old}), and --overwrite is false"
+                    )));
+                }
+                _ => {
+                    labels.insert(k.clone(), v.clone());
+                    changed = true;
+                }
+            }
+        }
+        for k in &req.remove {
+            changed |= labels.remove(k).is_some();
+        }
+    }
+    if !changed {
+        return Ok(("not labeled".into(), store.current_version()?));
+    }
+    let version = store.current_version()? + 1;
+    obj.meta_mut().resource_version = Some(version.to_string());
+    let writes = [Write::Put(obj)];
+    refuse_untranslatable(store, &writes, opts)?;
+    store.commit(&writes, version)?;
+    Ok(("labeled".into(), version))
+}
+
+fn validate_label(key: &str, value: &str) -> Result<(), ObjectError> {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let ok_chars = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let edges = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 63 || !ok_chars(name) || !edges(name) {
+        return Err(ObjectError::Invalid(format!("invalid label key {key:?}")));
+    }
+    if value.len() > 63 || (!value.is_empty() && (!ok_chars(value) || !edges(value))) {
+        return Err(ObjectError::Invalid(format!("invalid label value {value:?} for {key:?}")));
+    }
+    Ok(())
+}

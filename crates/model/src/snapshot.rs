@@ -1,0 +1,269 @@
+//! The normalized configuration the data plane runs. Produced only by
+//! [`crate::translate`]; never written by hand, never read from users.
+//!
+//! Everything here is plain data: no sockets, no modules, no threads.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// `namespace/name` of a namespaced object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which resource kind a plugin came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ExtensionKind {
+    WasmPlugin,
+    TrafficExtension,
+}
+
+/// Identity of one plugin in the snapshot: the object it came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PluginId {
+    pub kind: ExtensionKind,
+    pub key: ObjectKey,
+}
+
+impl std::fmt::Display for PluginId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            ExtensionKind::WasmPlugin => "wasmplugin",
+            ExtensionKind::TrafficExtension => "trafficextension",
+        };
+        write!(f, "{kind}/{}", self.key)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    Authn,
+    Authz,
+    Stats,
+    Unspecified,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum FailStrategy {
+    #[default]
+    FailClose,
+    FailOpen,
+    FailReload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PullPolicy {
+    IfNotPresent,
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum PluginType {
+    #[default]
+    Http,
+    Network,
+}
+
+/// Everything needed to fetch, load and configure one plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginConfig {
+    pub id: PluginId,
+    /// Normalized: always has a scheme (`oci://` added when the user gave none).
+    pub url: String,
+    /// Lowercase hex, from `sha256` or from an `@sha256:` digest in the url.
+    pub sha256: Option<String>,
+    /// Effective policy after Istio's defaulting (`latest` → Always, sha256 → IfNotPresent).
+    pub pull_policy: PullPolicy,
+    /// Contents of the referenced `kubernetes.io/dockerconfigjson` Secret (`.dockerconfigjson`,
+    /// decoded). `Some(Err)` when the plugin names a secret that is missing or malformed.
+    pub pull_secret: Option<Result<Vec<u8>, String>>,
+    /// The bytes given to `proxy_on_configure`: `pluginConfig` serialized as JSON, empty when unset.
+    pub configuration: Vec<u8>,
+    /// Root id (`pluginName`), empty when unset.
+    pub root_id: String,
+    /// `<namespace>.<name>`, as Istio names the filter.
+    pub filter_name: String,
+    pub phase: Phase,
+    /// `None` is lower than any explicit priority.
+    pub priority: Option<i64>,
+    pub fail_strategy: FailStrategy,
+    /// Resolved `vmConfig.env`: HOST values are read from the control plane's environment.
+    pub env: Vec<(String, String)>,
+    pub plugin_type: PluginType,
+    /// The object's `metadata.resourceVersion`: an `Always` plugin re-pulls when it changes.
+    pub resource_version: String,
+    pub generation: i64,
+}
+
+/// A gateway's role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GatewayRole {
+    /// An ingress gateway (any class other than `istio-waypoint`).
+    Ingress,
+    /// A waypoint (class `istio-waypoint`), and what traffic it takes (`istio.io/waypoint-for`).
+    Waypoint { waypoint_for: WaypointFor },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Every gateway and waypoint, sorted by key.
+    pub gateways: Vec<GatewayConfig>,
+    /// Every service, sorted by key.
+    pub services: Vec<ServiceConfig>,
+    /// Every plugin referenced by at least one chain, by id.
+    pub plugins: BTreeMap<PluginId, PluginConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayConfig {
+    pub key: ObjectKey,
+    pub class_name: String,
+    pub role: GatewayRole,
+    pub listeners: Vec<ListenerConfig>,
+    /// Waypoints only: the services whose traffic this waypoint takes, with their chains.
+    pub waypoint_services: Vec<WaypointService>,
+    /// `metadata.generation` of the Gateway, for status.
+    pub generation: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub port: u16,
+    /// `HTTP`, `HTTPS`, `TCP`, `HBONE`, ... as written.
+    pub protocol: String,
+    pub hostname: Option<String>,
+    /// Ingress only: the routes attached to this listener, in Gateway API precedence order.
+    pub routes: Vec<RouteConfig>,
+    /// Ingress only: the plugin chain, in execution order.
+    pub chain: Vec<PluginId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    /// `namespace/name` of the HTTPRoute, and the rule index.
+    pub route: ObjectKey,
+    pub rule_index: usize,
+    /// Empty: any host.
+    pub hostnames: Vec<String>,
+    /// Empty: match everything (a rule without matches matches `PathPrefix /`).
+    pub matches: Vec<RouteMatch>,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteMatch {
+    pub path: Option<PathMatch>,
+    pub headers: Vec<HeaderMatch>,
+    pub query_params: Vec<HeaderMatch>,
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeaderMatch {
+    /// Lowercased for headers; as written for query parameters.
+    pub name: String,
+    pub value: String,
+    pub regex: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Backend {
+    pub service: ObjectKey,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaypointService {
+    pub service: ObjectKey,
+    /// One chain per service port (a plugin's `match.ports` may select some ports only).
+    pub ports: Vec<PortChain>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortChain {
+    pub port: u16,
+    pub chain: Vec<PluginId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub key: ObjectKey,
+    pub labels: BTreeMap<String, String>,
+    /// `spec.clusterIP`, when set and not `None`.
+    pub cluster_ip: Option<String>,
+    pub ports: Vec<ServicePortConfig>,
+    /// The waypoint this service's traffic goes through, if any (after Service/Namespace
+    /// labels, `none`, `use-waypoint-namespace` and the waypoint's `waypoint-for`).
+    pub waypoint: Option<ObjectKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServicePortConfig {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+    /// Ready endpoints for this port, from the EndpointSlices labelled
+    /// `kubernetes.io/service-name=<service>` (port matched by name).
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl Snapshot {
+    pub fn empty() -> Self {
+        Self {
+            gateways: Vec::new(),
+            services: Vec::new(),
+            plugins: BTreeMap::new(),
+        }
+    }
+
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceConfig> {
+        self.services
+            .binary_search_by(|s| s.key.cmp(key))
+            .ok()
+            .map(|i| &self.services[i])
+    }
+
+    pub fn gateway(&self, key: &ObjectKey) -> Option<&GatewayConfig> {
+        self.gateways
+            .binary_search_by(|g| g.key.cmp(key))
+            .ok()
+            .map(|i| &self.gateways[i])
+    }
+}

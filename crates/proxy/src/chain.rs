@@ -1,0 +1,264 @@
+//! Runs one request through a Proxy-Wasm plugin chain, phase by phase.
+//!
+//! Request callbacks run in chain order, response callbacks in reverse order
+//! (Envoy's decoder/encoder order). A plugin that fails at run time is handled
+//! by its fail strategy; a plugin that could not be loaded denies the chain
+//! unless it is FAIL_OPEN.
+
+use std::sync::Arc;
+
+use waystone_model::snapshot::{FailStrategy, PluginId};
+use waystone_wasm::{Action, HostError, HttpStream, LocalResponse};
+
+use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
+use crate::worker::{self, SharedInstance};
+
+/// A reply the proxy sends instead of (or in place of) the upstream's.
+#[derive(Debug, Clone)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    /// Why, in Envoy's `response_code_details` spirit (`wasm:<plugin>:<status>`).
+    pub details: String,
+}
+
+impl LocalReply {
+    pub fn text(status: u16, details: impl Into<String>, body: impl Into<String>) -> Self {
+        let body = body.into().into_bytes();
+        Self {
+            status,
+            headers: vec![("content-type".into(), b"text/plain".to_vec())],
+            body,
+            details: details.into(),
+        }
+    }
+}
+
+pub enum Outcome {
+    Continue,
+    Respond(LocalReply),
+}
+
+struct ActiveFilter {
+    plugin: Arc<LoadedPlugin>,
+    instance: SharedInstance,
+    ctx: u32,
+    /// Set after a fail-open fault: the plugin sees nothing more of this stream.
+    bypassed: bool,
+}
+
+/// The chain state of one request.
+pub struct ChainRun {
+    filters: Vec<ActiveFilter>,
+    pub stream: HttpStream,
+}
+
+impl ChainRun {
+    pub fn new(stream: HttpStream) -> Self {
+        Self { filters: Vec::new(), stream }
+    }
+
+    /// True when some plugin of the chain reads request bodies (so the proxy buffers them).
+    pub fn wants_request_body(&self) -> bool {
+        self.filters.iter().any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_request_body"))
+    }
+
+    pub fn wants_response_body(&self) -> bool {
+        self.filters.iter().any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_response_body"))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Creates a context in each plugin of `chain` and runs its request-headers callback.
+    pub fn request_headers(&mut self, chain: &[PluginId], rt: &RuntimeConfig, end_of_stream: bool) -> Outcome {
+        for id in chain {
+            let plugin = match rt.plugins.get(id) {
+                Some(PluginSlot::Ready(p)) => p.clone(),
+                Some(PluginSlot::Failed { fail_strategy: FailStrategy::FailOpen, .. }) => continue,
+                Some(PluginSlot::Failed { reason, .. }) => {
+                    tracing::warn!(plugin = %id, %reason, "denying request: plugin is not loaded (fail closed)");
+                    return Outcome::Respond(unavailable_reply(id));
+                }
+                None => {
+                    tracing::error!(plugin = %id, "denying request: plugin missing from the runtime config");
+                    return Outcome::Respond(unavailable_reply(id));
+                }
+            };
+            let instance = match worker::instance_for(&plugin) {
+                Ok(i) => i,
+                Err(err) => match fault(&plugin, &err) {
+                    Some(reply) => return Outcome::Respond(reply),
+                    None => continue,
+                },
+            };
+            let ctx = match instance.borrow_mut().create_http_context() {
+                Ok(ctx) => ctx,
+                Err(err) => match fault(&plugin, &err) {
+                    Some(reply) => return Outcome::Respond(reply),
+                    None => continue,
+                },
+            };
+            self.filters.push(ActiveFilter { plugin, instance, ctx, bypassed: false });
+            let idx = self.filters.len() - 1;
+            let result = {
+                let f = &self.filters[idx];
+                f.instance.borrow_mut().on_request_headers(f.ctx, &mut self.stream, end_of_stream)
+            };
+            if let Some(out) = self.settle(idx, result, end_of_stream) {
+                return out;
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Runs the request-body callbacks over the whole (buffered) body.
+    pub fn request_body(&mut self) -> Outcome {
+        for idx in 0..self.filters.len() {
+            if self.filters[idx].bypassed {
+                continue;
+            }
+            let result = {
+                let f = &self.filters[idx];
+                f.instance.borrow_mut().on_request_body(f.ctx, &mut self.stream, true)
+            };
+            if let Some(out) = self.settle(idx, result, true) {
+                return out;
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Runs the response-headers callbacks, last plugin first.
+    pub fn response_headers(&mut self, end_of_stream: bool) -> Outcome {
+        for idx in (0..self.filters.len()).rev() {
+            if self.filters[idx].bypassed {
+                continue;
+            }
+            let result = {
+                let f = &self.filters[idx];
+                f.instance.borrow_mut().on_response_headers(f.ctx, &mut self.stream, end_of_stream)
+            };
+            if let Some(out) = self.settle_response(idx, result) {
+                return out;
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Runs the response-body callbacks over the whole (buffered) body, last plugin first.
+    pub fn response_body(&mut self) -> Outcome {
+        for idx in (0..self.filters.len()).rev() {
+            if self.filters[idx].bypassed {
+                continue;
+            }
+            let result = {
+                let f = &self.filters[idx];
+                f.instance.borrow_mut().on_response_body(f.ctx, &mut self.stream, true)
+            };
+            if let Some(out) = self.settle_response(idx, result) {
+                return out;
+            }
+        }
+        Outcome::Continue
+    }
+
+    /// Ends every context: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
+    pub fn finish(&mut self) {
+        for f in &self.filters {
+            if f.bypassed {
+                continue;
+            }
+            let result = f.instance.borrow_mut().finish_http_context(f.ctx, &mut self.stream);
+            if let Err(err) = result {
+                tracing::warn!(plugin = %f.plugin.id, error = %err, "plugin failed while closing its context");
+                if f.instance.borrow().is_poisoned() {
+                    worker::discard_instance(f.plugin.revision);
+                }
+            }
+        }
+        self.filters.clear();
+    }
+
+    /// Interprets a request-path callback result.
+    fn settle(&mut self, idx: usize, result: Result<Action, HostError>, end_of_stream: bool) -> Option<Outcome> {
+        match result {
+            Ok(action) => {
+                if let Some(local) = self.stream.local_response.take() {
+                    return Some(Outcome::Respond(plugin_reply(&self.filters[idx].plugin, local)));
+                }
+                let continued = self.stream.continue_requested.take().is_some();
+                if action == Action::Pause && end_of_stream && !continued {
+                    // Nothing could resume this stream yet (no timers or callouts in
+                    // this host version): answer rather than hang the client.
+                    let name = &self.filters[idx].plugin.spec.name;
+                    tracing::warn!(plugin = %name, "plugin paused the request with nothing left to resume it");
+                    return Some(Outcome::Respond(LocalReply::text(
+                        500,
+                        format!("wasm:{name}:paused"),
+                        format!("plugin {name} paused the request\n"),
+                    )));
+                }
+                None
+            }
+            Err(err) => self.runtime_fault(idx, &err),
+        }
+    }
+
+    fn settle_response(&mut self, idx: usize, result: Result<Action, HostError>) -> Option<Outcome> {
+        match result {
+            Ok(_) => {
+                // A local reply from the response path replaces the upstream's response.
+                self.stream
+                    .local_response
+                    .take()
+                    .map(|local| Outcome::Respond(plugin_reply(&self.filters[idx].plugin, local)))
+            }
+            Err(err) => self.runtime_fault(idx, &err),
+        }
+    }
+
+    fn runtime_fault(&mut self, idx: usize, err: &HostError) -> Option<Outcome> {
+        let f = &mut self.filters[idx];
+        if f.instance.borrow().is_poisoned() {
+            worker::discard_instance(f.plugin.revision);
+        }
+        f.bypassed = true;
+        fault(&f.plugin, err).map(Outcome::Respond)
+    }
+}
+
+/// Applies a plugin's fail strategy to a runtime fault: `None` means bypass it.
+fn fault(plugin: &LoadedPlugin, err: &HostError) -> Option<LocalReply> {
+    let name = &plugin.spec.name;
+    match plugin.fail_strategy {
+        FailStrategy::FailOpen => {
+            tracing::warn!(plugin = %name, error = %err, "plugin failed; bypassing it (FAIL_OPEN)");
+            None
+        }
+        FailStrategy::FailClose | FailStrategy::FailReload => {
+            tracing::error!(plugin = %name, error = %err, "plugin failed; answering 503");
+            Some(LocalReply::text(503, format!("wasm:{name}:fault"), format!("plugin {name} failed\n")))
+        }
+    }
+}
+
+fn unavailable_reply(id: &PluginId) -> LocalReply {
+    let name = format!("{}.{}", id.key.namespace, id.key.name);
+    LocalReply::text(
+        403,
+        format!("wasm:{name}:unavailable"),
+        format!("access denied: plugin {name} is not loaded and fails closed\n"),
+    )
+}
+
+fn plugin_reply(plugin: &LoadedPlugin, local: LocalResponse) -> LocalReply {
+    LocalReply {
+        status: local.status,
+        details: format!("wasm:{}:{}", plugin.spec.name, local.status),
+        headers: local.headers,
+        body: local.body,
+    }
+}

@@ -1,0 +1,391 @@
+//! Listeners and the atomic configuration swap.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use waystone_model::snapshot::ObjectKey;
+
+use crate::handler::{self, ConnInfo, Entry, HandlerSettings};
+use crate::runtime::{PluginSlot, RuntimeConfig};
+use crate::worker::{self, Workers};
+
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    pub workers: usize,
+    /// Where gateway listeners bind first; on loopback, a gateway whose ports
+    /// are taken there moves to the next loopback address.
+    pub gateway_address: IpAddr,
+    /// The local mesh entry listener (`None`: no entry listener).
+    pub entry_address: Option<SocketAddr>,
+    /// Largest body buffered for plugins that read bodies.
+    pub max_buffered_body: usize,
+    pub node_id: String,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            gateway_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            entry_address: Some(SocketAddr::from(([127, 0, 0, 1], 15001))),
+            max_buffered_body: 16 << 20,
+            node_id: "waystone".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
+    #[error("cannot bind the mesh entry listener on {addr}: {source}")]
+    Entry { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Where one gateway's listeners ended up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayBinding {
+    pub address: IpAddr,
+    pub listeners: Vec<ListenerBinding>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerBinding {
+    pub name: String,
+    pub port: u16,
+    /// The bound address, or why it could not be bound.
+    pub result: Result<SocketAddr, String>,
+}
+
+struct Bound {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct ListenerKey {
+    gateway: ObjectKey,
+    name: String,
+    port: u16,
+}
+
+struct Shared {
+    config: ArcSwap<RuntimeConfig>,
+    settings: HandlerSettings,
+    workers: Workers,
+    /// 0 running, 1 draining (finish in-flight requests, close idle connections).
+    drain: watch::Sender<u8>,
+    connections: AtomicU64,
+}
+
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    cfg: DataPlaneConfig,
+    listeners: std::sync::Mutex<BTreeMap<ListenerKey, Bound>>,
+    addresses: std::sync::Mutex<BTreeMap<ObjectKey, IpAddr>>,
+    entry: Option<Bound>,
+}
+
+impl DataPlane {
+    /// Starts the workers and the mesh entry listener. Must run inside a tokio runtime.
+    pub async fn start(cfg: DataPlaneConfig) -> Result<Self, DataPlaneError> {
+        let workers = Workers::start(cfg.workers).map_err(DataPlaneError::Workers)?;
+        let (drain, _) = watch::channel(0u8);
+        let shared = Arc::new(Shared {
+            config: ArcSwap::from_pointee(RuntimeConfig::empty()),
+            settings: HandlerSettings { max_buffered_body: cfg.max_buffered_body, node_id: cfg.node_id.clone() },
+            workers,
+            drain,
+            connections: AtomicU64::new(0),
+        });
+        let entry = match cfg.entry_address {
+            Some(addr) => {
+                let listener =
+                    TcpListener::bind(addr).await.map_err(|source| DataPlaneError::Entry { addr, source })?;
+                Some(spawn_accept(shared.clone(), listener, Entry::Mesh))
+            }
+            None => None,
+        };
+        if let Some(e) = &entry {
+            tracing::info!(address = %e.addr, "mesh entry listening");
+        }
+        Ok(Self {
+            shared,
+            cfg,
+            listeners: Default::default(),
+            addresses: Default::default(),
+            entry,
+        })
+    }
+
+    pub fn entry_address(&self) -> Option<SocketAddr> {
+        self.entry.as_ref().map(|b| b.addr)
+    }
+
+    pub fn current(&self) -> Arc<RuntimeConfig> {
+        self.shared.config.load_full()
+    }
+
+    /// Swaps in `rt` (requests already running finish on the config they
+    /// started with), then opens the listeners it needs and closes the rest.
+    pub async fn apply(&self, rt: RuntimeConfig) -> BTreeMap<ObjectKey, GatewayBinding> {
+        let live: HashSet<u64> = rt
+            .plugins
+            .values()
+            .filter_map(|s| match s {
+                PluginSlot::Ready(p) => Some(p.revision),
+                PluginSlot::Failed { .. } => None,
+            })
+            .collect();
+        let snapshot = rt.snapshot.clone();
+        self.shared.config.store(Arc::new(rt));
+        let live = Arc::new(live);
+        self.shared.workers.broadcast(|| {
+            let live = live.clone();
+            Box::new(move || Box::pin(async move { worker::retain_instances(&live) }))
+        });
+
+        let mut bindings = BTreeMap::new();
+        let mut wanted = HashSet::new();
+        for gw in &snapshot.gateways {
+            let ports: Vec<(String, u16, String)> =
+                gw.listeners.iter().map(|l| (l.name.clone(), l.port, l.protocol.clone())).collect();
+            for (name, port, _) in &ports {
+                wanted.insert(ListenerKey { gateway: gw.key.clone(), name: name.clone(), port: *port });
+            }
+            bindings.insert(gw.key.clone(), self.bind_gateway(&gw.key, &ports).await);
+        }
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners.retain(|key, bound| {
+            let keep = wanted.contains(key);
+            if !keep {
+                tracing::info!(gateway = %key.gateway, listener = %key.name, address = %bound.addr, "closing listener");
+                let _ = bound.stop.send(true);
+            }
+            keep
+        });
+        let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        addresses.retain(|gw, _| snapshot.gateway(gw).is_some());
+        bindings
+    }
+
+    async fn bind_gateway(&self, gateway: &ObjectKey, ports: &[(String, u16, String)]) -> GatewayBinding {
+        let existing: Vec<(ListenerKey, SocketAddr)> = {
+            let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            listeners.iter().filter(|(k, _)| &k.gateway == gateway).map(|(k, b)| (k.clone(), b.addr)).collect()
+        };
+        let known = self.addresses.lock().unwrap_or_else(|p| p.into_inner()).get(gateway).copied();
+        let candidates: Vec<IpAddr> = match known {
+            Some(ip) => vec![ip],
+            None => self.candidate_addresses(),
+        };
+        let mut last = None;
+        for ip in candidates {
+            if known.is_none() && self.address_taken(ip, gateway) {
+                continue;
+            }
+            let mut results = Vec::new();
+            let mut fresh = Vec::new();
+            let mut conflict = false;
+            for (name, port, protocol) in ports {
+                let key = ListenerKey { gateway: gateway.clone(), name: name.clone(), port: *port };
+                if let Some((_, addr)) = existing.iter().find(|(k, _)| k == &key) {
+                    results.push(ListenerBinding { name: name.clone(), port: *port, result: Ok(*addr) });
+                    continue;
+                }
+                if !matches!(protocol.as_str(), "HTTP" | "HBONE") {
+                    results.push(ListenerBinding {
+                        name: name.clone(),
+                        port: *port,
+                        result: Err(format!("protocol {protocol} is not supported yet (HTTP and HBONE are)")),
+                    });
+                    continue;
+                }
+                match TcpListener::bind(SocketAddr::new(ip, *port)).await {
+                    Ok(l) => {
+                        let addr = l.local_addr().unwrap_or(SocketAddr::new(ip, *port));
+                        fresh.push((key, l));
+                        results.push(ListenerBinding { name: name.clone(), port: *port, result: Ok(addr) });
+                    }
+                    Err(e) => {
+                        if e.kind() == std::io::ErrorKind::AddrInUse && known.is_none() {
+                            conflict = true;
+                        }
+                        results.push(ListenerBinding {
+                            name: name.clone(),
+                            port: *port,
+                            result: Err(format!("cannot bind {}: {e}", SocketAddr::new(ip, *port))),
+                        });
+                    }
+                }
+            }
+            if conflict {
+                // Another process holds one of these ports here: try the next address.
+                last = Some(GatewayBinding { address: ip, listeners: results });
+                continue;
+            }
+            let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, l) in fresh {
+                let entry = Entry::Gateway { gateway: key.gateway.clone(), listener: key.name.clone() };
+                let bound = spawn_accept(self.shared.clone(), l, entry);
+                tracing::info!(gateway = %gateway, listener = %key.name, address = %bound.addr, "listening");
+                listeners.insert(key, bound);
+            }
+            self.addresses.lock().unwrap_or_else(|p| p.into_inner()).insert(gateway.clone(), ip);
+            return GatewayBinding { address: ip, listeners: results };
+        }
+        last.unwrap_or(GatewayBinding {
+            address: self.cfg.gateway_address,
+            listeners: ports
+                .iter()
+                .map(|(name, port, _)| ListenerBinding {
+                    name: name.clone(),
+                    port: *port,
+                    result: Err("no free address for this gateway".into()),
+                })
+                .collect(),
+        })
+    }
+
+    /// The configured address, then (on IPv4 loopback) the next addresses of 127.0.0.0/8.
+    fn candidate_addresses(&self) -> Vec<IpAddr> {
+        let base = self.cfg.gateway_address;
+        let mut out = vec![base];
+        if let IpAddr::V4(v4) = base
+            && v4.is_loopback()
+        {
+            let [a, b, c, d] = v4.octets();
+            for i in 1..=64u8 {
+                let Some(last) = d.checked_add(i) else { break };
+                if last == 255 {
+                    break;
+                }
+                out.push(IpAddr::V4(Ipv4Addr::new(a, b, c, last)));
+            }
+        }
+        out
+    }
+
+    /// True when another gateway of this process already uses `ip`.
+    fn address_taken(&self, ip: IpAddr, gateway: &ObjectKey) -> bool {
+        self.addresses.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(g, a)| *a == ip && g != gateway)
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops the workers.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        if let Some(e) = &self.entry {
+            let _ = e.stop.send(true);
+        }
+        for bound in self.listeners.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let _ = bound.stop.send(true);
+        }
+        let _ = self.shared.drain.send(1);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.shared.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = self.shared.drain.send(2);
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.workers.stop()).await;
+    }
+}
+
+fn spawn_accept(shared: Arc<Shared>, listener: TcpListener, entry: Entry) -> Bound {
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    let (stop, mut stopped) = watch::channel(false);
+    let entry = Arc::new(entry);
+    tokio::spawn(async move {
+        static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+        loop {
+            let accepted = tokio::select! {
+                _ = stopped.changed() => break,
+                a = listener.accept() => a,
+            };
+            let (socket, peer) = match accepted {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(address = %addr, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(std_socket) = socket.into_std() else { continue };
+            let conn = ConnInfo { peer, local: addr, id: CONN_IDS.fetch_add(1, Ordering::Relaxed) };
+            let shared2 = shared.clone();
+            let entry = entry.clone();
+            shared.connections.fetch_add(1, Ordering::AcqRel);
+            shared.workers.dispatch(Box::new(move || Box::pin(serve_connection(shared2, std_socket, conn, entry))));
+        }
+    });
+    Bound { addr, stop }
+}
+
+async fn serve_connection(shared: Arc<Shared>, socket: std::net::TcpStream, conn: ConnInfo, entry: Arc<Entry>) {
+    struct Done(Arc<Shared>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _done = Done(shared.clone());
+    let socket = match socket.set_nonblocking(true).and_then(|_| tokio::net::TcpStream::from_std(socket)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt accepted socket");
+            return;
+        }
+    };
+    let _ = socket.set_nodelay(true);
+    let service_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = service_shared.clone();
+        let entry = entry.clone();
+        async move {
+            let rt = shared.config.load_full();
+            Ok::<_, std::convert::Infallible>(handler::handle(req, &entry, conn, rt, &shared.settings).await)
+        }
+    });
+    let mut builder = auto::Builder::new(LocalExec);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(30)).max_buf_size(64 << 10);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(64 << 10);
+    let connection = builder.serve_connection(TokioIo::new(socket), service);
+    tokio::pin!(connection);
+    let mut drain = shared.drain.subscribe();
+    loop {
+        tokio::select! {
+            res = connection.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = drain.changed() => {
+                match (changed, *drain.borrow()) {
+                    (Ok(()), 1) => connection.as_mut().graceful_shutdown(),
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
+/// Runs hyper's connection tasks (h2 streams) on the worker's own thread.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}

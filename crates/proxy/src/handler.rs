@@ -1,0 +1,463 @@
+//! One HTTP request, from the listener that accepted it to the upstream and back.
+//!
+//! Phases, in order (Proxy-Wasm callbacks in brackets):
+//! 1. pick the destination: a route (gateway) or a service from the authority (waypoint, mesh entry);
+//! 2. request headers through the chain [`proxy_on_context_create`, `proxy_on_request_headers`];
+//! 3. request body, buffered only when a plugin reads bodies [`proxy_on_request_body`];
+//! 4. pick an endpoint and forward;
+//! 5. response headers, last plugin first [`proxy_on_response_headers`];
+//! 6. response body, buffered only when a plugin reads bodies [`proxy_on_response_body`];
+//! 7. end of stream [`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`].
+//!
+//! A local reply (from a plugin or from the proxy) skips to phase 5 with the reply.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use waystone_model::snapshot::{GatewayRole, ObjectKey, PluginId, ServiceConfig, ServicePortConfig};
+use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
+
+use crate::chain::{ChainRun, LocalReply, Outcome};
+use crate::routing::{self, RequestView};
+use crate::runtime::RuntimeConfig;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// A gateway or waypoint listener.
+    Gateway { gateway: ObjectKey, listener: String },
+    /// The local mesh entry: ztunnel's stand-in.
+    Mesh,
+}
+
+/// Per-connection facts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub id: u64,
+}
+
+/// Settings the handler needs besides the runtime config.
+#[derive(Debug, Clone)]
+pub struct HandlerSettings {
+    pub max_buffered_body: usize,
+    pub node_id: String,
+}
+
+static PICKS: AtomicUsize = AtomicUsize::new(0);
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static CLIENT: Client<HttpConnector, Body> = {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new()).build(connector)
+    };
+}
+
+/// Where a request goes after routing: a service port, and the plugin chain that applies.
+struct Target<'a> {
+    service: &'a ServiceConfig,
+    port: &'a ServicePortConfig,
+    chain: &'a [PluginId],
+    route_name: String,
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    entry: &Entry,
+    conn: ConnInfo,
+    rt: Arc<RuntimeConfig>,
+    settings: &HandlerSettings,
+) -> Response<Body> {
+    let authority = request_authority(&req);
+    let target = match select_target(&req, &authority, entry, &rt) {
+        Ok(t) => t,
+        Err(reply) => return reply_response(reply),
+    };
+    proxy(req, authority, target, conn, &rt, settings).await
+}
+
+fn request_authority<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn select_target<'a>(
+    req: &Request<Incoming>,
+    authority: &str,
+    entry: &Entry,
+    rt: &'a RuntimeConfig,
+) -> Result<Target<'a>, LocalReply> {
+    let snapshot = &rt.snapshot;
+    match entry {
+        Entry::Gateway { gateway, listener } => {
+            let gw = snapshot
+                .gateway(gateway)
+                .ok_or_else(|| LocalReply::text(503, "gateway_removed", "gateway is being removed\n"))?;
+            if let GatewayRole::Waypoint { .. } = gw.role {
+                return waypoint_target(rt, gateway, authority);
+            }
+            let l = gw
+                .listeners
+                .iter()
+                .find(|l| &l.name == listener)
+                .ok_or_else(|| LocalReply::text(503, "listener_removed", "listener is being removed\n"))?;
+            let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            let (host, _) = routing::split_authority(authority);
+            let view = RequestView { method: req.method().as_str(), path, host, headers: req.headers() };
+            let route = routing::match_route(l, &view)
+                .ok_or_else(|| LocalReply::text(404, "route_not_found", "no route matched\n"))?;
+            let backend = routing::pick_backend(&route.backends, &PICKS)
+                .ok_or_else(|| LocalReply::text(500, "no_backend", "route has no backend\n"))?;
+            let service = snapshot.service(&backend.service).ok_or_else(|| {
+                LocalReply::text(500, "backend_not_found", format!("backend service {} not found\n", backend.service))
+            })?;
+            let port = service.ports.iter().find(|p| p.port == backend.port).ok_or_else(|| {
+                LocalReply::text(
+                    500,
+                    "backend_port_not_found",
+                    format!("service {} has no port {}\n", backend.service, backend.port),
+                )
+            })?;
+            Ok(Target {
+                service,
+                port,
+                chain: &l.chain,
+                route_name: format!("{}/{}", route.route, route.rule_index),
+            })
+        }
+        Entry::Mesh => {
+            let (service, port) = routing::resolve_service(snapshot, authority, &rt.default_namespace)
+                .ok_or_else(|| unknown_destination(authority))?;
+            match &service.waypoint {
+                Some(waypoint) if snapshot.gateway(waypoint).is_some() => waypoint_target(rt, waypoint, authority),
+                _ => Ok(Target { service, port, chain: &[], route_name: String::new() }),
+            }
+        }
+    }
+}
+
+/// A waypoint serves a service that uses it, running that service's chain for the port.
+fn waypoint_target<'a>(rt: &'a RuntimeConfig, waypoint: &ObjectKey, authority: &str) -> Result<Target<'a>, LocalReply> {
+    let snapshot = &rt.snapshot;
+    let (service, port) = routing::resolve_service(snapshot, authority, &rt.default_namespace)
+        .ok_or_else(|| unknown_destination(authority))?;
+    let gw = snapshot
+        .gateway(waypoint)
+        .ok_or_else(|| LocalReply::text(503, "waypoint_not_found", format!("waypoint {waypoint} not found\n")))?;
+    let served = gw.waypoint_services.iter().find(|s| s.service == service.key).ok_or_else(|| {
+        LocalReply::text(
+            404,
+            "service_not_on_waypoint",
+            format!("service {} does not use waypoint {waypoint}\n", service.key),
+        )
+    })?;
+    let chain = served.ports.iter().find(|p| p.port == port.port).map(|p| p.chain.as_slice()).unwrap_or(&[]);
+    Ok(Target { service, port, chain, route_name: String::new() })
+}
+
+fn unknown_destination(authority: &str) -> LocalReply {
+    LocalReply::text(404, "unknown_destination", format!("no service matches {authority:?}\n"))
+}
+
+async fn proxy(
+    req: Request<Incoming>,
+    authority: String,
+    target: Target<'_>,
+    conn: ConnInfo,
+    rt: &RuntimeConfig,
+    settings: &HandlerSettings,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    ensure_request_id(&mut parts.headers);
+    let cluster_name = format!("outbound|{}||{}.{}.svc.cluster.local", target.port.port, target.service.key.name, target.service.key.namespace);
+
+    if target.chain.is_empty() {
+        // No plugins: stream straight through, no conversions.
+        let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
+            return reply_response(no_endpoint(target.service));
+        };
+        let upstream = build_upstream(parts.method, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"), &authority, parts.headers, endpoint, body.map_err(BoxError::from).boxed());
+        return match forward(upstream).await {
+            Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
+            Err(reply) => reply_response(reply),
+        };
+    }
+
+    let mut stream = HttpStream::default();
+    stream.request_headers = request_to_wasm(&parts, &authority);
+    stream.properties = StreamProperties {
+        source: Some(conn.peer),
+        destination: Some(conn.local),
+        connection_id: conn.id,
+        request_id: parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string),
+        protocol: protocol_name(parts.version).to_string(),
+        start_time: Some(std::time::SystemTime::now()),
+        route_name: target.route_name.clone(),
+        cluster_name,
+        node_id: settings.node_id.clone(),
+        ..Default::default()
+    };
+    let mut run = ChainRun::new(stream);
+    let request_eos = body.is_end_stream();
+    if let Outcome::Respond(reply) = run.request_headers(target.chain, rt, request_eos) {
+        return local_reply_through_chain(run, reply);
+    }
+
+    let upstream_body: Body = if run.wants_request_body() && !request_eos {
+        match Limited::new(body, settings.max_buffered_body).collect().await {
+            Ok(collected) => {
+                run.stream.request_body = collected.to_bytes().to_vec();
+                if let Outcome::Respond(reply) = run.request_body() {
+                    return local_reply_through_chain(run, reply);
+                }
+                full(std::mem::take(&mut run.stream.request_body))
+            }
+            Err(err) => {
+                let reply = if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    LocalReply::text(413, "request_payload_too_large", "request body too large\n")
+                } else {
+                    LocalReply::text(400, "downstream_body_error", "could not read the request body\n")
+                };
+                return local_reply_through_chain(run, reply);
+            }
+        }
+    } else {
+        body.map_err(BoxError::from).boxed()
+    };
+
+    let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
+        return local_reply_through_chain(run, no_endpoint(target.service));
+    };
+    let (method, path, authority, headers) = match wasm_to_request(&run.stream.request_headers) {
+        Ok(v) => v,
+        Err(reply) => return local_reply_through_chain(run, reply),
+    };
+    let upstream = build_upstream(method, &path, &authority, headers, endpoint, upstream_body);
+    let response = match forward(upstream).await {
+        Ok(r) => r,
+        Err(reply) => return local_reply_through_chain(run, reply),
+    };
+
+    let (rparts, rbody) = response.into_parts();
+    run.stream.properties.response_code = Some(rparts.status.as_u16());
+    run.stream.response_headers = response_to_wasm(rparts.status, &rparts.headers);
+    let response_eos = rbody.is_end_stream();
+    let final_body: Body = if run.wants_response_body() && !response_eos {
+        match Limited::new(rbody, settings.max_buffered_body).collect().await {
+            Ok(collected) => {
+                run.stream.response_body = collected.to_bytes().to_vec();
+                if let Outcome::Respond(reply) = run.response_headers(false) {
+                    run.finish();
+                    return reply_response(reply);
+                }
+                if let Outcome::Respond(reply) = run.response_body() {
+                    run.finish();
+                    return reply_response(reply);
+                }
+                full(std::mem::take(&mut run.stream.response_body))
+            }
+            Err(_) => {
+                run.finish();
+                return reply_response(LocalReply::text(502, "upstream_body_error", "upstream response body failed\n"));
+            }
+        }
+    } else {
+        if let Outcome::Respond(reply) = run.response_headers(response_eos) {
+            run.finish();
+            return reply_response(reply);
+        }
+        rbody.map_err(BoxError::from).boxed()
+    };
+    let response = wasm_to_response(&run.stream.response_headers, final_body);
+    run.finish();
+    response
+}
+
+/// A local reply still passes the response callbacks of the plugins that saw the request.
+fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<Body> {
+    if run.is_empty() {
+        return reply_response(reply);
+    }
+    run.stream.properties.response_code = Some(reply.status);
+    let mut headers = WasmHeaders::default();
+    headers.add(":status", reply.status.to_string().as_bytes());
+    for (k, v) in &reply.headers {
+        headers.add(&k.to_ascii_lowercase(), v);
+    }
+    headers.add("content-length", reply.body.len().to_string().as_bytes());
+    run.stream.response_headers = headers;
+    let eos = reply.body.is_empty();
+    let response = match run.response_headers(eos) {
+        Outcome::Respond(again) => reply_response(again),
+        Outcome::Continue => wasm_to_response(&run.stream.response_headers, full(reply.body)),
+    };
+    run.finish();
+    response
+}
+
+fn no_endpoint(service: &ServiceConfig) -> LocalReply {
+    LocalReply::text(503, "no_healthy_upstream", format!("no healthy upstream for {}\n", service.key))
+}
+
+fn full(bytes: Vec<u8>) -> Body {
+    Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed()
+}
+
+pub fn reply_response(reply: LocalReply) -> Response<Body> {
+    let mut builder = Response::builder().status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    for (k, v) in &reply.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+            builder = builder.header(name, value);
+        }
+    }
+    builder.body(full(reply.body)).unwrap_or_else(|_| {
+        let mut r = Response::new(full(Vec::new()));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    })
+}
+
+fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn ensure_request_id(headers: &mut http::HeaderMap) {
+    if headers.contains_key("x-request-id") {
+        return;
+    }
+    let n = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+    let r: u64 = rand::random();
+    let id = format!("{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}", (r >> 32) as u32, (r >> 16) as u16, r & 0xfff, (n >> 48) & 0xfff, n & 0xffff_ffff_ffff);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", v);
+    }
+}
+
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+
+fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders {
+    let mut h = WasmHeaders::default();
+    h.add(":authority", authority.as_bytes());
+    h.add(":path", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").as_bytes());
+    h.add(":method", parts.method.as_str().as_bytes());
+    h.add(":scheme", parts.uri.scheme_str().unwrap_or("http").as_bytes());
+    for (name, value) in &parts.headers {
+        // Envoy folds Host into :authority; plugins never see a `host` entry.
+        if name == http::header::HOST || HOP_BY_HOP.contains(&name.as_str()) {
+            continue;
+        }
+        h.add(name.as_str(), value.as_bytes());
+    }
+    h
+}
+
+type RequestHead = (http::Method, String, String, http::HeaderMap);
+
+fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
+    let bad = |what: &str| LocalReply::text(500, "wasm_bad_headers", format!("plugin left an invalid {what}\n"));
+    let method = h.get(":method").and_then(|m| http::Method::from_bytes(m).ok()).ok_or_else(|| bad(":method"))?;
+    let path = h.get(":path").and_then(|p| std::str::from_utf8(p).ok()).ok_or_else(|| bad(":path"))?.to_string();
+    let authority = h.get(":authority").and_then(|a| std::str::from_utf8(a).ok()).unwrap_or("").to_string();
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in h.iter() {
+        if k.starts_with(':') {
+            continue;
+        }
+        match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::warn!(header = %k, "dropping a header a plugin set with an invalid name or value"),
+        }
+    }
+    Ok((method, path, authority, headers))
+}
+
+fn response_to_wasm(status: StatusCode, headers: &http::HeaderMap) -> WasmHeaders {
+    let mut h = WasmHeaders::default();
+    h.add(":status", status.as_str().as_bytes());
+    for (name, value) in headers {
+        if HOP_BY_HOP.contains(&name.as_str()) {
+            continue;
+        }
+        h.add(name.as_str(), value.as_bytes());
+    }
+    h
+}
+
+fn wasm_to_response(h: &WasmHeaders, body: Body) -> Response<Body> {
+    let status = h
+        .get(":status")
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    for (k, v) in h.iter() {
+        if k.starts_with(':') {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}
+
+fn build_upstream(
+    method: http::Method,
+    path: &str,
+    authority: &str,
+    mut headers: http::HeaderMap,
+    endpoint: SocketAddr,
+    body: Body,
+) -> Request<Body> {
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+    if !authority.is_empty()
+        && let Ok(v) = HeaderValue::from_str(authority)
+    {
+        headers.insert(http::header::HOST, v);
+    }
+    headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
+    let uri = format!("http://{endpoint}{path}");
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    *req.headers_mut() = headers;
+    req
+}
+
+async fn forward(req: Request<Body>) -> Result<Response<Incoming>, LocalReply> {
+    let fut = CLIENT.with(|c| c.request(req));
+    fut.await.map_err(|err| {
+        tracing::debug!(error = %err, "upstream request failed");
+        LocalReply::text(503, "upstream_connect_error", format!("upstream connect error: {err}\n"))
+    })
+}

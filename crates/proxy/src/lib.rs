@@ -1,0 +1,19 @@
+//! The data plane: gateway, waypoint and local-mesh-entry listeners that route
+//! HTTP and run Proxy-Wasm plugin chains. It reads a [`RuntimeConfig`] (a
+//! snapshot plus loaded plugins) and never knows where that came from.
+//!
+//! Threads: `workers` OS threads, each with its own single-threaded tokio
+//! runtime. Accept loops run on the caller's runtime and hand each accepted
+//! connection to a worker round-robin; the connection stays on that worker for
+//! its whole life, so a request's plugin contexts live in that worker's plugin
+//! instances (one instance per plugin per worker, as Envoy does per thread).
+
+mod chain;
+mod dataplane;
+mod handler;
+mod routing;
+mod runtime;
+mod worker;
+
+pub use dataplane::{DataPlane, DataPlaneConfig, DataPlaneError, GatewayBinding, ListenerBinding};
+pub use runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};

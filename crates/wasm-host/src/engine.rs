@@ -1,0 +1,336 @@
+//! One wasmtime engine per process, an epoch ticker that bounds guest calls, and modules
+//! compiled once and validated against the Proxy-Wasm ABI.
+
+use std::collections::HashSet;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, ExternType, FuncType, InstancePre, Linker, Module, OptLevel, ValType};
+
+use crate::error::HostError;
+use crate::hostcalls;
+use crate::shared::{MetricSample, SharedState};
+use crate::state::HostState;
+use crate::types::AbiVersion;
+
+/// How often the epoch advances; per-call deadlines are rounded up to it.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits applied to every instance.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Linear memory cap per instance (default 64 MiB).
+    pub max_memory_bytes: usize,
+    /// Wall-clock budget of one guest callback (default 1 s).
+    pub call_deadline: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_memory_bytes: 64 * 1024 * 1024,
+            call_deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The process-wide Wasm engine. Cheap to clone; the epoch ticker thread stops when the last
+/// clone (including the ones held by compiled modules) is dropped.
+#[derive(Clone)]
+pub struct WasmEngine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+pub(crate) struct EngineInner {
+    pub(crate) engine: Engine,
+    pub(crate) config: EngineConfig,
+    linker: Linker<HostState>,
+    linked_names: HashSet<(String, String)>,
+    pub(crate) shared: Arc<SharedState>,
+    ticker: Mutex<Option<Ticker>>,
+}
+
+struct Ticker {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        let ticker = self.ticker.get_mut().ok().and_then(Option::take);
+        if let Some(Ticker { stop, thread }) = ticker {
+            drop(stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl WasmEngine {
+    /// Creates the engine and starts its epoch ticker.
+    ///
+    /// Instances use on-demand allocation, not the pooling allocator: the pool needs a fixed
+    /// number of slots sized up front (workers × plugins is unknown here) and reserves the
+    /// virtual memory of every slot at start; with copy-on-write memory images on-demand
+    /// instantiation is already cheap (see the crate's README numbers).
+    pub fn new(cfg: EngineConfig) -> Result<Self, HostError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| HostError::Engine {
+            reason: format!("{e:#}"),
+        })?;
+        let (linker, linked_names) =
+            hostcalls::build_linker(&engine).map_err(|e| HostError::Engine {
+                reason: format!("cannot define host functions: {e:#}"),
+            })?;
+        let (stop, ticks) = mpsc::channel::<()>();
+        let ticking = engine.clone();
+        let thread = std::thread::Builder::new()
+            .name("waystone-wasm-epoch".into())
+            .spawn(move || {
+                // The sender never sends: its drop (engine gone) ends the loop.
+                while let Err(RecvTimeoutError::Timeout) = ticks.recv_timeout(EPOCH_TICK) {
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| HostError::Engine {
+                reason: format!("cannot start the epoch ticker thread: {e}"),
+            })?;
+        Ok(WasmEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                config: cfg,
+                linker,
+                linked_names,
+                shared: Arc::new(SharedState::default()),
+                ticker: Mutex::new(Some(Ticker { stop, thread })),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Current values of every metric plugins defined with `proxy_define_metric`, sorted by
+    /// name. Names are as the plugin gave them (no `wasmcustom.` prefix).
+    pub fn metrics_snapshot(&self) -> Vec<crate::shared::MetricSample> {
+        let snapshot: Vec<MetricSample> = self.inner.shared.metrics_snapshot();
+        snapshot
+    }
+
+    /// Validates the module, checks it exports a known ABI version and the required exports,
+    /// links every import (unknown imports → error naming them) and builds the `InstancePre`.
+    pub fn compile(&self, wasm: &[u8]) -> Result<CompiledModule, HostError> {
+        let module = Module::new(&self.inner.engine, wasm).map_err(|e| HostError::Compile {
+            reason: format!("{e:#}"),
+        })?;
+        let abi = detect_abi(&module)?;
+        check_exports(&module)?;
+        self.check_imports(&module)?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| HostError::ImportMismatch {
+                module: String::new(),
+                name: String::new(),
+                reason: format!("{e:#}"),
+            })?;
+        let exports = module.exports().map(|e| e.name().to_owned()).collect();
+        Ok(CompiledModule {
+            inner: Arc::new(CompiledInner {
+                engine: self.clone(),
+                pre,
+                abi,
+                exports,
+            }),
+        })
+    }
+
+    fn check_imports(&self, module: &Module) -> Result<(), HostError> {
+        let mut unknown = module.imports().filter(|i| {
+            !matches!(i.ty(), ExternType::Func(_))
+                || !self
+                    .inner
+                    .linked_names
+                    .contains(&(i.module().to_owned(), i.name().to_owned()))
+        });
+        if let Some(first) = unknown.next() {
+            let also: Vec<String> = unknown
+                .map(|i| format!("{}::{}", i.module(), i.name()))
+                .collect();
+            let name = if also.is_empty() {
+                first.name().to_owned()
+            } else {
+                format!("{} (and also {})", first.name(), also.join(", "))
+            };
+            return Err(HostError::UnknownImport {
+                module: first.module().to_owned(),
+                name,
+            });
+        }
+        // A known name with the wrong type: say which import, wasmtime's message says how.
+        for import in module.imports() {
+            if let ExternType::Func(ty) = import.ty() {
+                if let Some(expected) = self.host_func_type(import.module(), import.name()) {
+                    if !ty.matches(&expected) {
+                        return Err(HostError::ImportMismatch {
+                            module: import.module().to_owned(),
+                            name: import.name().to_owned(),
+                            reason: format!(
+                                "the module expects {}, the host provides {}",
+                                describe_func(&ty),
+                                describe_func(&expected)
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn host_func_type(&self, module: &str, name: &str) -> Option<FuncType> {
+        // Resolving through a throwaway store is the only public way to read a linker
+        // definition's type; it runs once per import at compile time.
+        let spec = Arc::new(crate::types::PluginSpec::default());
+        let state = HostState::new(spec, self.inner.shared.clone(), 0);
+        let mut store = wasmtime::Store::new(&self.inner.engine, state);
+        match self.inner.linker.get(&mut store, module, name)? {
+            wasmtime::Extern::Func(f) => Some(f.ty(&store)),
+            _ => None,
+        }
+    }
+}
+
+/// A module compiled once and linked; instances are created from it cheaply.
+#[derive(Clone)]
+pub struct CompiledModule {
+    pub(crate) inner: Arc<CompiledInner>,
+}
+
+pub(crate) struct CompiledInner {
+    pub(crate) engine: WasmEngine,
+    pub(crate) pre: InstancePre<HostState>,
+    pub(crate) abi: AbiVersion,
+    exports: HashSet<String>,
+}
+
+impl CompiledModule {
+    pub fn abi(&self) -> AbiVersion {
+        self.inner.abi
+    }
+
+    pub fn has_export(&self, name: &str) -> bool {
+        self.inner.exports.contains(name)
+    }
+}
+
+fn detect_abi(module: &Module) -> Result<AbiVersion, HostError> {
+    let has = |name: &str| module.get_export(name).is_some();
+    if has(AbiVersion::V0_2_1.export_name()) {
+        return Ok(AbiVersion::V0_2_1);
+    }
+    if has(AbiVersion::V0_2_0.export_name()) {
+        return Ok(AbiVersion::V0_2_0);
+    }
+    if has("proxy_abi_version_0_1_0") {
+        return Err(HostError::UnsupportedAbi {
+            version: "0.1.0",
+            export: "proxy_abi_version_0_1_0",
+        });
+    }
+    Err(HostError::UnknownAbi {
+        exports: module.exports().map(|e| e.name().to_owned()).collect(),
+    })
+}
+
+/// Callbacks the host calls: (name, number of i32 params, number of i32 results).
+pub(crate) const CALLBACKS: &[(&str, usize, usize)] = &[
+    ("_initialize", 0, 0),
+    ("_start", 0, 0),
+    ("proxy_on_memory_allocate", 1, 1),
+    ("malloc", 1, 1),
+    ("proxy_on_context_create", 2, 0),
+    ("proxy_on_vm_start", 2, 1),
+    ("proxy_on_configure", 2, 1),
+    ("proxy_on_request_headers", 3, 1),
+    ("proxy_on_request_body", 3, 1),
+    ("proxy_on_request_trailers", 2, 1),
+    ("proxy_on_response_headers", 3, 1),
+    ("proxy_on_response_body", 3, 1),
+    ("proxy_on_response_trailers", 2, 1),
+    ("proxy_on_done", 1, 1),
+    ("proxy_on_log", 1, 0),
+    ("proxy_on_delete", 1, 0),
+];
+
+fn describe(params: usize, results: usize) -> String {
+    format!(
+        "(func (param{}) (result{}))",
+        " i32".repeat(params),
+        " i32".repeat(results)
+    )
+}
+
+fn describe_func(f: &FuncType) -> String {
+    let list = |v: Vec<String>| v.join(" ");
+    format!(
+        "(func (param {}) (result {}))",
+        list(f.params().map(|t| t.to_string()).collect()),
+        list(f.results().map(|t| t.to_string()).collect())
+    )
+}
+
+fn check_exports(module: &Module) -> Result<(), HostError> {
+    match module.get_export("memory") {
+        Some(ExternType::Memory(_)) => {}
+        _ => {
+            return Err(HostError::MissingExport {
+                export: "memory".into(),
+                why: "host functions read and write the guest's linear memory",
+            });
+        }
+    }
+    if module.get_export("proxy_on_memory_allocate").is_none() && module.get_export("malloc").is_none() {
+        return Err(HostError::MissingExport {
+            export: "proxy_on_memory_allocate".into(),
+            why: "the host copies headers, bodies and properties into memory the guest allocates (malloc is accepted too)",
+        });
+    }
+    if module.get_export("proxy_on_context_create").is_none() {
+        return Err(HostError::MissingExport {
+            export: "proxy_on_context_create".into(),
+            why: "the host creates the root and HTTP contexts through it",
+        });
+    }
+    for &(name, params, results) in CALLBACKS {
+        let Some(ty) = module.get_export(name) else {
+            continue;
+        };
+        let ok = match &ty {
+            ExternType::Func(f) => {
+                f.params().len() == params
+                    && f.results().len() == results
+                    && f.params().all(|p| matches!(p, ValType::I32))
+                    && f.results().all(|p| matches!(p, ValType::I32))
+            }
+            _ => false,
+        };
+        if !ok {
+            let found = match &ty {
+                ExternType::Func(f) => describe_func(f),
+                other => format!("{other:?}"),
+            };
+            return Err(HostError::ExportSignature {
+                export: name.to_owned(),
+                found,
+                expected: describe(params, results),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! Plain data exchanged with the data plane: the host knows no HTTP server, so a stream is
+//! just headers, bodies, trailers and a few connection facts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+/// The Proxy-Wasm ABI a module announces through its `proxy_abi_version_*` export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbiVersion {
+    V0_2_0,
+    V0_2_1,
+}
+
+impl AbiVersion {
+    /// The name of the marker export announcing this version.
+    pub fn export_name(self) -> &'static str {
+        match self {
+            AbiVersion::V0_2_0 => "proxy_abi_version_0_2_0",
+            AbiVersion::V0_2_1 => "proxy_abi_version_0_2_1",
+        }
+    }
+}
+
+impl std::fmt::Display for AbiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AbiVersion::V0_2_0 => f.write_str("0.2.0"),
+            AbiVersion::V0_2_1 => f.write_str("0.2.1"),
+        }
+    }
+}
+
+/// What a plugin instance is started with.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSpec {
+    /// `<namespace>.<name>`: used in logs, errors and as the `plugin_name` property.
+    pub name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub plugin_configuration: Vec<u8>,
+    pub vm_configuration: Vec<u8>,
+    /// Environment visible to the guest through WASI `environ_get`.
+    pub env: Vec<(String, String)>,
+}
+
+/// What a header or body callback tells the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    /// Headers: stop until `proxy_continue_stream`; bodies: buffer until end of stream.
+    Pause,
+}
+
+/// Direction of an HTTP stream, as named by `proxy_continue_stream` / `proxy_close_stream`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamType {
+    Request,
+    Response,
+}
+
+/// An ordered multimap of lowercase header names to raw values.
+///
+/// Pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`, `:status`) are ordinary
+/// entries so that plugins see them the way Envoy presents them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeaderMap {
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+impl HeaderMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The first value stored under `name` (case-insensitive), as Envoy's
+    /// `getHeaderMapValue` answers for repeated headers.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Every value stored under `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Replaces every entry named `name` by one entry holding `value`; the entry keeps the
+    /// position of the first one it replaces, or goes last.
+    pub fn set(&mut self, name: &str, value: impl Into<Vec<u8>>) {
+        let name = name.to_ascii_lowercase();
+        let value = value.into();
+        match self.entries.iter().position(|(k, _)| *k == name) {
+            Some(first) => {
+                self.entries[first].1 = value;
+                let mut index = 0;
+                self.entries.retain(|(k, _)| {
+                    let keep = index <= first || *k != name;
+                    index += 1;
+                    keep
+                });
+            }
+            None => self.entries.push((name, value)),
+        }
+    }
+
+    /// Appends an entry, keeping any existing ones with the same name.
+    pub fn add(&mut self, name: &str, value: impl Into<Vec<u8>>) {
+        self.entries.push((name.to_ascii_lowercase(), value.into()));
+    }
+
+    /// Removes every entry named `name`; returns whether any was present.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        before != self.entries.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+impl<K: AsRef<str>, V: Into<Vec<u8>>> FromIterator<(K, V)> for HeaderMap {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut map = HeaderMap::new();
+        for (k, v) in iter {
+            map.add(k.as_ref(), v);
+        }
+        map
+    }
+}
+
+/// A reply the plugin asked for with `proxy_send_local_response`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub details: String,
+    pub body: Vec<u8>,
+    /// Lowercase names, in the order the plugin gave them.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// -1 when the plugin did not ask for a gRPC status.
+    pub grpc_status: i32,
+}
+
+/// Connection and request facts behind `proxy_get_property`.
+#[derive(Debug, Default, Clone)]
+pub struct StreamProperties {
+    pub source: Option<SocketAddr>,
+    pub destination: Option<SocketAddr>,
+    pub connection_id: u64,
+    pub request_id: Option<String>,
+    /// "HTTP/1.1", "HTTP/2".
+    pub protocol: String,
+    pub start_time: Option<SystemTime>,
+    pub route_name: String,
+    pub cluster_name: String,
+    pub response_code: Option<u16>,
+    pub node_id: String,
+    /// Values written by plugins with `proxy_set_property` (and readable by later plugins of the
+    /// chain); key = the NUL-separated path as given.
+    pub extra: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// One HTTP exchange as the plugins of a chain see it.
+#[derive(Debug, Default)]
+pub struct HttpStream {
+    pub request_headers: HeaderMap,
+    pub request_body: Vec<u8>,
+    pub request_trailers: HeaderMap,
+    pub response_headers: HeaderMap,
+    pub response_body: Vec<u8>,
+    pub response_trailers: HeaderMap,
+    /// Set by `proxy_send_local_response`; the data plane answers with it.
+    pub local_response: Option<LocalResponse>,
+    /// Set when the guest called `proxy_continue_stream` (request or response); the data plane
+    /// clears it.
+    pub continue_requested: Option<StreamType>,
+    pub properties: StreamProperties,
+}

@@ -1,0 +1,257 @@
+//! Drives the real `waystone` binary: `up`, `demo bookinfo`, the CLI, and
+//! plain HTTP clients on loopback.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_waystone");
+pub const UPSTREAM_URL: &str = "oci://ghcr.io/istio-ecosystem/wasm-extensions/basic_auth:1.12.0";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub fn basic_auth_wasm() -> PathBuf {
+    let path = std::env::var_os("WAYSTONE_BASIC_AUTH_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/wasm/basic_auth.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+    path
+}
+
+/// A loopback /24 of our own (127.X.Y.0), so parallel test processes never share ports.
+pub fn private_loopback(salt: u8) -> [u8; 3] {
+    let pid = std::process::id();
+    [127, 100 + salt, (pid % 250) as u8 + 1]
+}
+
+/// A running `waystone up` with its own data directory.
+pub struct Waystone {
+    pub data_dir: PathBuf,
+    pub entry: SocketAddr,
+    pub gateway_ip: String,
+    pub insecure: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Waystone {
+    pub fn start(data_dir: &Path, net: [u8; 3], insecure_registry: &str) -> Self {
+        let gateway_ip = format!("{}.{}.{}.1", net[0], net[1], net[2]);
+        let entry: SocketAddr = format!("{}.{}.{}.200:15001", net[0], net[1], net[2]).parse().unwrap();
+        let mut w = Self {
+            data_dir: data_dir.to_path_buf(),
+            entry,
+            gateway_ip,
+            insecure: insecure_registry.to_string(),
+            child: None,
+            log: data_dir.with_extension("up.log"),
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.data_dir.join("api.addr"));
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(BIN)
+            .args(["up", "--insecure-registry", &self.insecure])
+            .args(["--gateway-address", &self.gateway_ip])
+            .args(["--entry-address", &self.entry.to_string()])
+            .args(["--workers", "2"])
+            .env("WAYSTONE_DATA_DIR", &self.data_dir)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn waystone up");
+        self.child = Some(child);
+        let addr_file = self.data_dir.join("api.addr");
+        wait_until(Duration::from_secs(60), || addr_file.exists(), || self.log_text());
+    }
+
+    /// Stops with SIGTERM (graceful drain) and starts again on the same data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "waystone up exited with {status}:\n{}", self.log_text());
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("waystone up did not stop within 20 s of SIGTERM:\n{}", self.log_text());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("WAYSTONE_DATA_DIR", &self.data_dir)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "waystone {args:?} failed: {}\n--- up log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn apply(&self, yaml: &str) -> String {
+        let out = self.cli_stdin(&["apply", "-f", "-"], Some(yaml));
+        assert!(
+            out.status.success(),
+            "apply failed: {}\n--- up log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn get_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    /// The gateway's address from its status, as `$GATEWAY_HOST` in the docs.
+    pub fn gateway_host(&self, name: &str) -> String {
+        let gw = self.get_json(&["gateway", name]);
+        gw["status"]["addresses"][0]["value"].as_str().unwrap_or_else(|| panic!("no address in {gw}")).to_string()
+    }
+}
+
+impl Drop for Waystone {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `waystone demo bookinfo --apply`, running until dropped.
+pub struct Bookinfo {
+    child: Child,
+}
+
+impl Bookinfo {
+    pub fn start(w: &Waystone, address: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["demo", "bookinfo", "--apply", "--address", address])
+            .env("WAYSTONE_DATA_DIR", &w.data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("bookinfo ready") => break,
+                Some(Ok(_)) => continue,
+                _ => panic!("demo bookinfo exited before it was ready"),
+            }
+        }
+        // Keep draining its stdout so it never blocks.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child }
+    }
+}
+
+impl Drop for Bookinfo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out; context:\n{}", context());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, headers, body).
+pub fn http(addr: &str, target: &str, host: &str, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a full response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let hdrs = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, hdrs, raw[split + 4..].to_vec())
+}
+
+/// `curl http://$GATEWAY_HOST/path`
+pub fn gateway_get(host: &str, path: &str, auth: Option<&str>) -> u16 {
+    let h: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+    http(&format!("{host}:80"), path, host, &h).0
+}
+
+/// `curl http://service:9080/path` from inside the mesh: through the local mesh entry.
+pub fn mesh_get(entry: SocketAddr, url_authority: &str, path: &str, auth: Option<&str>) -> u16 {
+    let h: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+    http(&entry.to_string(), &format!("http://{url_authority}{path}"), url_authority, &h).0
+}
+
+pub fn example(name: &str, image: &str) -> String {
+    let text = std::fs::read_to_string(repo_root().join("examples/walkthrough").join(name)).unwrap();
+    assert!(text.contains(UPSTREAM_URL), "{name} should hold the docs' url");
+    text.replace(UPSTREAM_URL, image)
+}
+
+pub fn push(w: &Waystone, wasm: &Path, image: &str) {
+    w.ok(&["push", wasm.to_str().unwrap(), image, "--insecure"]);
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests use, builds once, runs every suite
+# (formatting and lints, unit, integration and end-to-end tests, the plugins'
+# own tests). Idempotent; safe to re-run.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO"
+
+ensure_runtime_packages
+scripts/build-plugins.sh
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "plugin unit tests"
+for p in plugins/*/; do
+    (cd "$p" && CARGO_TARGET_DIR="$REPO/target/plugins-host" cargo test --locked --quiet)
+done
+
+log "workspace tests (unit, integration, end-to-end)"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
