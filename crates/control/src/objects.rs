@@ -38,11 +38,22 @@ pub fn now_rfc3339() -> String {
 fn new_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn key_of(r: &Resource) -> (&'static str, String, String) {
-    (r.kind_info().kind, r.meta().namespace.clone().unwrap_or_default(), r.meta().name.clone())
+    (
+        r.kind_info().kind,
+        r.meta().namespace.clone().unwrap_or_default(),
+        r.meta().name.clone(),
+    )
 }
 
 /// The parts of an object a user writes: a re-apply of the same is `unchanged`.
@@ -51,7 +62,13 @@ fn user_view(r: &Resource) -> serde_json::Value {
     if let Some(obj) = v.as_object_mut() {
         obj.remove("status");
         if let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-            for k in ["creationTimestamp", "resourceVersion", "generation", "uid", "managedFields"] {
+            for k in [
+                "creationTimestamp",
+                "resourceVersion",
+                "generation",
+                "uid",
+                "managedFields",
+            ] {
                 meta.remove(k);
             }
         }
@@ -67,21 +84,27 @@ pub fn apply(
     default_namespace: &str,
     opts: &TranslateOptions,
 ) -> Result<(Vec<ApplyResult>, u64), ObjectError> {
-    let mut parsed = parse_manifests(manifests, source).map_err(|e| ObjectError::Invalid(e.to_string()))?;
+    let mut parsed =
+        parse_manifests(manifests, source).map_err(|e| ObjectError::Invalid(e.to_string()))?;
     if parsed.is_empty() {
-        return Err(ObjectError::Invalid(format!("{source}: no objects passed to apply")));
+        return Err(ObjectError::Invalid(format!(
+            "{source}: no objects passed to apply"
+        )));
     }
     for r in &mut parsed {
         r.set_default_namespace(default_namespace);
         // What the server owns is never taken from the user.
         r.set_status(None);
-        r.validate().map_err(|e| ObjectError::Invalid(e.to_string()))?;
+        r.validate()
+            .map_err(|e| ObjectError::Invalid(e.to_string()))?;
     }
     let mut seen = BTreeSet::new();
     for r in &parsed {
         if !seen.insert(key_of(r)) {
             let (k, ns, n) = key_of(r);
-            return Err(ObjectError::Invalid(format!("{source}: {k} {ns}/{n} appears twice")));
+            return Err(ObjectError::Invalid(format!(
+                "{source}: {k} {ns}/{n} appears twice"
+            )));
         }
     }
 
@@ -115,7 +138,11 @@ pub fn apply(
                 let m = r.meta_mut();
                 m.uid = old.meta().uid.clone();
                 m.creation_timestamp = old.meta().creation_timestamp.clone();
-                m.generation = Some(if spec_changed { generation + 1 } else { generation });
+                m.generation = Some(if spec_changed {
+                    generation + 1
+                } else {
+                    generation
+                });
                 m.resource_version = Some(version.to_string());
                 r.set_status(old.status().cloned());
                 "configured"
@@ -164,9 +191,16 @@ pub fn new_namespace(name: &str, version: u64, now: &str) -> Resource {
 }
 
 /// A change whose own objects do not translate is refused; the running config stays.
-fn refuse_untranslatable(store: &Store, writes: &[Write], opts: &TranslateOptions) -> Result<(), ObjectError> {
-    let mut objects: BTreeMap<(&'static str, String, String), Resource> =
-        store.list(None, None)?.into_iter().map(|r| (key_of(&r), r)).collect();
+fn refuse_untranslatable(
+    store: &Store,
+    writes: &[Write],
+    opts: &TranslateOptions,
+) -> Result<(), ObjectError> {
+    let mut objects: BTreeMap<(&'static str, String, String), Resource> = store
+        .list(None, None)?
+        .into_iter()
+        .map(|r| (key_of(&r), r))
+        .collect();
     let mut touched = BTreeSet::new();
     for w in writes {
         match w {
@@ -174,7 +208,11 @@ fn refuse_untranslatable(store: &Store, writes: &[Write], opts: &TranslateOption
                 touched.insert(key_of(r));
                 objects.insert(key_of(r), r.clone());
             }
-            Write::Delete { kind, namespace, name } => {
+            Write::Delete {
+                kind,
+                namespace,
+                name,
+            } => {
                 objects.remove(&(*kind, namespace.clone(), name.clone()));
             }
         }
@@ -187,34 +225,65 @@ fn refuse_untranslatable(store: &Store, writes: &[Write], opts: &TranslateOption
         .filter(|e| touched.contains(&(e.kind, e.key.namespace.clone(), e.key.name.clone())))
         .map(|e| format!("{} {}: {}", e.kind, e.key, e.message))
         .collect();
-    if errors.is_empty() { Ok(()) } else { Err(ObjectError::Invalid(errors.join("; "))) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ObjectError::Invalid(errors.join("; ")))
+    }
 }
 
 /// Resolves a kind name the way kubectl does, or says it is unknown.
 pub fn canonical_kind(kind: &str) -> Result<&'static waystone_model::KindInfo, ObjectError> {
-    lookup_kind(kind)
-        .ok_or_else(|| ObjectError::Invalid(format!("the server doesn't have a resource type \"{kind}\"")))
+    lookup_kind(kind).ok_or_else(|| {
+        ObjectError::Invalid(format!(
+            "the server doesn't have a resource type \"{kind}\""
+        ))
+    })
 }
 
 pub fn not_found(info: &waystone_model::KindInfo, name: &str) -> ObjectError {
-    let plural = if info.group.is_empty() { info.plural.to_string() } else { format!("{}.{}", info.plural, info.group) };
+    let plural = if info.group.is_empty() {
+        info.plural.to_string()
+    } else {
+        format!("{}.{}", info.plural, info.group)
+    };
     ObjectError::NotFound(format!("{plural} \"{name}\" not found"))
 }
 
-pub fn delete(store: &mut Store, kind: &str, namespace: &str, name: &str) -> Result<u64, ObjectError> {
+pub fn delete(
+    store: &mut Store,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<u64, ObjectError> {
     let info = canonical_kind(kind)?;
     let namespace = if info.namespaced { namespace } else { "" };
     if store.get(info.kind, namespace, name)?.is_none() {
         return Err(not_found(info, name));
     }
     let version = store.current_version()? + 1;
-    store.commit(&[Write::Delete { kind: info.kind, namespace: namespace.to_string(), name: name.to_string() }], version)?;
+    store.commit(
+        &[Write::Delete {
+            kind: info.kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }],
+        version,
+    )?;
     Ok(version)
 }
 
-pub fn label(store: &mut Store, req: &LabelRequest, opts: &TranslateOptions) -> Result<(String, u64), ObjectError> {
+pub fn label(
+    store: &mut Store,
+    req: &LabelRequest,
+    opts: &TranslateOptions,
+) -> Result<(String, u64), ObjectError> {
     let info = canonical_kind(&req.kind)?;
-    let namespace = if info.namespaced { req.namespace.as_str() } else { "" };
+    let namespace = if info.namespaced {
+        req.namespace.as_str()
+    } else {
+        ""
+    };
     let Some(mut obj) = store.get(info.kind, namespace, &req.name)? else {
         return Err(not_found(info, &req.name));
     };
@@ -253,13 +322,21 @@ pub fn label(store: &mut Store, req: &LabelRequest, opts: &TranslateOptions) -> 
 
 fn validate_label(key: &str, value: &str) -> Result<(), ObjectError> {
     let name = key.rsplit('/').next().unwrap_or(key);
-    let ok_chars = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let edges = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let edges = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+    };
     if name.is_empty() || name.len() > 63 || !ok_chars(name) || !edges(name) {
         return Err(ObjectError::Invalid(format!("invalid label key {key:?}")));
     }
     if value.len() > 63 || (!value.is_empty() && (!ok_chars(value) || !edges(value))) {
-        return Err(ObjectError::Invalid(format!("invalid label value {value:?} for {key:?}")));
+        return Err(ObjectError::Invalid(format!(
+            "invalid label value {value:?} for {key:?}"
+        )));
     }
     Ok(())
 }

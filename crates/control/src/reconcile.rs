@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify, watch};
 use waystone_fetch::{FetchRequest, Fetcher};
 use waystone_model::snapshot::{
-    ExtensionKind, FailStrategy, GatewayRole, ObjectKey, PluginConfig, PluginId, PullPolicy, Snapshot,
+    ExtensionKind, FailStrategy, GatewayRole, ObjectKey, PluginConfig, PluginId, PullPolicy,
+    Snapshot,
 };
 use waystone_model::{Resource, TranslateOptions, translate};
 use waystone_proxy::{DataPlane, GatewayBinding, LoadedPlugin, PluginSlot, RuntimeConfig};
@@ -115,22 +116,31 @@ impl Reconciler {
         let mut failing = false;
         for (id, cfg) in &snapshot.plugins {
             let slot = self.load(cfg).await;
-            if matches!(slot, PluginSlot::Failed { .. }) || self.plugins.get(id).is_some_and(|s| s.error.is_some()) {
+            if matches!(slot, PluginSlot::Failed { .. })
+                || self.plugins.get(id).is_some_and(|s| s.error.is_some())
+            {
                 failing = true;
             }
             slots.insert(id.clone(), slot);
         }
-        self.plugins.retain(|id, _| snapshot.plugins.contains_key(id));
+        self.plugins
+            .retain(|id, _| snapshot.plugins.contains_key(id));
         let live: std::collections::HashSet<&str> = self
             .plugins
             .values()
             .filter_map(|s| s.ready.as_ref().map(|(_, p)| p.module_digest.as_str()))
             .collect();
-        self.compiled.retain(|digest, _| live.contains(digest.as_str()));
+        self.compiled
+            .retain(|digest, _| live.contains(digest.as_str()));
 
-        let rt = RuntimeConfig { snapshot: snapshot.clone(), plugins: slots, default_namespace: "default".into() };
+        let rt = RuntimeConfig {
+            snapshot: snapshot.clone(),
+            plugins: slots,
+            default_namespace: "default".into(),
+        };
         let bindings = self.dataplane.apply(rt).await;
-        self.write_status(&objects, &snapshot, &bindings, &translation.errors).await?;
+        self.write_status(&objects, &snapshot, &bindings, &translation.errors)
+            .await?;
         self.applied.send_replace(version);
         Ok(failing)
     }
@@ -169,18 +179,30 @@ impl Reconciler {
                 let slot = match &ready {
                     // The update failed: the previous module keeps serving.
                     Some((_, p)) => PluginSlot::Ready(p.clone()),
-                    None => PluginSlot::Failed { fail_strategy: cfg.fail_strategy, reason: reason.clone() },
+                    None => PluginSlot::Failed {
+                        fail_strategy: cfg.fail_strategy,
+                        reason: reason.clone(),
+                    },
                 };
                 self.plugins.insert(
                     cfg.id.clone(),
-                    PluginState { fingerprint, ready, error: Some(reason), url: cfg.url.clone(), manifest_digest },
+                    PluginState {
+                        fingerprint,
+                        ready,
+                        error: Some(reason),
+                        url: cfg.url.clone(),
+                        manifest_digest,
+                    },
                 );
                 slot
             }
         }
     }
 
-    async fn try_load(&mut self, cfg: &PluginConfig) -> Result<(LoadedPlugin, Option<String>), String> {
+    async fn try_load(
+        &mut self,
+        cfg: &PluginConfig,
+    ) -> Result<(LoadedPlugin, Option<String>), String> {
         let pull_secret = match &cfg.pull_secret {
             None => None,
             Some(Ok(bytes)) => Some(bytes.clone()),
@@ -195,7 +217,11 @@ impl Reconciler {
             },
             pull_secret,
         };
-        let fetched = self.fetcher.fetch(&request).await.map_err(|e| e.to_string())?;
+        let fetched = self
+            .fetcher
+            .fetch(&request)
+            .await
+            .map_err(|e| e.to_string())?;
         let module = match self.compiled.get(&fetched.module_digest) {
             Some(m) => m.clone(),
             None => {
@@ -205,7 +231,8 @@ impl Reconciler {
                     .await
                     .map_err(|e| format!("compiling: {e}"))?
                     .map_err(|e| format!("compiling {}: {e}", fetched.module_digest))?;
-                self.compiled.insert(fetched.module_digest.clone(), m.clone());
+                self.compiled
+                    .insert(fetched.module_digest.clone(), m.clone());
                 m
             }
         };
@@ -252,7 +279,10 @@ impl Reconciler {
         for obj in objects {
             let kind = obj.kind_info().kind;
             let meta = obj.meta();
-            let key = ObjectKey::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone());
+            let key = ObjectKey::new(
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone(),
+            );
             let generation = meta.generation.unwrap_or(1);
             let rejected: Vec<&str> = errors
                 .iter()
@@ -260,10 +290,19 @@ impl Reconciler {
                 .map(|e| e.message.as_str())
                 .collect();
             let status = match kind {
-                "Gateway" => gateway_status(obj, snapshot, bindings.get(&key), &rejected, generation),
+                "Gateway" => {
+                    gateway_status(obj, snapshot, bindings.get(&key), &rejected, generation)
+                }
                 "WasmPlugin" | "TrafficExtension" => {
-                    let ext = if kind == "WasmPlugin" { ExtensionKind::WasmPlugin } else { ExtensionKind::TrafficExtension };
-                    let id = PluginId { kind: ext, key: key.clone() };
+                    let ext = if kind == "WasmPlugin" {
+                        ExtensionKind::WasmPlugin
+                    } else {
+                        ExtensionKind::TrafficExtension
+                    };
+                    let id = PluginId {
+                        kind: ext,
+                        key: key.clone(),
+                    };
                     self.plugin_status(obj, &id, snapshot, &rejected, generation)
                 }
                 _ => continue,
@@ -297,18 +336,41 @@ impl Reconciler {
         generation: i64,
     ) -> Value {
         if !rejected.is_empty() {
-            let c = [Condition::new("Accepted", false, "Invalid", rejected.join("; "))];
+            let c = [Condition::new(
+                "Accepted",
+                false,
+                "Invalid",
+                rejected.join("; "),
+            )];
             return json!({ "conditions": conditions(&c, obj.status(), generation) });
         }
         let attachments = attachments(snapshot, id);
         let mut conds = Vec::new();
         if attachments.is_empty() {
-            conds.push(Condition::new("Accepted", true, "Accepted", "attached to no gateway or waypoint"));
-            conds.push(Condition::unknown("ModuleLoaded", "NotAttached", "not fetched: nothing runs this plugin"));
+            conds.push(Condition::new(
+                "Accepted",
+                true,
+                "Accepted",
+                "attached to no gateway or waypoint",
+            ));
+            conds.push(Condition::unknown(
+                "ModuleLoaded",
+                "NotAttached",
+                "not fetched: nothing runs this plugin",
+            ));
             return json!({ "conditions": conditions(&conds, obj.status(), generation) });
         }
-        conds.push(Condition::new("Accepted", true, "Accepted", format!("attached to {}", attachments.join("; "))));
-        let fail = snapshot.plugins.get(id).map(|p| p.fail_strategy).unwrap_or_default();
+        conds.push(Condition::new(
+            "Accepted",
+            true,
+            "Accepted",
+            format!("attached to {}", attachments.join("; ")),
+        ));
+        let fail = snapshot
+            .plugins
+            .get(id)
+            .map(|p| p.fail_strategy)
+            .unwrap_or_default();
         let mut module = Value::Null;
         match self.plugins.get(id) {
             Some(state) => {
@@ -322,22 +384,35 @@ impl Reconciler {
                         "ModuleLoaded",
                         true,
                         "Loaded",
-                        format!("module {} fetched, compiled and configured", p.module_digest),
+                        format!(
+                            "module {} fetched, compiled and configured",
+                            p.module_digest
+                        ),
                     )),
                     (Some(err), Some((_, p))) => conds.push(Condition::new(
                         "ModuleLoaded",
                         false,
                         "UpdateFailed",
-                        format!("{err}; the previous module {} keeps serving", p.module_digest),
+                        format!(
+                            "{err}; the previous module {} keeps serving",
+                            p.module_digest
+                        ),
                     )),
                     (Some(err), None) => {
                         let effect = match fail {
                             FailStrategy::FailOpen => "requests bypass this plugin (FAIL_OPEN)",
                             _ => "requests it applies to are denied (FAIL_CLOSE)",
                         };
-                        conds.push(Condition::new("ModuleLoaded", false, "LoadFailed", format!("{err}; {effect}")));
+                        conds.push(Condition::new(
+                            "ModuleLoaded",
+                            false,
+                            "LoadFailed",
+                            format!("{err}; {effect}"),
+                        ));
                     }
-                    (None, None) => conds.push(Condition::unknown("ModuleLoaded", "Pending", "loading")),
+                    (None, None) => {
+                        conds.push(Condition::unknown("ModuleLoaded", "Pending", "loading"))
+                    }
                 }
             }
             None => conds.push(Condition::unknown("ModuleLoaded", "Pending", "loading")),
@@ -357,16 +432,26 @@ fn gateway_status(
     rejected: &[&str],
     generation: i64,
 ) -> Value {
-    let key = ObjectKey::new(obj.meta().namespace.clone().unwrap_or_default(), obj.meta().name.clone());
+    let key = ObjectKey::new(
+        obj.meta().namespace.clone().unwrap_or_default(),
+        obj.meta().name.clone(),
+    );
     let Some(gw) = snapshot.gateway(&key) else {
-        let reason = if rejected.is_empty() { "not translated".to_string() } else { rejected.join("; ") };
+        let reason = if rejected.is_empty() {
+            "not translated".to_string()
+        } else {
+            rejected.join("; ")
+        };
         let c = [
             Condition::new("Accepted", false, "Invalid", reason.clone()),
             Condition::new("Programmed", false, "Invalid", reason),
         ];
         return json!({ "conditions": conditions(&c, obj.status(), generation) });
     };
-    let old_listeners = obj.status().and_then(|s| s.get("listeners")).and_then(|l| l.as_array());
+    let old_listeners = obj
+        .status()
+        .and_then(|s| s.get("listeners"))
+        .and_then(|l| l.as_array());
     let mut listeners = Vec::new();
     let mut all_bound = true;
     let mut problems = Vec::new();
@@ -381,9 +466,18 @@ fn gateway_status(
             all_bound = false;
             problems.push(format!("listener {}: {msg}", l.name));
         }
-        let c = [Condition::new("Programmed", ok, if ok { "Programmed" } else { "Invalid" }, msg)];
-        let old = old_listeners.and_then(|ls| ls.iter().find(|o| o.get("name").and_then(|n| n.as_str()) == Some(&l.name)));
-        let attached: std::collections::BTreeSet<&ObjectKey> = l.routes.iter().map(|r| &r.route).collect();
+        let c = [Condition::new(
+            "Programmed",
+            ok,
+            if ok { "Programmed" } else { "Invalid" },
+            msg,
+        )];
+        let old = old_listeners.and_then(|ls| {
+            ls.iter()
+                .find(|o| o.get("name").and_then(|n| n.as_str()) == Some(&l.name))
+        });
+        let attached: std::collections::BTreeSet<&ObjectKey> =
+            l.routes.iter().map(|r| &r.route).collect();
         listeners.push(json!({
             "name": l.name,
             "attachedRoutes": attached.len(),
@@ -403,7 +497,12 @@ fn gateway_status(
     };
     let c = [
         Condition::new("Accepted", true, "Accepted", "accepted by waystone"),
-        Condition::new("Programmed", all_bound, if all_bound { "Programmed" } else { "Invalid" }, programmed_msg),
+        Condition::new(
+            "Programmed",
+            all_bound,
+            if all_bound { "Programmed" } else { "Invalid" },
+            programmed_msg,
+        ),
     ];
     let mut status = json!({
         "conditions": conditions(&c, obj.status(), generation),
@@ -433,7 +532,11 @@ fn attachments(snapshot: &Snapshot, id: &PluginId) -> Vec<String> {
                     .map(|s| s.service.name.clone())
                     .collect();
                 if !services.is_empty() {
-                    out.push(format!("waypoint {} (services: {})", gw.key, services.join(", ")));
+                    out.push(format!(
+                        "waypoint {} (services: {})",
+                        gw.key,
+                        services.join(", ")
+                    ));
                 }
             }
         }
@@ -446,7 +549,10 @@ fn same_status(old: Option<&Value>, new: &Value) -> bool {
     fn strip(v: &Value) -> Value {
         match v {
             Value::Object(m) => Value::Object(
-                m.iter().filter(|(k, _)| k.as_str() != "lastTransitionTime").map(|(k, v)| (k.clone(), strip(v))).collect(),
+                m.iter()
+                    .filter(|(k, _)| k.as_str() != "lastTransitionTime")
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
             ),
             Value::Array(a) => Value::Array(a.iter().map(strip).collect()),
             other => other.clone(),

@@ -28,7 +28,10 @@ pub struct ApiState {
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
-        .route("/v1/health", get(|| async { Json(serde_json::json!({"ok": true})) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
         .route("/v1/apply", post(apply))
         .route("/v1/objects/{kind}", get(list).delete(delete))
         .route("/v1/label", post(label))
@@ -48,7 +51,10 @@ async fn auth(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !constant_time_eq(given.as_bytes(), state.token.as_bytes()) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong API token".into());
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token".into(),
+        );
     }
     next.run(req).await
 }
@@ -81,32 +87,51 @@ impl ApiState {
     async fn settle(&self, version: u64) -> bool {
         self.changed.notify_one();
         let mut applied = self.applied.clone();
-        tokio::time::timeout(self.settle_timeout, applied.wait_for(|v| *v >= version)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(self.settle_timeout, applied.wait_for(|v| *v >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
-async fn apply(State(state): State<Arc<ApiState>>, Json(req): Json<ApplyRequest>) -> Result<Json<ApplyResponse>, ObjectError> {
+async fn apply(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Json<ApplyResponse>, ObjectError> {
     let (mut results, version) = {
         let mut store = state.store.lock().await;
-        objects::apply(&mut store, &req.manifests, &req.source, &req.default_namespace, &state.opts)?
+        objects::apply(
+            &mut store,
+            &req.manifests,
+            &req.source,
+            &req.default_namespace,
+            &state.opts,
+        )?
     };
     let settled = state.settle(version).await;
     // Tell the user at once when a plugin they applied is not running.
     let store = state.store.lock().await;
     for r in &mut results {
         if !settled {
-            r.warnings.push("the change is stored but the data plane has not taken it yet".into());
+            r.warnings
+                .push("the change is stored but the data plane has not taken it yet".into());
             continue;
         }
         if r.kind != "WasmPlugin" && r.kind != "TrafficExtension" {
             continue;
         }
         if let Ok(Some(obj)) = store.get(&r.kind, &r.namespace, &r.name) {
-            for c in obj.status().and_then(|s| s.get("conditions")).and_then(|c| c.as_array()).into_iter().flatten() {
+            for c in obj
+                .status()
+                .and_then(|s| s.get("conditions"))
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+            {
                 if c.get("status").and_then(|s| s.as_str()) == Some("False") {
                     let msg = c.get("message").and_then(|m| m.as_str()).unwrap_or("");
                     let t = c.get("type").and_then(|m| m.as_str()).unwrap_or("");
-                    r.warnings.push(format!("{} {}/{}: {t}: {msg}", r.kind, r.namespace, r.name));
+                    r.warnings
+                        .push(format!("{} {}/{}: {t}: {msg}", r.kind, r.namespace, r.name));
                 }
             }
         }
@@ -126,14 +151,28 @@ async fn list(
     Query(q): Query<ObjectQuery>,
 ) -> Result<Json<ListResponse>, ObjectError> {
     let info = objects::canonical_kind(&kind)?;
-    let namespace = if info.namespaced { q.namespace.filter(|n| !n.is_empty()) } else { None };
+    let namespace = if info.namespaced {
+        q.namespace.filter(|n| !n.is_empty())
+    } else {
+        None
+    };
     let store = state.store.lock().await;
     let items = match &q.name {
         Some(name) => {
-            let obj = store.get(info.kind, namespace.as_deref().unwrap_or(if info.namespaced { "default" } else { "" }), name)?;
+            let obj = store.get(
+                info.kind,
+                namespace
+                    .as_deref()
+                    .unwrap_or(if info.namespaced { "default" } else { "" }),
+                name,
+            )?;
             vec![obj.ok_or_else(|| objects::not_found(info, name))?.to_json()]
         }
-        None => store.list(Some(info.kind), namespace.as_deref())?.iter().map(|o| o.to_json()).collect(),
+        None => store
+            .list(Some(info.kind), namespace.as_deref())?
+            .iter()
+            .map(|o| o.to_json())
+            .collect(),
     };
     Ok(Json(ListResponse { items }))
 }
@@ -143,16 +182,26 @@ async fn delete(
     Path(kind): Path<String>,
     Query(q): Query<ObjectQuery>,
 ) -> Result<Json<DeleteResponse>, ObjectError> {
-    let name = q.name.ok_or_else(|| ObjectError::Invalid("delete needs a name".into()))?;
+    let name = q
+        .name
+        .ok_or_else(|| ObjectError::Invalid("delete needs a name".into()))?;
     let version = {
         let mut store = state.store.lock().await;
-        objects::delete(&mut store, &kind, q.namespace.as_deref().unwrap_or("default"), &name)?
+        objects::delete(
+            &mut store,
+            &kind,
+            q.namespace.as_deref().unwrap_or("default"),
+            &name,
+        )?
     };
     state.settle(version).await;
     Ok(Json(DeleteResponse { deleted: true }))
 }
 
-async fn label(State(state): State<Arc<ApiState>>, Json(req): Json<LabelRequest>) -> Result<Json<LabelResponse>, ObjectError> {
+async fn label(
+    State(state): State<Arc<ApiState>>,
+    Json(req): Json<LabelRequest>,
+) -> Result<Json<LabelResponse>, ObjectError> {
     let (action, version) = {
         let mut store = state.store.lock().await;
         objects::label(&mut store, &req, &state.opts)?

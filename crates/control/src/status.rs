@@ -16,23 +16,46 @@ pub struct Condition {
 }
 
 impl Condition {
-    pub fn new(kind: &'static str, ok: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { kind, status: if ok { "True" } else { "False" }, reason: reason.into(), message: message.into() }
+    pub fn new(
+        kind: &'static str,
+        ok: bool,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind,
+            status: if ok { "True" } else { "False" },
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 
-    pub fn unknown(kind: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { kind, status: "Unknown", reason: reason.into(), message: message.into() }
+    pub fn unknown(
+        kind: &'static str,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind,
+            status: "Unknown",
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// Renders conditions, keeping `lastTransitionTime` from `old` for conditions whose status did not change.
 pub fn conditions(new: &[Condition], old: Option<&Value>, generation: i64) -> Value {
-    let old_conditions = old.and_then(|o| o.get("conditions")).and_then(|c| c.as_array());
+    let old_conditions = old
+        .and_then(|o| o.get("conditions"))
+        .and_then(|c| c.as_array());
     let list: Vec<Value> = new
         .iter()
         .map(|c| {
-            let previous = old_conditions
-                .and_then(|cs| cs.iter().find(|o| o.get("type").and_then(|t| t.as_str()) == Some(c.kind)));
+            let previous = old_conditions.and_then(|cs| {
+                cs.iter()
+                    .find(|o| o.get("type").and_then(|t| t.as_str()) == Some(c.kind))
+            });
             let time = match previous {
                 Some(p) if p.get("status").and_then(|s| s.as_str()) == Some(c.status) => p
                     .get("lastTransitionTime")

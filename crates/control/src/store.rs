@@ -9,17 +9,29 @@ use waystone_model::Resource;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("store holds an unreadable {kind} {namespace}/{name}: {reason}")]
-    Corrupt { kind: String, namespace: String, name: String, reason: String },
+    Corrupt {
+        kind: String,
+        namespace: String,
+        name: String,
+        reason: String,
+    },
 }
 
 /// One write of a batch.
 pub enum Write {
     Put(Resource),
-    Delete { kind: &'static str, namespace: String, name: String },
+    Delete {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
 }
 
 pub struct Store {
@@ -28,12 +40,18 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open = |source| StoreError::Open { path: path.display().to_string(), source };
+        let open = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
         let conn = Connection::open(path).map_err(open)?;
         // WAL + FULL sync: an acknowledged write survives a crash or power loss.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS objects (
                 kind TEXT NOT NULL,
@@ -51,12 +69,20 @@ impl Store {
 
     /// The next resourceVersion (not yet stored: commit it with [`Store::commit`]).
     pub fn current_version(&self) -> Result<u64, StoreError> {
-        let v: i64 =
-            self.conn.query_row("SELECT value FROM counters WHERE name = 'resourceVersion'", [], |r| r.get(0))?;
+        let v: i64 = self.conn.query_row(
+            "SELECT value FROM counters WHERE name = 'resourceVersion'",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(v as u64)
     }
 
-    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Result<Option<Resource>, StoreError> {
+    pub fn get(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Resource>, StoreError> {
         let body: Option<String> = self
             .conn
             .query_row(
@@ -69,14 +95,23 @@ impl Store {
     }
 
     /// Objects of `kind` (all kinds when `None`), optionally in one namespace, sorted.
-    pub fn list(&self, kind: Option<&str>, namespace: Option<&str>) -> Result<Vec<Resource>, StoreError> {
+    pub fn list(
+        &self,
+        kind: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Resource>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT kind, namespace, name, body FROM objects
              WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR namespace = ?2)
              ORDER BY kind, namespace, name",
         )?;
         let rows = stmt.query_map(params![kind, namespace], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -104,7 +139,11 @@ impl Store {
                         ],
                     )?;
                 }
-                Write::Delete { kind, namespace, name } => {
+                Write::Delete {
+                    kind,
+                    namespace,
+                    name,
+                } => {
                     tx.execute(
                         "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
                         params![kind, namespace, name],
@@ -112,7 +151,10 @@ impl Store {
                 }
             }
         }
-        tx.execute("UPDATE counters SET value = ?1 WHERE name = 'resourceVersion'", params![version as i64])?;
+        tx.execute(
+            "UPDATE counters SET value = ?1 WHERE name = 'resourceVersion'",
+            params![version as i64],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -125,7 +167,8 @@ fn decode(kind: &str, namespace: &str, name: &str, body: &str) -> Result<Resourc
         name: name.to_string(),
         reason,
     };
-    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| corrupt(e.to_string()))?;
     Resource::from_json(value).map_err(|e| corrupt(e.to_string()))
 }
 
@@ -152,9 +195,20 @@ mod tests {
         let path = dir.path().join("store.db");
         {
             let mut s = Store::open(&path).unwrap();
-            s.commit(&[Write::Put(wasmplugin("a")), Write::Put(wasmplugin("b"))], 2).unwrap();
-            s.commit(&[Write::Delete { kind: "WasmPlugin", namespace: "default".into(), name: "a".into() }], 3)
-                .unwrap();
+            s.commit(
+                &[Write::Put(wasmplugin("a")), Write::Put(wasmplugin("b"))],
+                2,
+            )
+            .unwrap();
+            s.commit(
+                &[Write::Delete {
+                    kind: "WasmPlugin",
+                    namespace: "default".into(),
+                    name: "a".into(),
+                }],
+                3,
+            )
+            .unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.current_version().unwrap(), 3);
@@ -163,6 +217,10 @@ mod tests {
         assert_eq!(all[0].meta().name, "b");
         assert!(s.get("WasmPlugin", "default", "a").unwrap().is_none());
         assert!(s.get("WasmPlugin", "default", "b").unwrap().is_some());
-        assert!(s.list(Some("WasmPlugin"), Some("other")).unwrap().is_empty());
+        assert!(
+            s.list(Some("WasmPlugin"), Some("other"))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -39,7 +39,10 @@ pub async fn run_up(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     if !opts.api_address.ip().is_loopback() {
-        anyhow::bail!("the local API must listen on a loopback address, not {}", opts.api_address);
+        anyhow::bail!(
+            "the local API must listen on a loopback address, not {}",
+            opts.api_address
+        );
     }
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data directory {}", opts.data_dir.display()))?;
@@ -65,7 +68,10 @@ pub async fn run_up(
 
     let changed = Arc::new(Notify::new());
     let (applied_tx, applied_rx) = watch::channel(0u64);
-    let translate_opts = TranslateOptions { host_env: std::env::vars().collect(), ..Default::default() };
+    let translate_opts = TranslateOptions {
+        host_env: std::env::vars().collect(),
+        ..Default::default()
+    };
     let reconciler = Reconciler::new(
         store.clone(),
         changed.clone(),
@@ -82,7 +88,8 @@ pub async fn run_up(
     {
         let version = store.lock().await.current_version()?;
         let mut applied = applied_rx.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|v| *v >= version)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|v| *v >= version))
+            .await;
     }
 
     let token = hex::encode(rand::random::<[u8; 24]>());

@@ -1,1 +1,562 @@
-//! See ARCHITECTURE.md.
+//! Wasm module distribution: fetch modules from OCI registries (`oci://`) and files (`file://`),
+//! check their digests, keep them in a crash-safe on-disk cache, and push modules to registries.
+//! See ARCHITECTURE.md for where this crate sits.
+
+mod auth;
+mod cache;
+mod client;
+mod error;
+mod manifest;
+mod push;
+mod reference;
+pub mod testing;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+pub use error::{FetchError, Op};
+pub use push::{PushLayout, PushOptions, PushResult, push};
+
+use cache::{Cache, IndexEntry};
+use client::{Session, Transport};
+use manifest::{ArchiveError, LayerChoice, Manifest};
+use reference::{OciRef, Source};
+
+/// Istio's default module size limit.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 << 20;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub cache_dir: PathBuf,
+    /// `host:port` entries or `*`: plain HTTP (and unverified TLS) allowed only for these.
+    pub insecure_registries: Vec<String>,
+    pub max_module_bytes: u64,
+    /// Overall limit for one `fetch`, waiting for a concurrent fetch of the same url included.
+    pub timeout: Duration,
+}
+
+impl FetchConfig {
+    pub fn new(cache_dir: PathBuf) -> Self {
+        Self {
+            cache_dir,
+            insecure_registries: Vec::new(),
+            max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Use the cache when it holds the tag or pinned digest; no network then.
+    #[default]
+    IfNotPresent,
+    /// Always resolve the manifest; the module blob is still reused from the cache.
+    Always,
+}
+
+#[derive(Clone)]
+pub struct FetchRequest {
+    /// `oci://host:port/repo:tag`, `oci://host/repo@sha256:...`, `file:///abs/path.wasm`;
+    /// no scheme means `oci://`.
+    pub url: String,
+    /// Expected digest, lowercase hex (`sha256:` prefix tolerated). OCI: the manifest digest,
+    /// as Istio compares it; file: the module digest.
+    pub sha256: Option<String>,
+    pub pull_policy: PullPolicy,
+    /// Contents of a `.dockerconfigjson`. Never logged or echoed in errors.
+    pub pull_secret: Option<Vec<u8>>,
+}
+
+impl FetchRequest {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            sha256: None,
+            pull_policy: PullPolicy::IfNotPresent,
+            pull_secret: None,
+        }
+    }
+}
+
+impl fmt::Debug for FetchRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchRequest")
+            .field("url", &self.url)
+            .field("sha256", &self.sha256)
+            .field("pull_policy", &self.pull_policy)
+            .field(
+                "pull_secret",
+                &self.pull_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchedModule {
+    pub bytes: Arc<Vec<u8>>,
+    /// sha256 of the module bytes, `sha256:<hex>`.
+    pub module_digest: String,
+    /// OCI: the image manifest digest `sha256:<hex>` (the top-level one when an index was
+    /// served); file: None.
+    pub manifest_digest: Option<String>,
+    /// True when the module bytes came from the on-disk cache instead of a download.
+    pub cache_hit: bool,
+    /// The requested url.
+    pub source: String,
+}
+
+/// Lowercase hex sha256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Fetches modules; cheap to clone, shareable across tasks.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: FetchConfig,
+    cache: Cache,
+    transport: Transport,
+    /// One async lock per url so concurrent fetches of it download once: later callers find
+    /// the cache filled by the first.
+    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("cfg", &self.inner.cfg)
+            .finish()
+    }
+}
+
+impl Fetcher {
+    pub fn new(cfg: FetchConfig) -> Result<Self, FetchError> {
+        let cache = Cache::open(&cfg.cache_dir, cfg.max_module_bytes)?;
+        let transport = Transport::new(cfg.insecure_registries.clone(), cfg.timeout)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                cache,
+                transport,
+                inflight: Mutex::default(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.cfg
+    }
+
+    pub async fn fetch(&self, req: &FetchRequest) -> Result<FetchedModule, FetchError> {
+        let timeout = self.inner.cfg.timeout;
+        match tokio::time::timeout(timeout, self.fetch_inner(req)).await {
+            Ok(result) => result,
+            Err(_) => Err(FetchError::Timeout {
+                op: Op::Fetch,
+                url: req.url.clone(),
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn fetch_inner(&self, req: &FetchRequest) -> Result<FetchedModule, FetchError> {
+        let invalid = |reason: String| FetchError::InvalidUrl {
+            op: Op::Fetch,
+            url: req.url.clone(),
+            reason,
+        };
+        let expected =
+            match &req.sha256 {
+                Some(s) => Some(reference::normalize_hex(s).ok_or_else(|| {
+                    invalid(format!("expected sha256 {s:?} is not 64 hex digits"))
+                })?),
+                None => None,
+            };
+        match reference::parse(&req.url).map_err(invalid)? {
+            Source::File(path) => self.fetch_file(req, path, expected).await,
+            Source::Oci(oci) => self.fetch_oci(req, oci, expected).await,
+        }
+    }
+
+    async fn fetch_file(
+        &self,
+        req: &FetchRequest,
+        path: PathBuf,
+        expected: Option<String>,
+    ) -> Result<FetchedModule, FetchError> {
+        let max = self.inner.cfg.max_module_bytes;
+        let io_err = |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                FetchError::FileNotFound {
+                    op: Op::Fetch,
+                    url: req.url.clone(),
+                    path: path.clone(),
+                }
+            } else {
+                FetchError::Io {
+                    op: Op::Fetch,
+                    url: req.url.clone(),
+                    path: path.clone(),
+                    source,
+                }
+            }
+        };
+        let file = tokio::fs::File::open(&path).await.map_err(io_err)?;
+        let mut bytes = Vec::new();
+        // One byte past the limit tells "too large" apart from "exactly the limit".
+        file.take(max + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(io_err)?;
+        if bytes.len() as u64 > max {
+            return Err(FetchError::TooLarge {
+                op: Op::Fetch,
+                url: req.url.clone(),
+                limit: max,
+            });
+        }
+        check_wasm(&req.url, &bytes, max)?;
+        let hex = sha256_hex(&bytes);
+        if let Some(expected) = expected
+            && expected != hex
+        {
+            return Err(FetchError::DigestMismatch {
+                op: Op::Fetch,
+                url: req.url.clone(),
+                expected,
+                actual: hex,
+            });
+        }
+        Ok(FetchedModule {
+            bytes: Arc::new(bytes),
+            module_digest: format!("sha256:{hex}"),
+            manifest_digest: None,
+            cache_hit: false,
+            source: req.url.clone(),
+        })
+    }
+
+    async fn lock_url(&self, key: &str) -> InflightGuard {
+        let lock = {
+            let mut map = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(key.to_string()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        InflightGuard {
+            inner: self.inner.clone(),
+            key: key.to_string(),
+            lock,
+            guard: Some(guard),
+        }
+    }
+
+    async fn fetch_oci(
+        &self,
+        req: &FetchRequest,
+        oci: OciRef,
+        expected: Option<String>,
+    ) -> Result<FetchedModule, FetchError> {
+        let url = req.url.as_str();
+        let expected = expected.map(|h| format!("sha256:{h}"));
+        // A url digest and a sha256 field that disagree can never both match.
+        if let (Some(pinned), Some(exp)) = (&oci.digest, &expected)
+            && pinned != exp
+        {
+            return Err(FetchError::DigestMismatch {
+                op: Op::Fetch,
+                url: url.to_string(),
+                expected: exp.clone(),
+                actual: pinned.clone(),
+            });
+        }
+        let expected = expected.or_else(|| oci.digest.clone());
+        let cache = &self.inner.cache;
+        let _inflight = self.lock_url(&oci.to_string()).await;
+
+        if req.pull_policy == PullPolicy::IfNotPresent {
+            let key = match &expected {
+                Some(d) => Some(oci.digest_key(d)),
+                None => oci.tag_key(),
+            };
+            if let Some(key) = key
+                && let Some(hit) = self.cached(url, &key).await
+            {
+                tracing::debug!(url, "module cache hit");
+                return Ok(hit);
+            }
+        }
+
+        let creds = match &req.pull_secret {
+            Some(secret) => auth::credentials_for(secret, &oci.registry).map_err(|reason| {
+                FetchError::BadPullSecret {
+                    op: Op::Fetch,
+                    url: url.to_string(),
+                    reason,
+                }
+            })?,
+            None => None,
+        };
+        let mut session =
+            Session::open(Op::Fetch, url, &self.inner.transport, &oci, creds, "pull").await?;
+        let (manifest_bytes, content_type) = session.get_manifest(oci.reference()).await?;
+        let manifest_digest = client::sha256_digest(&manifest_bytes);
+        if let Some(exp) = &expected
+            && *exp != manifest_digest
+        {
+            return Err(FetchError::DigestMismatch {
+                op: Op::Fetch,
+                url: url.to_string(),
+                expected: exp.clone(),
+                actual: manifest_digest,
+            });
+        }
+
+        // A re-resolved manifest we already have the module for: no blob download.
+        if let Some(mut hit) = self.cached(url, &oci.digest_key(&manifest_digest)).await {
+            self.remember_tag(&oci, &hit.module_digest, &manifest_digest)
+                .await;
+            hit.manifest_digest = Some(manifest_digest);
+            return Ok(hit);
+        }
+
+        let bytes = self
+            .module_from_manifest(&mut session, &manifest_bytes, &content_type)
+            .await?;
+        check_wasm(url, &bytes, self.inner.cfg.max_module_bytes)?;
+        let module_digest = format!("sha256:{}", sha256_hex(&bytes));
+        let bytes = Arc::new(bytes);
+        match cache.store_module(&module_digest, bytes.clone()).await {
+            Ok(()) => {
+                let entry = IndexEntry {
+                    key: oci.digest_key(&manifest_digest),
+                    module_digest: module_digest.clone(),
+                    manifest_digest: manifest_digest.clone(),
+                };
+                if let Err(e) = cache.record(entry).await {
+                    tracing::warn!(error = %e, "could not index module in cache");
+                }
+                self.remember_tag(&oci, &module_digest, &manifest_digest)
+                    .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not cache module"),
+        }
+        tracing::info!(url, %module_digest, %manifest_digest, size = bytes.len(), "fetched module");
+        Ok(FetchedModule {
+            bytes,
+            module_digest,
+            manifest_digest: Some(manifest_digest),
+            cache_hit: false,
+            source: url.to_string(),
+        })
+    }
+
+    async fn cached(&self, url: &str, key: &str) -> Option<FetchedModule> {
+        let entry = self.inner.cache.lookup(key).await?;
+        let bytes = self.inner.cache.load_module(&entry.module_digest).await?;
+        Some(FetchedModule {
+            bytes,
+            module_digest: entry.module_digest,
+            manifest_digest: Some(entry.manifest_digest),
+            cache_hit: true,
+            source: url.to_string(),
+        })
+    }
+
+    async fn remember_tag(&self, oci: &OciRef, module_digest: &str, manifest_digest: &str) {
+        let Some(key) = oci.tag_key() else { return };
+        let entry = IndexEntry {
+            key,
+            module_digest: module_digest.to_string(),
+            manifest_digest: manifest_digest.to_string(),
+        };
+        if let Err(e) = self.inner.cache.record(entry).await {
+            tracing::warn!(error = %e, "could not index tag in module cache");
+        }
+    }
+
+    /// Finds the module behind an image manifest, or behind the first entry of an index that
+    /// holds one.
+    async fn module_from_manifest(
+        &self,
+        session: &mut Session,
+        bytes: &[u8],
+        content_type: &str,
+    ) -> Result<Vec<u8>, FetchError> {
+        let bad = |session: &Session, reason: String| FetchError::BadManifest {
+            op: session.op(),
+            url: session.url().to_string(),
+            reason,
+        };
+        match manifest::parse(bytes, content_type).map_err(|r| bad(session, r))? {
+            Manifest::Image { layers } => self.module_from_layers(session, &layers).await,
+            Manifest::Index { manifests } => {
+                let mut seen = Vec::new();
+                for entry in &manifests {
+                    let (child, child_type) = session.get_manifest(&entry.digest).await?;
+                    let actual = client::sha256_digest(&child);
+                    if actual != entry.digest {
+                        return Err(FetchError::DigestMismatch {
+                            op: session.op(),
+                            url: session.url().to_string(),
+                            expected: entry.digest.clone(),
+                            actual,
+                        });
+                    }
+                    // Nested indexes are not followed: Wasm images are at most one level deep.
+                    let layers = match manifest::parse(&child, &child_type) {
+                        Ok(Manifest::Image { layers }) => layers,
+                        _ => {
+                            seen.push(format!("{}: not an image manifest", entry.digest));
+                            continue;
+                        }
+                    };
+                    match self.module_from_layers(session, &layers).await {
+                        Ok(module) => return Ok(module),
+                        Err(
+                            e @ (FetchError::NoWasmLayer { .. }
+                            | FetchError::NotWasm { .. }
+                            | FetchError::BadArchive { .. }),
+                        ) => seen.push(format!("{}: {}", entry.digest, short_reason(&e))),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(FetchError::NoWasmLayer {
+                    op: session.op(),
+                    url: session.url().to_string(),
+                    media_types: if seen.is_empty() {
+                        "index lists no manifests".into()
+                    } else {
+                        format!("index entries: {}", seen.join("; "))
+                    },
+                })
+            }
+        }
+    }
+
+    async fn module_from_layers(
+        &self,
+        session: &mut Session,
+        layers: &[manifest::Descriptor],
+    ) -> Result<Vec<u8>, FetchError> {
+        let max = self.inner.cfg.max_module_bytes;
+        let too_large = |session: &Session| FetchError::TooLarge {
+            op: session.op(),
+            url: session.url().to_string(),
+            limit: max,
+        };
+        let choice = manifest::choose_layer(layers).ok_or_else(|| FetchError::NoWasmLayer {
+            op: session.op(),
+            url: session.url().to_string(),
+            media_types: manifest::media_types(layers),
+        })?;
+        let desc = match &choice {
+            LayerChoice::Raw(d) | LayerChoice::TarGzip(d) => d.clone(),
+        };
+        reference::parse_digest(&desc.digest).map_err(|reason| FetchError::BadManifest {
+            op: session.op(),
+            url: session.url().to_string(),
+            reason,
+        })?;
+        if desc.size > max {
+            return Err(too_large(session));
+        }
+        let blob = session.get_blob(&desc.digest, max).await?;
+        match choice {
+            LayerChoice::Raw(_) => Ok(blob),
+            LayerChoice::TarGzip(_) => {
+                // Room for the module plus whatever else the layer holds, but bounded.
+                let decompressed_limit = max.saturating_mul(2).max(1 << 20);
+                let extracted = tokio::task::spawn_blocking(move || {
+                    manifest::extract_plugin(&blob, max, decompressed_limit)
+                })
+                .await
+                .map_err(|e| FetchError::BadArchive {
+                    op: session.op(),
+                    url: session.url().to_string(),
+                    reason: format!("extraction task failed: {e}"),
+                })?;
+                extracted.map_err(|e| match e {
+                    ArchiveError::TooLarge => too_large(session),
+                    ArchiveError::Bad(reason) => FetchError::BadArchive {
+                        op: session.op(),
+                        url: session.url().to_string(),
+                        reason: format!("layer {}: {reason}", desc.digest),
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// The part of an error line after `<op> <url>: `, for composing summaries.
+fn short_reason(e: &FetchError) -> String {
+    let s = e.to_string();
+    match s.split_once(": ") {
+        Some((_, rest)) => rest.to_string(),
+        None => s,
+    }
+}
+
+struct InflightGuard {
+    inner: Arc<Inner>,
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.guard = None;
+        let mut map = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Only the map and this guard hold the lock: nobody waits, so the entry can go.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
+
+pub(crate) fn check_wasm(url: &str, bytes: &[u8], max: u64) -> Result<(), FetchError> {
+    if bytes.len() as u64 > max {
+        return Err(FetchError::TooLarge {
+            op: Op::Fetch,
+            url: url.to_string(),
+            limit: max,
+        });
+    }
+    if bytes.len() < 8 {
+        return Err(FetchError::NotWasm {
+            op: Op::Fetch,
+            url: url.to_string(),
+            reason: format!("only {} bytes, a module has at least 8", bytes.len()),
+        });
+    }
+    if &bytes[..4] != b"\0asm" {
+        return Err(FetchError::NotWasm {
+            op: Op::Fetch,
+            url: url.to_string(),
+            reason: "bad magic".into(),
+        });
+    }
+    Ok(())
+}

@@ -56,16 +56,23 @@ pub struct ChainRun {
 
 impl ChainRun {
     pub fn new(stream: HttpStream) -> Self {
-        Self { filters: Vec::new(), stream }
+        Self {
+            filters: Vec::new(),
+            stream,
+        }
     }
 
     /// True when some plugin of the chain reads request bodies (so the proxy buffers them).
     pub fn wants_request_body(&self) -> bool {
-        self.filters.iter().any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_request_body"))
+        self.filters
+            .iter()
+            .any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_request_body"))
     }
 
     pub fn wants_response_body(&self) -> bool {
-        self.filters.iter().any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_response_body"))
+        self.filters
+            .iter()
+            .any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_response_body"))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,11 +80,19 @@ impl ChainRun {
     }
 
     /// Creates a context in each plugin of `chain` and runs its request-headers callback.
-    pub fn request_headers(&mut self, chain: &[PluginId], rt: &RuntimeConfig, end_of_stream: bool) -> Outcome {
+    pub fn request_headers(
+        &mut self,
+        chain: &[PluginId],
+        rt: &RuntimeConfig,
+        end_of_stream: bool,
+    ) -> Outcome {
         for id in chain {
             let plugin = match rt.plugins.get(id) {
                 Some(PluginSlot::Ready(p)) => p.clone(),
-                Some(PluginSlot::Failed { fail_strategy: FailStrategy::FailOpen, .. }) => continue,
+                Some(PluginSlot::Failed {
+                    fail_strategy: FailStrategy::FailOpen,
+                    ..
+                }) => continue,
                 Some(PluginSlot::Failed { reason, .. }) => {
                     tracing::warn!(plugin = %id, %reason, "denying request: plugin is not loaded (fail closed)");
                     return Outcome::Respond(unavailable_reply(id));
@@ -101,11 +116,18 @@ impl ChainRun {
                     None => continue,
                 },
             };
-            self.filters.push(ActiveFilter { plugin, instance, ctx, bypassed: false });
+            self.filters.push(ActiveFilter {
+                plugin,
+                instance,
+                ctx,
+                bypassed: false,
+            });
             let idx = self.filters.len() - 1;
             let result = {
                 let f = &self.filters[idx];
-                f.instance.borrow_mut().on_request_headers(f.ctx, &mut self.stream, end_of_stream)
+                f.instance
+                    .borrow_mut()
+                    .on_request_headers(f.ctx, &mut self.stream, end_of_stream)
             };
             if let Some(out) = self.settle(idx, result, end_of_stream) {
                 return out;
@@ -122,7 +144,9 @@ impl ChainRun {
             }
             let result = {
                 let f = &self.filters[idx];
-                f.instance.borrow_mut().on_request_body(f.ctx, &mut self.stream, true)
+                f.instance
+                    .borrow_mut()
+                    .on_request_body(f.ctx, &mut self.stream, true)
             };
             if let Some(out) = self.settle(idx, result, true) {
                 return out;
@@ -139,7 +163,9 @@ impl ChainRun {
             }
             let result = {
                 let f = &self.filters[idx];
-                f.instance.borrow_mut().on_response_headers(f.ctx, &mut self.stream, end_of_stream)
+                f.instance
+                    .borrow_mut()
+                    .on_response_headers(f.ctx, &mut self.stream, end_of_stream)
             };
             if let Some(out) = self.settle_response(idx, result) {
                 return out;
@@ -156,7 +182,9 @@ impl ChainRun {
             }
             let result = {
                 let f = &self.filters[idx];
-                f.instance.borrow_mut().on_response_body(f.ctx, &mut self.stream, true)
+                f.instance
+                    .borrow_mut()
+                    .on_response_body(f.ctx, &mut self.stream, true)
             };
             if let Some(out) = self.settle_response(idx, result) {
                 return out;
@@ -171,7 +199,10 @@ impl ChainRun {
             if f.bypassed {
                 continue;
             }
-            let result = f.instance.borrow_mut().finish_http_context(f.ctx, &mut self.stream);
+            let result = f
+                .instance
+                .borrow_mut()
+                .finish_http_context(f.ctx, &mut self.stream);
             if let Err(err) = result {
                 tracing::warn!(plugin = %f.plugin.id, error = %err, "plugin failed while closing its context");
                 if f.instance.borrow().is_poisoned() {
@@ -183,11 +214,19 @@ impl ChainRun {
     }
 
     /// Interprets a request-path callback result.
-    fn settle(&mut self, idx: usize, result: Result<Action, HostError>, end_of_stream: bool) -> Option<Outcome> {
+    fn settle(
+        &mut self,
+        idx: usize,
+        result: Result<Action, HostError>,
+        end_of_stream: bool,
+    ) -> Option<Outcome> {
         match result {
             Ok(action) => {
                 if let Some(local) = self.stream.local_response.take() {
-                    return Some(Outcome::Respond(plugin_reply(&self.filters[idx].plugin, local)));
+                    return Some(Outcome::Respond(plugin_reply(
+                        &self.filters[idx].plugin,
+                        local,
+                    )));
                 }
                 let continued = self.stream.continue_requested.take().is_some();
                 if action == Action::Pause && end_of_stream && !continued {
@@ -207,7 +246,11 @@ impl ChainRun {
         }
     }
 
-    fn settle_response(&mut self, idx: usize, result: Result<Action, HostError>) -> Option<Outcome> {
+    fn settle_response(
+        &mut self,
+        idx: usize,
+        result: Result<Action, HostError>,
+    ) -> Option<Outcome> {
         match result {
             Ok(_) => {
                 // A local reply from the response path replaces the upstream's response.
@@ -240,7 +283,11 @@ fn fault(plugin: &LoadedPlugin, err: &HostError) -> Option<LocalReply> {
         }
         FailStrategy::FailClose | FailStrategy::FailReload => {
             tracing::error!(plugin = %name, error = %err, "plugin failed; answering 503");
-            Some(LocalReply::text(503, format!("wasm:{name}:fault"), format!("plugin {name} failed\n")))
+            Some(LocalReply::text(
+                503,
+                format!("wasm:{name}:fault"),
+                format!("plugin {name} failed\n"),
+            ))
         }
     }
 }

@@ -33,7 +33,9 @@ pub struct DataPlaneConfig {
 impl Default for DataPlaneConfig {
     fn default() -> Self {
         Self {
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             gateway_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             entry_address: Some(SocketAddr::from(([127, 0, 0, 1], 15001))),
             max_buffered_body: 16 << 20,
@@ -47,7 +49,10 @@ pub enum DataPlaneError {
     #[error("cannot start worker threads: {0}")]
     Workers(std::io::Error),
     #[error("cannot bind the mesh entry listener on {addr}: {source}")]
-    Entry { addr: SocketAddr, source: std::io::Error },
+    Entry {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Where one gateway's listeners ended up.
@@ -101,15 +106,19 @@ impl DataPlane {
         let (drain, _) = watch::channel(0u8);
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(RuntimeConfig::empty()),
-            settings: HandlerSettings { max_buffered_body: cfg.max_buffered_body, node_id: cfg.node_id.clone() },
+            settings: HandlerSettings {
+                max_buffered_body: cfg.max_buffered_body,
+                node_id: cfg.node_id.clone(),
+            },
             workers,
             drain,
             connections: AtomicU64::new(0),
         });
         let entry = match cfg.entry_address {
             Some(addr) => {
-                let listener =
-                    TcpListener::bind(addr).await.map_err(|source| DataPlaneError::Entry { addr, source })?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DataPlaneError::Entry { addr, source })?;
                 Some(spawn_accept(shared.clone(), listener, Entry::Mesh))
             }
             None => None,
@@ -156,10 +165,17 @@ impl DataPlane {
         let mut bindings = BTreeMap::new();
         let mut wanted = HashSet::new();
         for gw in &snapshot.gateways {
-            let ports: Vec<(String, u16, String)> =
-                gw.listeners.iter().map(|l| (l.name.clone(), l.port, l.protocol.clone())).collect();
+            let ports: Vec<(String, u16, String)> = gw
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.port, l.protocol.clone()))
+                .collect();
             for (name, port, _) in &ports {
-                wanted.insert(ListenerKey { gateway: gw.key.clone(), name: name.clone(), port: *port });
+                wanted.insert(ListenerKey {
+                    gateway: gw.key.clone(),
+                    name: name.clone(),
+                    port: *port,
+                });
             }
             bindings.insert(gw.key.clone(), self.bind_gateway(&gw.key, &ports).await);
         }
@@ -177,12 +193,25 @@ impl DataPlane {
         bindings
     }
 
-    async fn bind_gateway(&self, gateway: &ObjectKey, ports: &[(String, u16, String)]) -> GatewayBinding {
+    async fn bind_gateway(
+        &self,
+        gateway: &ObjectKey,
+        ports: &[(String, u16, String)],
+    ) -> GatewayBinding {
         let existing: Vec<(ListenerKey, SocketAddr)> = {
             let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-            listeners.iter().filter(|(k, _)| &k.gateway == gateway).map(|(k, b)| (k.clone(), b.addr)).collect()
+            listeners
+                .iter()
+                .filter(|(k, _)| &k.gateway == gateway)
+                .map(|(k, b)| (k.clone(), b.addr))
+                .collect()
         };
-        let known = self.addresses.lock().unwrap_or_else(|p| p.into_inner()).get(gateway).copied();
+        let known = self
+            .addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(gateway)
+            .copied();
         let candidates: Vec<IpAddr> = match known {
             Some(ip) => vec![ip],
             None => self.candidate_addresses(),
@@ -196,16 +225,26 @@ impl DataPlane {
             let mut fresh = Vec::new();
             let mut conflict = false;
             for (name, port, protocol) in ports {
-                let key = ListenerKey { gateway: gateway.clone(), name: name.clone(), port: *port };
+                let key = ListenerKey {
+                    gateway: gateway.clone(),
+                    name: name.clone(),
+                    port: *port,
+                };
                 if let Some((_, addr)) = existing.iter().find(|(k, _)| k == &key) {
-                    results.push(ListenerBinding { name: name.clone(), port: *port, result: Ok(*addr) });
+                    results.push(ListenerBinding {
+                        name: name.clone(),
+                        port: *port,
+                        result: Ok(*addr),
+                    });
                     continue;
                 }
                 if !matches!(protocol.as_str(), "HTTP" | "HBONE") {
                     results.push(ListenerBinding {
                         name: name.clone(),
                         port: *port,
-                        result: Err(format!("protocol {protocol} is not supported yet (HTTP and HBONE are)")),
+                        result: Err(format!(
+                            "protocol {protocol} is not supported yet (HTTP and HBONE are)"
+                        )),
                     });
                     continue;
                 }
@@ -213,7 +252,11 @@ impl DataPlane {
                     Ok(l) => {
                         let addr = l.local_addr().unwrap_or(SocketAddr::new(ip, *port));
                         fresh.push((key, l));
-                        results.push(ListenerBinding { name: name.clone(), port: *port, result: Ok(addr) });
+                        results.push(ListenerBinding {
+                            name: name.clone(),
+                            port: *port,
+                            result: Ok(addr),
+                        });
                     }
                     Err(e) => {
                         if e.kind() == std::io::ErrorKind::AddrInUse && known.is_none() {
@@ -229,18 +272,30 @@ impl DataPlane {
             }
             if conflict {
                 // Another process holds one of these ports here: try the next address.
-                last = Some(GatewayBinding { address: ip, listeners: results });
+                last = Some(GatewayBinding {
+                    address: ip,
+                    listeners: results,
+                });
                 continue;
             }
             let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
             for (key, l) in fresh {
-                let entry = Entry::Gateway { gateway: key.gateway.clone(), listener: key.name.clone() };
+                let entry = Entry::Gateway {
+                    gateway: key.gateway.clone(),
+                    listener: key.name.clone(),
+                };
                 let bound = spawn_accept(self.shared.clone(), l, entry);
                 tracing::info!(gateway = %gateway, listener = %key.name, address = %bound.addr, "listening");
                 listeners.insert(key, bound);
             }
-            self.addresses.lock().unwrap_or_else(|p| p.into_inner()).insert(gateway.clone(), ip);
-            return GatewayBinding { address: ip, listeners: results };
+            self.addresses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(gateway.clone(), ip);
+            return GatewayBinding {
+                address: ip,
+                listeners: results,
+            };
         }
         last.unwrap_or(GatewayBinding {
             address: self.cfg.gateway_address,
@@ -276,7 +331,11 @@ impl DataPlane {
 
     /// True when another gateway of this process already uses `ip`.
     fn address_taken(&self, ip: IpAddr, gateway: &ObjectKey) -> bool {
-        self.addresses.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(g, a)| *a == ip && g != gateway)
+        self.addresses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(g, a)| *a == ip && g != gateway)
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops the workers.
@@ -284,12 +343,19 @@ impl DataPlane {
         if let Some(e) = &self.entry {
             let _ = e.stop.send(true);
         }
-        for bound in self.listeners.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for bound in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             let _ = bound.stop.send(true);
         }
         let _ = self.shared.drain.send(1);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.shared.connections.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        while self.shared.connections.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let _ = self.shared.drain.send(2);
@@ -299,7 +365,9 @@ impl DataPlane {
 }
 
 fn spawn_accept(shared: Arc<Shared>, listener: TcpListener, entry: Entry) -> Bound {
-    let addr = listener.local_addr().expect("a bound listener has an address");
+    let addr = listener
+        .local_addr()
+        .expect("a bound listener has an address");
     let (stop, mut stopped) = watch::channel(false);
     let entry = Arc::new(entry);
     tokio::spawn(async move {
@@ -317,18 +385,31 @@ fn spawn_accept(shared: Arc<Shared>, listener: TcpListener, entry: Entry) -> Bou
                     continue;
                 }
             };
-            let Ok(std_socket) = socket.into_std() else { continue };
-            let conn = ConnInfo { peer, local: addr, id: CONN_IDS.fetch_add(1, Ordering::Relaxed) };
+            let Ok(std_socket) = socket.into_std() else {
+                continue;
+            };
+            let conn = ConnInfo {
+                peer,
+                local: addr,
+                id: CONN_IDS.fetch_add(1, Ordering::Relaxed),
+            };
             let shared2 = shared.clone();
             let entry = entry.clone();
             shared.connections.fetch_add(1, Ordering::AcqRel);
-            shared.workers.dispatch(Box::new(move || Box::pin(serve_connection(shared2, std_socket, conn, entry))));
+            shared.workers.dispatch(Box::new(move || {
+                Box::pin(serve_connection(shared2, std_socket, conn, entry))
+            }));
         }
     });
     Bound { addr, stop }
 }
 
-async fn serve_connection(shared: Arc<Shared>, socket: std::net::TcpStream, conn: ConnInfo, entry: Arc<Entry>) {
+async fn serve_connection(
+    shared: Arc<Shared>,
+    socket: std::net::TcpStream,
+    conn: ConnInfo,
+    entry: Arc<Entry>,
+) {
     struct Done(Arc<Shared>);
     impl Drop for Done {
         fn drop(&mut self) {
@@ -336,7 +417,10 @@ async fn serve_connection(shared: Arc<Shared>, socket: std::net::TcpStream, conn
         }
     }
     let _done = Done(shared.clone());
-    let socket = match socket.set_nonblocking(true).and_then(|_| tokio::net::TcpStream::from_std(socket)) {
+    let socket = match socket
+        .set_nonblocking(true)
+        .and_then(|_| tokio::net::TcpStream::from_std(socket))
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot adopt accepted socket");
@@ -350,12 +434,21 @@ async fn serve_connection(shared: Arc<Shared>, socket: std::net::TcpStream, conn
         let entry = entry.clone();
         async move {
             let rt = shared.config.load_full();
-            Ok::<_, std::convert::Infallible>(handler::handle(req, &entry, conn, rt, &shared.settings).await)
+            Ok::<_, std::convert::Infallible>(
+                handler::handle(req, &entry, conn, rt, &shared.settings).await,
+            )
         }
     });
     let mut builder = auto::Builder::new(LocalExec);
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(30)).max_buf_size(64 << 10);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(64 << 10);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30))
+        .max_buf_size(64 << 10);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 << 10);
     let connection = builder.serve_connection(TokioIo::new(socket), service);
     tokio::pin!(connection);
     let mut drain = shared.drain.subscribe();

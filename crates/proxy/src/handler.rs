@@ -22,7 +22,9 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use waystone_model::snapshot::{GatewayRole, ObjectKey, PluginId, ServiceConfig, ServicePortConfig};
+use waystone_model::snapshot::{
+    GatewayRole, ObjectKey, PluginId, ServiceConfig, ServicePortConfig,
+};
 use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
 
 use crate::chain::{ChainRun, LocalReply, Outcome};
@@ -36,7 +38,10 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 #[derive(Debug, Clone)]
 pub enum Entry {
     /// A gateway or waypoint listener.
-    Gateway { gateway: ObjectKey, listener: String },
+    Gateway {
+        gateway: ObjectKey,
+        listener: String,
+    },
     /// The local mesh entry: ztunnel's stand-in.
     Mesh,
 }
@@ -95,7 +100,12 @@ fn request_authority<B>(req: &Request<B>) -> String {
     req.uri()
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_default()
 }
 
@@ -108,9 +118,9 @@ fn select_target<'a>(
     let snapshot = &rt.snapshot;
     match entry {
         Entry::Gateway { gateway, listener } => {
-            let gw = snapshot
-                .gateway(gateway)
-                .ok_or_else(|| LocalReply::text(503, "gateway_removed", "gateway is being removed\n"))?;
+            let gw = snapshot.gateway(gateway).ok_or_else(|| {
+                LocalReply::text(503, "gateway_removed", "gateway is being removed\n")
+            })?;
             if let GatewayRole::Waypoint { .. } = gw.role {
                 return waypoint_target(rt, gateway, authority);
             }
@@ -118,24 +128,43 @@ fn select_target<'a>(
                 .listeners
                 .iter()
                 .find(|l| &l.name == listener)
-                .ok_or_else(|| LocalReply::text(503, "listener_removed", "listener is being removed\n"))?;
-            let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                .ok_or_else(|| {
+                    LocalReply::text(503, "listener_removed", "listener is being removed\n")
+                })?;
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
             let (host, _) = routing::split_authority(authority);
-            let view = RequestView { method: req.method().as_str(), path, host, headers: req.headers() };
+            let view = RequestView {
+                method: req.method().as_str(),
+                path,
+                host,
+                headers: req.headers(),
+            };
             let route = routing::match_route(l, &view)
                 .ok_or_else(|| LocalReply::text(404, "route_not_found", "no route matched\n"))?;
             let backend = routing::pick_backend(&route.backends, &PICKS)
                 .ok_or_else(|| LocalReply::text(500, "no_backend", "route has no backend\n"))?;
             let service = snapshot.service(&backend.service).ok_or_else(|| {
-                LocalReply::text(500, "backend_not_found", format!("backend service {} not found\n", backend.service))
-            })?;
-            let port = service.ports.iter().find(|p| p.port == backend.port).ok_or_else(|| {
                 LocalReply::text(
                     500,
-                    "backend_port_not_found",
-                    format!("service {} has no port {}\n", backend.service, backend.port),
+                    "backend_not_found",
+                    format!("backend service {} not found\n", backend.service),
                 )
             })?;
+            let port = service
+                .ports
+                .iter()
+                .find(|p| p.port == backend.port)
+                .ok_or_else(|| {
+                    LocalReply::text(
+                        500,
+                        "backend_port_not_found",
+                        format!("service {} has no port {}\n", backend.service, backend.port),
+                    )
+                })?;
             Ok(Target {
                 service,
                 port,
@@ -144,37 +173,71 @@ fn select_target<'a>(
             })
         }
         Entry::Mesh => {
-            let (service, port) = routing::resolve_service(snapshot, authority, &rt.default_namespace)
-                .ok_or_else(|| unknown_destination(authority))?;
+            let (service, port) =
+                routing::resolve_service(snapshot, authority, &rt.default_namespace)
+                    .ok_or_else(|| unknown_destination(authority))?;
             match &service.waypoint {
-                Some(waypoint) if snapshot.gateway(waypoint).is_some() => waypoint_target(rt, waypoint, authority),
-                _ => Ok(Target { service, port, chain: &[], route_name: String::new() }),
+                Some(waypoint) if snapshot.gateway(waypoint).is_some() => {
+                    waypoint_target(rt, waypoint, authority)
+                }
+                _ => Ok(Target {
+                    service,
+                    port,
+                    chain: &[],
+                    route_name: String::new(),
+                }),
             }
         }
     }
 }
 
 /// A waypoint serves a service that uses it, running that service's chain for the port.
-fn waypoint_target<'a>(rt: &'a RuntimeConfig, waypoint: &ObjectKey, authority: &str) -> Result<Target<'a>, LocalReply> {
+fn waypoint_target<'a>(
+    rt: &'a RuntimeConfig,
+    waypoint: &ObjectKey,
+    authority: &str,
+) -> Result<Target<'a>, LocalReply> {
     let snapshot = &rt.snapshot;
     let (service, port) = routing::resolve_service(snapshot, authority, &rt.default_namespace)
         .ok_or_else(|| unknown_destination(authority))?;
-    let gw = snapshot
-        .gateway(waypoint)
-        .ok_or_else(|| LocalReply::text(503, "waypoint_not_found", format!("waypoint {waypoint} not found\n")))?;
-    let served = gw.waypoint_services.iter().find(|s| s.service == service.key).ok_or_else(|| {
+    let gw = snapshot.gateway(waypoint).ok_or_else(|| {
         LocalReply::text(
-            404,
-            "service_not_on_waypoint",
-            format!("service {} does not use waypoint {waypoint}\n", service.key),
+            503,
+            "waypoint_not_found",
+            format!("waypoint {waypoint} not found\n"),
         )
     })?;
-    let chain = served.ports.iter().find(|p| p.port == port.port).map(|p| p.chain.as_slice()).unwrap_or(&[]);
-    Ok(Target { service, port, chain, route_name: String::new() })
+    let served = gw
+        .waypoint_services
+        .iter()
+        .find(|s| s.service == service.key)
+        .ok_or_else(|| {
+            LocalReply::text(
+                404,
+                "service_not_on_waypoint",
+                format!("service {} does not use waypoint {waypoint}\n", service.key),
+            )
+        })?;
+    let chain = served
+        .ports
+        .iter()
+        .find(|p| p.port == port.port)
+        .map(|p| p.chain.as_slice())
+        .unwrap_or(&[]);
+    Ok(Target {
+        service,
+        port,
+        chain,
+        route_name: String::new(),
+    })
 }
 
 fn unknown_destination(authority: &str) -> LocalReply {
-    LocalReply::text(404, "unknown_destination", format!("no service matches {authority:?}\n"))
+    LocalReply::text(
+        404,
+        "unknown_destination",
+        format!("no service matches {authority:?}\n"),
+    )
 }
 
 async fn proxy(
@@ -187,14 +250,28 @@ async fn proxy(
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     ensure_request_id(&mut parts.headers);
-    let cluster_name = format!("outbound|{}||{}.{}.svc.cluster.local", target.port.port, target.service.key.name, target.service.key.namespace);
+    let cluster_name = format!(
+        "outbound|{}||{}.{}.svc.cluster.local",
+        target.port.port, target.service.key.name, target.service.key.namespace
+    );
 
     if target.chain.is_empty() {
         // No plugins: stream straight through, no conversions.
         let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
             return reply_response(no_endpoint(target.service));
         };
-        let upstream = build_upstream(parts.method, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"), &authority, parts.headers, endpoint, body.map_err(BoxError::from).boxed());
+        let upstream = build_upstream(
+            parts.method,
+            parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+            &authority,
+            parts.headers,
+            endpoint,
+            body.map_err(BoxError::from).boxed(),
+        );
         return match forward(upstream).await {
             Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
             Err(reply) => reply_response(reply),
@@ -207,7 +284,11 @@ async fn proxy(
         source: Some(conn.peer),
         destination: Some(conn.local),
         connection_id: conn.id,
-        request_id: parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string),
+        request_id: parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
         protocol: protocol_name(parts.version).to_string(),
         start_time: Some(std::time::SystemTime::now()),
         route_name: target.route_name.clone(),
@@ -222,7 +303,10 @@ async fn proxy(
     }
 
     let upstream_body: Body = if run.wants_request_body() && !request_eos {
-        match Limited::new(body, settings.max_buffered_body).collect().await {
+        match Limited::new(body, settings.max_buffered_body)
+            .collect()
+            .await
+        {
             Ok(collected) => {
                 run.stream.request_body = collected.to_bytes().to_vec();
                 if let Outcome::Respond(reply) = run.request_body() {
@@ -231,10 +315,17 @@ async fn proxy(
                 full(std::mem::take(&mut run.stream.request_body))
             }
             Err(err) => {
-                let reply = if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                let reply = if err
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
                     LocalReply::text(413, "request_payload_too_large", "request body too large\n")
                 } else {
-                    LocalReply::text(400, "downstream_body_error", "could not read the request body\n")
+                    LocalReply::text(
+                        400,
+                        "downstream_body_error",
+                        "could not read the request body\n",
+                    )
                 };
                 return local_reply_through_chain(run, reply);
             }
@@ -261,7 +352,10 @@ async fn proxy(
     run.stream.response_headers = response_to_wasm(rparts.status, &rparts.headers);
     let response_eos = rbody.is_end_stream();
     let final_body: Body = if run.wants_response_body() && !response_eos {
-        match Limited::new(rbody, settings.max_buffered_body).collect().await {
+        match Limited::new(rbody, settings.max_buffered_body)
+            .collect()
+            .await
+        {
             Ok(collected) => {
                 run.stream.response_body = collected.to_bytes().to_vec();
                 if let Outcome::Respond(reply) = run.response_headers(false) {
@@ -276,7 +370,11 @@ async fn proxy(
             }
             Err(_) => {
                 run.finish();
-                return reply_response(LocalReply::text(502, "upstream_body_error", "upstream response body failed\n"));
+                return reply_response(LocalReply::text(
+                    502,
+                    "upstream_body_error",
+                    "upstream response body failed\n",
+                ));
             }
         }
     } else {
@@ -300,7 +398,7 @@ fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<B
     let mut headers = WasmHeaders::default();
     headers.add(":status", reply.status.to_string().as_bytes());
     for (k, v) in &reply.headers {
-        headers.add(&k.to_ascii_lowercase(), v);
+        headers.add(&k.to_ascii_lowercase(), v.clone());
     }
     headers.add("content-length", reply.body.len().to_string().as_bytes());
     run.stream.response_headers = headers;
@@ -314,17 +412,28 @@ fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<B
 }
 
 fn no_endpoint(service: &ServiceConfig) -> LocalReply {
-    LocalReply::text(503, "no_healthy_upstream", format!("no healthy upstream for {}\n", service.key))
+    LocalReply::text(
+        503,
+        "no_healthy_upstream",
+        format!("no healthy upstream for {}\n", service.key),
+    )
 }
 
 fn full(bytes: Vec<u8>) -> Body {
-    Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed()
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn reply_response(reply: LocalReply) -> Response<Body> {
-    let mut builder = Response::builder().status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    tracing::debug!(status = reply.status, details = %reply.details, "local reply");
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
     for (k, v) in &reply.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
             builder = builder.header(name, value);
         }
     }
@@ -350,27 +459,52 @@ fn ensure_request_id(headers: &mut http::HeaderMap) {
     }
     let n = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let r: u64 = rand::random();
-    let id = format!("{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}", (r >> 32) as u32, (r >> 16) as u16, r & 0xfff, (n >> 48) & 0xfff, n & 0xffff_ffff_ffff);
+    let id = format!(
+        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+        (r >> 32) as u32,
+        (r >> 16) as u16,
+        r & 0xfff,
+        (n >> 48) & 0xfff,
+        n & 0xffff_ffff_ffff
+    );
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert("x-request-id", v);
     }
 }
 
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
 
 fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders {
     let mut h = WasmHeaders::default();
     h.add(":authority", authority.as_bytes());
-    h.add(":path", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").as_bytes());
+    h.add(
+        ":path",
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .as_bytes(),
+    );
     h.add(":method", parts.method.as_str().as_bytes());
-    h.add(":scheme", parts.uri.scheme_str().unwrap_or("http").as_bytes());
+    h.add(
+        ":scheme",
+        parts.uri.scheme_str().unwrap_or("http").as_bytes(),
+    );
     for (name, value) in &parts.headers {
         // Envoy folds Host into :authority; plugins never see a `host` entry.
         if name == http::header::HOST || HOP_BY_HOP.contains(&name.as_str()) {
             continue;
         }
-        h.add(name.as_str(), value.as_bytes());
+        h.add(name.as_str(), value.as_bytes().to_vec());
     }
     h
 }
@@ -378,20 +512,42 @@ fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders
 type RequestHead = (http::Method, String, String, http::HeaderMap);
 
 fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
-    let bad = |what: &str| LocalReply::text(500, "wasm_bad_headers", format!("plugin left an invalid {what}\n"));
-    let method = h.get(":method").and_then(|m| http::Method::from_bytes(m).ok()).ok_or_else(|| bad(":method"))?;
-    let path = h.get(":path").and_then(|p| std::str::from_utf8(p).ok()).ok_or_else(|| bad(":path"))?.to_string();
-    let authority = h.get(":authority").and_then(|a| std::str::from_utf8(a).ok()).unwrap_or("").to_string();
+    let bad = |what: &str| {
+        LocalReply::text(
+            500,
+            "wasm_bad_headers",
+            format!("plugin left an invalid {what}\n"),
+        )
+    };
+    let method = h
+        .get(":method")
+        .and_then(|m| http::Method::from_bytes(m).ok())
+        .ok_or_else(|| bad(":method"))?;
+    let path = h
+        .get(":path")
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .ok_or_else(|| bad(":path"))?
+        .to_string();
+    let authority = h
+        .get(":authority")
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .unwrap_or("")
+        .to_string();
     let mut headers = http::HeaderMap::new();
     for (k, v) in h.iter() {
         if k.starts_with(':') {
             continue;
         }
-        match (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+        match (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
-            _ => tracing::warn!(header = %k, "dropping a header a plugin set with an invalid name or value"),
+            _ => {
+                tracing::warn!(header = %k, "dropping a header a plugin set with an invalid name or value")
+            }
         }
     }
     Ok((method, path, authority, headers))
@@ -399,12 +555,12 @@ fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
 
 fn response_to_wasm(status: StatusCode, headers: &http::HeaderMap) -> WasmHeaders {
     let mut h = WasmHeaders::default();
-    h.add(":status", status.as_str().as_bytes());
+    h.add(":status", status.as_str());
     for (name, value) in headers {
         if HOP_BY_HOP.contains(&name.as_str()) {
             continue;
         }
-        h.add(name.as_str(), value.as_bytes());
+        h.add(name.as_str(), value.as_bytes().to_vec());
     }
     h
 }
@@ -422,7 +578,10 @@ fn wasm_to_response(h: &WasmHeaders, body: Body) -> Response<Body> {
         if k.starts_with(':') {
             continue;
         }
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
             response.headers_mut().append(name, value);
         }
     }
@@ -445,7 +604,9 @@ fn build_upstream(
     {
         headers.insert(http::header::HOST, v);
     }
-    headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
+    headers
+        .entry("x-forwarded-proto")
+        .or_insert(HeaderValue::from_static("http"));
     let uri = format!("http://{endpoint}{path}");
     let mut req = Request::new(body);
     *req.method_mut() = method;
@@ -458,6 +619,10 @@ async fn forward(req: Request<Body>) -> Result<Response<Incoming>, LocalReply> {
     let fut = CLIENT.with(|c| c.request(req));
     fut.await.map_err(|err| {
         tracing::debug!(error = %err, "upstream request failed");
-        LocalReply::text(503, "upstream_connect_error", format!("upstream connect error: {err}\n"))
+        LocalReply::text(
+            503,
+            "upstream_connect_error",
+            format!("upstream connect error: {err}\n"),
+        )
     })
 }

@@ -23,7 +23,9 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
     if let Some(rest) = authority.strip_prefix('[') {
         if let Some(end) = rest.find(']') {
             let host = &rest[..end];
-            let port = rest[end + 1..].strip_prefix(':').and_then(|p| p.parse().ok());
+            let port = rest[end + 1..]
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok());
             return (host, port);
         }
         return (authority, None);
@@ -39,8 +41,14 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
 
 /// Finds the first route of `listener` matching the request (routes are in
 /// Gateway API precedence order already).
-pub fn match_route<'a>(listener: &'a ListenerConfig, req: &RequestView<'_>) -> Option<&'a RouteConfig> {
-    listener.routes.iter().find(|r| host_matches(&r.hostnames, req.host) && matches_any(&r.matches, req))
+pub fn match_route<'a>(
+    listener: &'a ListenerConfig,
+    req: &RequestView<'_>,
+) -> Option<&'a RouteConfig> {
+    listener
+        .routes
+        .iter()
+        .find(|r| host_matches(&r.hostnames, req.host) && matches_any(&r.matches, req))
 }
 
 fn host_matches(hostnames: &[String], host: &str) -> bool {
@@ -86,8 +94,12 @@ fn route_match(m: &RouteMatch, req: &RequestView<'_>) -> bool {
         return false;
     }
     for hm in &m.headers {
-        let values: Vec<&str> =
-            req.headers.get_all(hm.name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
+        let values: Vec<&str> = req
+            .headers
+            .get_all(hm.name.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if !values.iter().any(|v| value_matches(hm, v)) {
             return false;
         }
@@ -106,11 +118,17 @@ fn route_match(m: &RouteMatch, req: &RequestView<'_>) -> bool {
 }
 
 fn value_matches(m: &HeaderMatch, value: &str) -> bool {
-    if m.regex { full_regex(&m.value, value) } else { m.value == value }
+    if m.regex {
+        full_regex(&m.value, value)
+    } else {
+        m.value == value
+    }
 }
 
 fn full_regex(pattern: &str, value: &str) -> bool {
-    regex::Regex::new(&format!("^(?:{pattern})$")).map(|r| r.is_match(value)).unwrap_or(false)
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map(|r| r.is_match(value))
+        .unwrap_or(false)
 }
 
 /// Gateway API `PathPrefix`: element-wise prefix (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`).
@@ -159,7 +177,10 @@ pub fn resolve_service<'a>(
     let (host, port) = split_authority(authority);
     let host = host.trim_end_matches('.');
     let service = if host.parse::<std::net::IpAddr>().is_ok() {
-        snapshot.services.iter().find(|s| s.cluster_ip.as_deref() == Some(host))?
+        snapshot
+            .services
+            .iter()
+            .find(|s| s.cluster_ip.as_deref() == Some(host))?
     } else {
         let mut parts = host.splitn(3, '.');
         let name = parts.next()?;
@@ -175,7 +196,11 @@ pub fn resolve_service<'a>(
     let port = match port {
         Some(p) => service.ports.iter().find(|sp| sp.port == p)?,
         // No port: 80 when the service has it, else its only (first) port.
-        None => service.ports.iter().find(|sp| sp.port == 80).or_else(|| service.ports.first())?,
+        None => service
+            .ports
+            .iter()
+            .find(|sp| sp.port == 80)
+            .or_else(|| service.ports.first())?,
     };
     Some((service, port))
 }
@@ -234,13 +259,20 @@ mod tests {
             assert_eq!(port.port, 9080);
         }
         assert_eq!(
-            resolve_service(&s, "productpage.other:9080", "default").unwrap().0.key.namespace,
+            resolve_service(&s, "productpage.other:9080", "default")
+                .unwrap()
+                .0
+                .key
+                .namespace,
             "other"
         );
         assert!(resolve_service(&s, "productpage:1234", "default").is_none());
         assert!(resolve_service(&s, "nothing:9080", "default").is_none());
         assert!(resolve_service(&s, "productpage.default.example.com", "default").is_none());
-        assert_eq!(resolve_service(&s, "reviews", "default").unwrap().1.port, 80);
+        assert_eq!(
+            resolve_service(&s, "reviews", "default").unwrap().1.port,
+            80
+        );
     }
 
     #[test]
@@ -286,31 +318,54 @@ mod tests {
     fn route_matching_uses_path_method_headers_query_and_host() {
         let m = RouteMatch {
             path: Some(PathMatch::Exact("/productpage".into())),
-            headers: vec![HeaderMatch { name: "x-v".into(), value: "1".into(), regex: false }],
-            query_params: vec![HeaderMatch { name: "u".into(), value: "a.*".into(), regex: true }],
+            headers: vec![HeaderMatch {
+                name: "x-v".into(),
+                value: "1".into(),
+                regex: false,
+            }],
+            query_params: vec![HeaderMatch {
+                name: "u".into(),
+                value: "a.*".into(),
+                regex: true,
+            }],
             method: Some("GET".into()),
         };
         let l = listener(vec![route(&["*.example.com"], vec![m])]);
         let mut h = http::HeaderMap::new();
         h.insert("x-v", "1".parse().unwrap());
-        let req = |method, path, host| RequestView { method, path, host, headers: &h };
+        let req = |method, path, host| RequestView {
+            method,
+            path,
+            host,
+            headers: &h,
+        };
         assert!(match_route(&l, &req("GET", "/productpage?u=abc", "www.example.com")).is_some());
         assert!(match_route(&l, &req("POST", "/productpage?u=abc", "www.example.com")).is_none());
         assert!(match_route(&l, &req("GET", "/productpage?u=b", "www.example.com")).is_none());
         assert!(match_route(&l, &req("GET", "/productpage?u=abc", "example.com")).is_none());
         assert!(match_route(&l, &req("GET", "/productpage/x?u=abc", "www.example.com")).is_none());
         let empty = http::HeaderMap::new();
-        let r = RequestView { method: "GET", path: "/productpage?u=a", host: "a.example.com", headers: &empty };
+        let r = RequestView {
+            method: "GET",
+            path: "/productpage?u=a",
+            host: "a.example.com",
+            headers: &empty,
+        };
         assert!(match_route(&l, &r).is_none());
     }
 
     #[test]
     fn weighted_backends_follow_weights() {
-        let b = |n: &str, w| Backend { service: ObjectKey::new("d", n), port: 1, weight: w };
+        let b = |n: &str, w| Backend {
+            service: ObjectKey::new("d", n),
+            port: 1,
+            weight: w,
+        };
         let backends = vec![b("a", 1), b("b", 3), b("c", 0)];
         let c = AtomicUsize::new(0);
-        let picks: Vec<_> =
-            (0..8).map(|_| pick_backend(&backends, &c).unwrap().service.name.clone()).collect();
+        let picks: Vec<_> = (0..8)
+            .map(|_| pick_backend(&backends, &c).unwrap().service.name.clone())
+            .collect();
         assert_eq!(picks.iter().filter(|n| *n == "a").count(), 2);
         assert_eq!(picks.iter().filter(|n| *n == "b").count(), 6);
         assert!(pick_backend(&[b("z", 0)], &c).is_none());

@@ -37,7 +37,10 @@ pub enum PluginSlot {
     Ready(Arc<LoadedPlugin>),
     /// The module could not be fetched, compiled or configured. FAIL_OPEN
     /// plugins are skipped; any other strategy denies the chain's requests.
-    Failed { fail_strategy: FailStrategy, reason: String },
+    Failed {
+        fail_strategy: FailStrategy,
+        reason: String,
+    },
 }
 
 /// One consistent configuration: swapped atomically, read per request.

@@ -29,19 +29,23 @@ impl Workers {
         let mut threads = Vec::new();
         for i in 0..count {
             let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let handle = std::thread::Builder::new().name(format!("waystone-worker-{i}")).spawn(move || {
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&rt, async move {
-                    while let Some(job) = rx.recv().await {
-                        tokio::task::spawn_local(job());
-                    }
-                });
-                // The channel closed: let in-flight connections finish (the
-                // caller bounds the drain by closing them).
-                rt.block_on(local);
-                INSTANCES.with(|c| c.borrow_mut().clear());
-            })?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = std::thread::Builder::new()
+                .name(format!("waystone-worker-{i}"))
+                .spawn(move || {
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&rt, async move {
+                        while let Some(job) = rx.recv().await {
+                            tokio::task::spawn_local(job());
+                        }
+                    });
+                    // The channel closed: let in-flight connections finish (the
+                    // caller bounds the drain by closing them).
+                    rt.block_on(local);
+                    INSTANCES.with(|c| c.borrow_mut().clear());
+                })?;
             senders.push(tx);
             threads.push(handle);
         }
@@ -73,15 +77,14 @@ impl Workers {
 
     /// Stops taking jobs and waits until every worker's connections are done.
     pub fn stop(&self) {
-        self.senders.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.senders
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
         }
-    }
-
-    pub fn count(&self) -> usize {
-        self.count
     }
 }
 
@@ -97,7 +100,10 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostEr
     if let Some(i) = INSTANCES.with(|c| c.borrow().get(&plugin.revision).cloned()) {
         return Ok(i);
     }
-    let instance = Rc::new(RefCell::new(PluginInstance::start(&plugin.module, plugin.spec.clone())?));
+    let instance = Rc::new(RefCell::new(PluginInstance::start(
+        &plugin.module,
+        plugin.spec.clone(),
+    )?));
     INSTANCES.with(|c| c.borrow_mut().insert(plugin.revision, instance.clone()));
     Ok(instance)
 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Config, Engine, ExternType, FuncType, InstancePre, Linker, Module, OptLevel, ValType};
+use wasmtime::{
+    Config, Engine, ExternType, FuncType, InstancePre, Linker, Module, OptLevel, ValType,
+};
 
 use crate::error::HostError;
 use crate::hostcalls;
@@ -116,9 +118,8 @@ impl WasmEngine {
 
     /// Current values of every metric plugins defined with `proxy_define_metric`, sorted by
     /// name. Names are as the plugin gave them (no `wasmcustom.` prefix).
-    pub fn metrics_snapshot(&self) -> Vec<crate::shared::MetricSample> {
-        let snapshot: Vec<MetricSample> = self.inner.shared.metrics_snapshot();
-        snapshot
+    pub fn metrics_snapshot(&self) -> Vec<MetricSample> {
+        self.inner.shared.metrics_snapshot()
     }
 
     /// Validates the module, checks it exports a known ABI version and the required exports,
@@ -130,15 +131,15 @@ impl WasmEngine {
         let abi = detect_abi(&module)?;
         check_exports(&module)?;
         self.check_imports(&module)?;
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| HostError::ImportMismatch {
-                module: String::new(),
-                name: String::new(),
-                reason: format!("{e:#}"),
-            })?;
+        let pre =
+            self.inner
+                .linker
+                .instantiate_pre(&module)
+                .map_err(|e| HostError::ImportMismatch {
+                    module: String::new(),
+                    name: String::new(),
+                    reason: format!("{e:#}"),
+                })?;
         let exports = module.exports().map(|e| e.name().to_owned()).collect();
         Ok(CompiledModule {
             inner: Arc::new(CompiledInner {
@@ -174,20 +175,22 @@ impl WasmEngine {
         }
         // A known name with the wrong type: say which import, wasmtime's message says how.
         for import in module.imports() {
-            if let ExternType::Func(ty) = import.ty() {
-                if let Some(expected) = self.host_func_type(import.module(), import.name()) {
-                    if !ty.matches(&expected) {
-                        return Err(HostError::ImportMismatch {
-                            module: import.module().to_owned(),
-                            name: import.name().to_owned(),
-                            reason: format!(
-                                "the module expects {}, the host provides {}",
-                                describe_func(&ty),
-                                describe_func(&expected)
-                            ),
-                        });
-                    }
-                }
+            let ExternType::Func(ty) = import.ty() else {
+                continue;
+            };
+            let Some(expected) = self.host_func_type(import.module(), import.name()) else {
+                continue;
+            };
+            if !ty.matches(&expected) {
+                return Err(HostError::ImportMismatch {
+                    module: import.module().to_owned(),
+                    name: import.name().to_owned(),
+                    reason: format!(
+                        "the module expects {}, the host provides {}",
+                        describe_func(&ty),
+                        describe_func(&expected)
+                    ),
+                });
             }
         }
         Ok(())
@@ -199,7 +202,7 @@ impl WasmEngine {
         let spec = Arc::new(crate::types::PluginSpec::default());
         let state = HostState::new(spec, self.inner.shared.clone(), 0);
         let mut store = wasmtime::Store::new(&self.inner.engine, state);
-        match self.inner.linker.get(&mut store, module, name)? {
+        match self.inner.linker.get(&mut store, module, name).ok()? {
             wasmtime::Extern::Func(f) => Some(f.ty(&store)),
             _ => None,
         }
@@ -295,7 +298,9 @@ fn check_exports(module: &Module) -> Result<(), HostError> {
             });
         }
     }
-    if module.get_export("proxy_on_memory_allocate").is_none() && module.get_export("malloc").is_none() {
+    if module.get_export("proxy_on_memory_allocate").is_none()
+        && module.get_export("malloc").is_none()
+    {
         return Err(HostError::MissingExport {
             export: "proxy_on_memory_allocate".into(),
             why: "the host copies headers, bodies and properties into memory the guest allocates (malloc is accepted too)",

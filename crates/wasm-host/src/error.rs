@@ -21,7 +21,9 @@ pub enum HostError {
     UnknownAbi { exports: Vec<String> },
 
     /// The module announces an ABI version this host recognises but does not run yet.
-    #[error("the module uses Proxy-Wasm ABI {version} ({export}), which this host does not support yet; rebuild it with an SDK targeting ABI 0.2.x")]
+    #[error(
+        "the module uses Proxy-Wasm ABI {version} ({export}), which this host does not support yet; rebuild it with an SDK targeting ABI 0.2.x"
+    )]
     UnsupportedAbi {
         version: &'static str,
         export: &'static str,
@@ -32,7 +34,9 @@ pub enum HostError {
     MissingExport { export: String, why: &'static str },
 
     /// A known callback is exported with a signature the ABI does not define.
-    #[error("the module exports `{export}` with type {found}, but the Proxy-Wasm ABI defines {expected}")]
+    #[error(
+        "the module exports `{export}` with type {found}, but the Proxy-Wasm ABI defines {expected}"
+    )]
     ExportSignature {
         export: String,
         found: String,
@@ -51,16 +55,24 @@ pub enum HostError {
         reason: String,
     },
 
+    /// Linking failed for a reason the import checks did not foresee.
+    #[error("cannot link the module's imports: {reason}")]
+    Link { reason: String },
+
     /// Creating the instance (or running its start function) failed.
     #[error("plugin {plugin}: cannot instantiate the module: {reason}")]
     Instantiate { plugin: String, reason: String },
 
     /// `proxy_on_vm_start` returned false.
-    #[error("plugin {plugin}: proxy_on_vm_start returned false (the VM configuration was rejected)")]
+    #[error(
+        "plugin {plugin}: proxy_on_vm_start returned false (the VM configuration was rejected)"
+    )]
     VmStartRejected { plugin: String },
 
     /// `proxy_on_configure` returned false.
-    #[error("plugin {plugin}: proxy_on_configure returned false (the plugin configuration was rejected)")]
+    #[error(
+        "plugin {plugin}: proxy_on_configure returned false (the plugin configuration was rejected)"
+    )]
     ConfigureRejected { plugin: String },
 
     /// The guest trapped (panic, unreachable, proc_exit, out-of-bounds access...).
@@ -80,7 +92,9 @@ pub enum HostError {
     },
 
     /// The guest tried to grow its memory beyond the per-instance cap.
-    #[error("plugin {plugin}: {callback} tried to grow memory beyond the limit of {limit_bytes} bytes")]
+    #[error(
+        "plugin {plugin}: {callback} tried to grow memory beyond the limit of {limit_bytes} bytes"
+    )]
     MemoryLimit {
         plugin: String,
         callback: &'static str,
@@ -88,7 +102,9 @@ pub enum HostError {
     },
 
     /// An earlier fault left the instance unusable; it must be dropped and replaced.
-    #[error("plugin {plugin}: the instance was poisoned by an earlier fault and must be replaced; refusing {callback}")]
+    #[error(
+        "plugin {plugin}: the instance was poisoned by an earlier fault and must be replaced; refusing {callback}"
+    )]
     Poisoned {
         plugin: String,
         callback: &'static str,

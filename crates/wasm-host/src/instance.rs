@@ -57,23 +57,18 @@ impl PluginInstance {
         let mut store = Store::new(&engine.engine, state);
         store.limiter(|s| &mut s.limiter);
         // Rounded up, plus one tick because the current tick may be about to end.
-        let deadline_ticks = cfg.call_deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+        let deadline_ticks =
+            cfg.call_deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
         store.set_epoch_deadline(deadline_ticks);
 
         let instance = match module.inner.pre.instantiate(&mut store) {
             Ok(i) => i,
             Err(e) => {
-                return Err(classify(
-                    &spec,
-                    &store,
-                    "instantiate",
-                    cfg.call_deadline,
-                    e,
-                )
-                .unwrap_or_else(|reason| HostError::Instantiate {
-                    plugin: spec.name.clone(),
-                    reason,
-                }));
+                return Err(classify(&spec, &store, "instantiate", cfg.call_deadline, e)
+                    .unwrap_or_else(|reason| HostError::Instantiate {
+                        plugin: spec.name.clone(),
+                        reason,
+                    }));
             }
         };
         let instantiate_err = |what: &str, e: wasmtime::Error| HostError::Instantiate {
@@ -81,12 +76,13 @@ impl PluginInstance {
             reason: format!("{what}: {e:#}"),
         };
         let memory = instance.get_memory(&mut store, "memory");
-        let allocator = match instance.get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate") {
-            Ok(f) => f,
-            Err(_) => instance
-                .get_typed_func::<i32, i32>(&mut store, "malloc")
-                .map_err(|e| instantiate_err("malloc", e))?,
-        };
+        let allocator =
+            match instance.get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate") {
+                Ok(f) => f,
+                Err(_) => instance
+                    .get_typed_func::<i32, i32>(&mut store, "malloc")
+                    .map_err(|e| instantiate_err("malloc", e))?,
+            };
         store.data_mut().memory = memory;
         store.data_mut().allocator = Some(allocator);
 
@@ -133,16 +129,22 @@ impl PluginInstance {
             match this.call_raw(f, (), None) {
                 Ok(()) => {}
                 // A WASI command returning from main may exit with 0: that is a normal end.
-                Err(e) if matches!(e.downcast_ref::<GuestExit>(), Some(GuestExit::ProcExit(0))) => {}
+                Err(e) if matches!(e.downcast_ref::<GuestExit>(), Some(GuestExit::ProcExit(0))) => {
+                }
                 Err(e) => return Err(this.fault("_start", e)),
             }
         }
 
         this.store.data_mut().contexts.insert(ROOT_CONTEXT);
-        let create = this.callbacks.context_create;
-        this.call("proxy_on_context_create", create, (ROOT_CONTEXT as i32, 0), None)?;
+        let create = this.callbacks.context_create.clone();
+        this.call(
+            "proxy_on_context_create",
+            create,
+            (ROOT_CONTEXT as i32, 0),
+            None,
+        )?;
 
-        if let Some(f) = this.callbacks.on_vm_start {
+        if let Some(f) = this.callbacks.on_vm_start.clone() {
             let size = spec.vm_configuration.len() as i32;
             if this.call("proxy_on_vm_start", f, (ROOT_CONTEXT as i32, size), None)? == 0 {
                 return Err(HostError::VmStartRejected {
@@ -150,7 +152,7 @@ impl PluginInstance {
                 });
             }
         }
-        if let Some(f) = this.callbacks.on_configure {
+        if let Some(f) = this.callbacks.on_configure.clone() {
             let size = spec.plugin_configuration.len() as i32;
             if this.call("proxy_on_configure", f, (ROOT_CONTEXT as i32, size), None)? == 0 {
                 return Err(HostError::ConfigureRejected {
@@ -166,7 +168,7 @@ impl PluginInstance {
         let id = self.next_context;
         // Ids are never reused while the instance lives; wrapping past u32 skips 0 and root.
         self.next_context = self.next_context.checked_add(1).unwrap_or(ROOT_CONTEXT + 1);
-        let create = self.callbacks.context_create;
+        let create = self.callbacks.context_create.clone();
         self.store.data_mut().contexts.insert(id);
         if let Err(e) = self.call(
             "proxy_on_context_create",
@@ -187,8 +189,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.request_headers.len() as i32;
-        let f = self.callbacks.on_request_headers;
-        self.http_callback("proxy_on_request_headers", f, ctx, n, Some(end_of_stream), stream)
+        let f = self.callbacks.on_request_headers.clone();
+        self.http_callback(
+            "proxy_on_request_headers",
+            f,
+            ctx,
+            n,
+            Some(end_of_stream),
+            stream,
+        )
     }
 
     pub fn on_request_body(
@@ -198,8 +207,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.request_body.len() as i32;
-        let f = self.callbacks.on_request_body;
-        self.http_callback("proxy_on_request_body", f, ctx, n, Some(end_of_stream), stream)
+        let f = self.callbacks.on_request_body.clone();
+        self.http_callback(
+            "proxy_on_request_body",
+            f,
+            ctx,
+            n,
+            Some(end_of_stream),
+            stream,
+        )
     }
 
     pub fn on_request_trailers(
@@ -208,7 +224,7 @@ impl PluginInstance {
         stream: &mut HttpStream,
     ) -> Result<Action, HostError> {
         let n = stream.request_trailers.len() as i32;
-        let f = self.callbacks.on_request_trailers;
+        let f = self.callbacks.on_request_trailers.clone();
         self.http_callback2("proxy_on_request_trailers", f, ctx, n, stream)
     }
 
@@ -219,8 +235,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.response_headers.len() as i32;
-        let f = self.callbacks.on_response_headers;
-        self.http_callback("proxy_on_response_headers", f, ctx, n, Some(end_of_stream), stream)
+        let f = self.callbacks.on_response_headers.clone();
+        self.http_callback(
+            "proxy_on_response_headers",
+            f,
+            ctx,
+            n,
+            Some(end_of_stream),
+            stream,
+        )
     }
 
     pub fn on_response_body(
@@ -230,8 +253,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.response_body.len() as i32;
-        let f = self.callbacks.on_response_body;
-        self.http_callback("proxy_on_response_body", f, ctx, n, Some(end_of_stream), stream)
+        let f = self.callbacks.on_response_body.clone();
+        self.http_callback(
+            "proxy_on_response_body",
+            f,
+            ctx,
+            n,
+            Some(end_of_stream),
+            stream,
+        )
     }
 
     pub fn on_response_trailers(
@@ -240,13 +270,17 @@ impl PluginInstance {
         stream: &mut HttpStream,
     ) -> Result<Action, HostError> {
         let n = stream.response_trailers.len() as i32;
-        let f = self.callbacks.on_response_trailers;
+        let f = self.callbacks.on_response_trailers.clone();
         self.http_callback2("proxy_on_response_trailers", f, ctx, n, stream)
     }
 
     /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`, in that order. The context is
     /// forgotten even if one of them fails.
-    pub fn finish_http_context(&mut self, ctx: u32, stream: &mut HttpStream) -> Result<(), HostError> {
+    pub fn finish_http_context(
+        &mut self,
+        ctx: u32,
+        stream: &mut HttpStream,
+    ) -> Result<(), HostError> {
         self.check_context("proxy_on_done", ctx)?;
         let result = self.finish_inner(ctx, stream);
         self.store.data_mut().contexts.remove(&ctx);
@@ -257,13 +291,13 @@ impl PluginInstance {
         let c = ctx as i32;
         // For HTTP contexts the answer of on_done (whether the context may be deleted now) is
         // not waited for: the stream is over.
-        if let Some(f) = self.callbacks.on_done {
+        if let Some(f) = self.callbacks.on_done.clone() {
             self.call("proxy_on_done", f, c, Some(stream))?;
         }
-        if let Some(f) = self.callbacks.on_log {
+        if let Some(f) = self.callbacks.on_log.clone() {
             self.call("proxy_on_log", f, c, Some(stream))?;
         }
-        if let Some(f) = self.callbacks.on_delete {
+        if let Some(f) = self.callbacks.on_delete.clone() {
             self.call("proxy_on_delete", f, c, Some(stream))?;
         }
         Ok(())

@@ -19,10 +19,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// key → (value, cas).
+type VmData = HashMap<Vec<u8>, (Vec<u8>, u32)>;
+
 #[derive(Default)]
 struct SharedData {
-    /// vm_id → key → (value, cas).
-    by_vm: HashMap<String, HashMap<Vec<u8>, (Vec<u8>, u32)>>,
+    /// vm_id → entries.
+    by_vm: HashMap<String, VmData>,
     next_cas: u32,
 }
 
@@ -47,7 +50,10 @@ pub enum MetricValue {
     Counter(u64),
     Gauge(i64),
     /// Histograms keep only a count and a sum of the recorded samples.
-    Histogram { count: u64, sum: u64 },
+    Histogram {
+        count: u64,
+        sum: u64,
+    },
 }
 
 /// One metric as returned by [`crate::WasmEngine::metrics_snapshot`]. Names are exactly what the
@@ -215,13 +221,19 @@ mod tests {
     fn shared_data_cas() {
         let s = SharedState::default();
         assert!(s.get_data("vm", b"k").is_none());
-        assert_eq!(s.set_data("vm", b"k", b"v1".to_vec(), 7), Err(Status::CasMismatch));
+        assert_eq!(
+            s.set_data("vm", b"k", b"v1".to_vec(), 7),
+            Err(Status::CasMismatch)
+        );
         s.set_data("vm", b"k", b"v1".to_vec(), 0).unwrap();
         let (v, cas) = s.get_data("vm", b"k").unwrap();
         assert_eq!(v, b"v1");
         assert_ne!(cas, 0);
         s.set_data("vm", b"k", b"v2".to_vec(), cas).unwrap();
-        assert_eq!(s.set_data("vm", b"k", b"v3".to_vec(), cas), Err(Status::CasMismatch));
+        assert_eq!(
+            s.set_data("vm", b"k", b"v3".to_vec(), cas),
+            Err(Status::CasMismatch)
+        );
         assert_eq!(s.get_data("vm", b"k").unwrap().0, b"v2");
         assert!(s.get_data("other", b"k").is_none());
     }

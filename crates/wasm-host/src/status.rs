@@ -9,7 +9,6 @@ pub(crate) enum Status {
     Empty = 7,
     CasMismatch = 8,
     InternalFailure = 10,
-    Unimplemented = 12,
 }
 
 impl Status {

@@ -1,7 +1,9 @@
 //! The Proxy-Wasm serialized map: u32 count, count × (u32 key_len, u32 value_len), then each
 //! key and value followed by a NUL byte; all little-endian.
 
-pub(crate) fn serialize_map<'a>(entries: impl ExactSizeIterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
+pub(crate) fn serialize_map<'a>(
+    entries: impl ExactSizeIterator<Item = (&'a str, &'a [u8])> + Clone,
+) -> Vec<u8> {
     let count = entries.len();
     let payload: usize = entries.clone().map(|(k, v)| k.len() + v.len() + 2).sum();
     let mut out = Vec::with_capacity(4 + count * 8 + payload);

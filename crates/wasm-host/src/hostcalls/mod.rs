@@ -21,13 +21,16 @@ use proxy::now_nanos as proxy_now_nanos;
 
 pub(crate) type Ctx<'a> = Caller<'a, HostState>;
 
+/// (module, name) of every import the linker defines.
+pub(crate) type LinkedNames = HashSet<(String, String)>;
+
 pub(crate) const LOG_TARGET: &str = "waystone::wasm";
 
 /// Builds the linker shared by every module of an engine, and remembers which imports it
 /// defines so that `compile` can name the ones it does not.
 pub(crate) fn build_linker(
     engine: &wasmtime::Engine,
-) -> wasmtime::Result<(Linker<HostState>, HashSet<(String, String)>)> {
+) -> wasmtime::Result<(Linker<HostState>, LinkedNames)> {
     let mut r = Registrar {
         linker: Linker::new(engine),
         names: HashSet::new(),
@@ -155,7 +158,7 @@ pub(crate) fn copy_out(
     let guest_ptr = if bytes.is_empty() && empty == Empty::Null {
         0
     } else {
-        let Some(alloc) = c.data().allocator else {
+        let Some(alloc) = c.data().allocator.clone() else {
             return Ok(Status::InternalFailure.code());
         };
         let p = alloc.call(&mut *c, len)?;
@@ -210,8 +213,14 @@ mod tests {
         assert_eq!(guest_range(0, 0, 0), Ok(0..0));
         assert_eq!(guest_range(10, 5, 15), Ok(10..15));
         assert_eq!(guest_range(10, 6, 15), Err(Status::InvalidMemoryAccess));
-        assert_eq!(guest_range(-1, 2, 1 << 20), Err(Status::InvalidMemoryAccess));
-        assert_eq!(guest_range(0, -1, 1 << 20), Err(Status::InvalidMemoryAccess));
+        assert_eq!(
+            guest_range(-1, 2, 1 << 20),
+            Err(Status::InvalidMemoryAccess)
+        );
+        assert_eq!(
+            guest_range(0, -1, 1 << 20),
+            Err(Status::InvalidMemoryAccess)
+        );
         assert_eq!(guest_range(16, 0, 15), Err(Status::InvalidMemoryAccess));
     }
 }

@@ -124,30 +124,44 @@ pub(crate) fn register(r: &mut Registrar) -> wasmtime::Result<()> {
 }
 
 fn register_basics(r: &mut Registrar) -> wasmtime::Result<()> {
-    r.wrap(ENV, "proxy_log", |mut c: Ctx<'_>, level: i32, ptr: i32, len: i32| {
-        let r = with_guest(&mut c, ptr, len, |msg, state| {
-            emit_log(level, &state.spec.name, &String::from_utf8_lossy(msg))
-        });
-        status_of(r.and_then(|x| x))
-    })?;
+    r.wrap(
+        ENV,
+        "proxy_log",
+        |mut c: Ctx<'_>, level: i32, ptr: i32, len: i32| {
+            let r = with_guest(&mut c, ptr, len, |msg, state| {
+                emit_log(level, &state.spec.name, &String::from_utf8_lossy(msg))
+            });
+            status_of(r.and_then(|x| x))
+        },
+    )?;
     r.wrap(ENV, "proxy_get_log_level", |mut c: Ctx<'_>, out: i32| {
         status_of(write_u32(&mut c, out, current_log_level()))
     })?;
-    r.wrap(ENV, "proxy_get_current_time_nanoseconds", |mut c: Ctx<'_>, out: i32| {
-        status_of(write_u64(&mut c, out, now_nanos()))
-    })?;
-    r.wrap(ENV, "proxy_set_tick_period_milliseconds", |mut c: Ctx<'_>, ms: i32| {
-        c.data_mut().tick_period_ms = ms as u32;
-        Status::Ok.code()
-    })?;
-    r.wrap(ENV, "proxy_set_effective_context", |mut c: Ctx<'_>, ctx: i32| {
-        let ctx = ctx as u32;
-        if !c.data().contexts.contains(&ctx) {
-            return Status::BadArgument.code();
-        }
-        c.data_mut().effective_context = ctx;
-        Status::Ok.code()
-    })?;
+    r.wrap(
+        ENV,
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Ctx<'_>, out: i32| status_of(write_u64(&mut c, out, now_nanos())),
+    )?;
+    r.wrap(
+        ENV,
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Ctx<'_>, ms: i32| {
+            c.data_mut().tick_period_ms = ms as u32;
+            Status::Ok.code()
+        },
+    )?;
+    r.wrap(
+        ENV,
+        "proxy_set_effective_context",
+        |mut c: Ctx<'_>, ctx: i32| {
+            let ctx = ctx as u32;
+            if !c.data().contexts.contains(&ctx) {
+                return Status::BadArgument.code();
+            }
+            c.data_mut().effective_context = ctx;
+            Status::Ok.code()
+        },
+    )?;
     r.wrap(ENV, "proxy_done", |mut c: Ctx<'_>| {
         c.data_mut().done_requested = true;
         Status::Ok.code()
@@ -235,6 +249,9 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_header_map_value",
         |mut c: Ctx<'_>, t: i32, kptr: i32, klen: i32, vptr_ptr: i32, vsize_ptr: i32| {
+            if let Err(s) = check_ranges(&c, &[(vptr_ptr, 4), (vsize_ptr, 4)]) {
+                return Ok(s.code());
+            }
             let r = with_guest(&mut c, kptr, klen, |key, state| {
                 let map = header_map(state, t)?;
                 // Like Envoy: the first of repeated values, not a joined list.
@@ -289,7 +306,11 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
         |mut c: Ctx<'_>, t: i32, out: i32| {
             // Envoy's byteSize(): the sum of key and value lengths.
             let size = match header_map(c.data_mut(), t) {
-                Ok(m) => m.entries.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+                Ok(m) => m
+                    .entries
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>(),
                 Err(s) => return s.code(),
             };
             status_of(write_u32(&mut c, out, size as u32))
@@ -323,19 +344,31 @@ fn register_stream(r: &mut Registrar) -> wasmtime::Result<()> {
     })?;
     // ABI 0.1.0 spellings of continue_stream, still imported by some C++ SDK builds.
     r.wrap(ENV, "proxy_continue_request", |mut c: Ctx<'_>| {
-        let r = c.data_mut().stream.as_mut().ok_or(Status::NotFound).map(|s| {
-            s.continue_requested = Some(StreamType::Request);
-        });
+        let r = c
+            .data_mut()
+            .stream
+            .as_mut()
+            .ok_or(Status::NotFound)
+            .map(|s| {
+                s.continue_requested = Some(StreamType::Request);
+            });
         status_of(r)
     })?;
     r.wrap(ENV, "proxy_continue_response", |mut c: Ctx<'_>| {
-        let r = c.data_mut().stream.as_mut().ok_or(Status::NotFound).map(|s| {
-            s.continue_requested = Some(StreamType::Response);
-        });
+        let r = c
+            .data_mut()
+            .stream
+            .as_mut()
+            .ok_or(Status::NotFound)
+            .map(|s| {
+                s.continue_requested = Some(StreamType::Response);
+            });
         status_of(r)
     })?;
     // Routing is decided outside the host, so there is no cache to clear.
-    r.wrap(ENV, "proxy_clear_route_cache", |_c: Ctx<'_>| Status::Ok.code())?;
+    r.wrap(ENV, "proxy_clear_route_cache", |_c: Ctx<'_>| {
+        Status::Ok.code()
+    })?;
     r.wrap(
         ENV,
         "proxy_get_status",
@@ -387,6 +420,9 @@ fn register_properties(r: &mut Registrar) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_property",
         |mut c: Ctx<'_>, pptr: i32, plen: i32, vptr_ptr: i32, vsize_ptr: i32| {
+            if let Err(s) = check_ranges(&c, &[(vptr_ptr, 4), (vsize_ptr, 4)]) {
+                return Ok(s.code());
+            }
             let r = with_guest(&mut c, pptr, plen, |path, state| {
                 properties::get_property(state, path).ok_or(Status::NotFound)
             });
@@ -418,6 +454,9 @@ fn register_shared(r: &mut Registrar) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_shared_data",
         |mut c: Ctx<'_>, kptr: i32, klen: i32, vptr_ptr: i32, vsize_ptr: i32, cas_ptr: i32| {
+            if let Err(s) = check_ranges(&c, &[(vptr_ptr, 4), (vsize_ptr, 4), (cas_ptr, 4)]) {
+                return Ok(s.code());
+            }
             let found = with_guest(&mut c, kptr, klen, |key, state| {
                 state.shared.get_data(&state.spec.vm_id, key)
             });
@@ -426,9 +465,6 @@ fn register_shared(r: &mut Registrar) -> wasmtime::Result<()> {
                 Ok(None) => return Ok(Status::NotFound.code()),
                 Err(s) => return Ok(s.code()),
             };
-            if let Err(s) = check_writable(&c, cas_ptr, 4) {
-                return Ok(s.code());
-            }
             let status = copy_out(&mut c, &value, vptr_ptr, vsize_ptr, Empty::Allocate)?;
             if status != Status::Ok.code() {
                 return Ok(status);
@@ -470,7 +506,10 @@ fn register_shared(r: &mut Registrar) -> wasmtime::Result<()> {
                     .resolve_queue(&String::from_utf8_lossy(vm), name)
                     .ok_or(Status::NotFound)
             });
-            status_of(r.and_then(|x| x).and_then(|id| write_u32(&mut c, id_ptr, id)))
+            status_of(
+                r.and_then(|x| x)
+                    .and_then(|id| write_u32(&mut c, id_ptr, id)),
+            )
         },
     )?;
     r.wrap(
@@ -518,18 +557,30 @@ fn register_metrics(r: &mut Registrar) -> wasmtime::Result<()> {
             status_of(r.and_then(|id| write_u32(&mut c, id_ptr, id)))
         },
     )?;
-    r.wrap(ENV, "proxy_increment_metric", |c: Ctx<'_>, id: i32, offset: i64| {
-        status_of(c.data().shared.increment_metric(id as u32, offset))
-    })?;
-    r.wrap(ENV, "proxy_record_metric", |c: Ctx<'_>, id: i32, value: i64| {
-        status_of(c.data().shared.record_metric(id as u32, value as u64))
-    })?;
-    r.wrap(ENV, "proxy_get_metric", |mut c: Ctx<'_>, id: i32, out: i32| {
-        let r = check_writable(&c, out, 8)
-            .and_then(|()| c.data().shared.get_metric(id as u32))
-            .and_then(|v| write_u64(&mut c, out, v));
-        status_of(r)
-    })?;
+    r.wrap(
+        ENV,
+        "proxy_increment_metric",
+        |c: Ctx<'_>, id: i32, offset: i64| {
+            status_of(c.data().shared.increment_metric(id as u32, offset))
+        },
+    )?;
+    r.wrap(
+        ENV,
+        "proxy_record_metric",
+        |c: Ctx<'_>, id: i32, value: i64| {
+            status_of(c.data().shared.record_metric(id as u32, value as u64))
+        },
+    )?;
+    r.wrap(
+        ENV,
+        "proxy_get_metric",
+        |mut c: Ctx<'_>, id: i32, out: i32| {
+            let r = check_writable(&c, out, 8)
+                .and_then(|()| c.data().shared.get_metric(id as u32))
+                .and_then(|v| write_u64(&mut c, out, v));
+            status_of(r)
+        },
+    )?;
     Ok(())
 }
 
@@ -553,7 +604,13 @@ fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
          token_ptr: i32| {
             let r = check_ranges(
                 &c,
-                &[(uptr, ulen), (hptr, hlen), (bptr, blen), (tptr, tlen), (token_ptr, 4)],
+                &[
+                    (uptr, ulen),
+                    (hptr, hlen),
+                    (bptr, blen),
+                    (tptr, tlen),
+                    (token_ptr, 4),
+                ],
             );
             if r.is_ok() {
                 warn_unsupported(&c, "proxy_http_call");
@@ -609,7 +666,13 @@ fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
          token_ptr: i32| {
             let r = check_ranges(
                 &c,
-                &[(uptr, ulen), (sptr, slen), (mptr, mlen), (iptr, ilen), (token_ptr, 4)],
+                &[
+                    (uptr, ulen),
+                    (sptr, slen),
+                    (mptr, mlen),
+                    (iptr, ilen),
+                    (token_ptr, 4),
+                ],
             );
             if r.is_ok() {
                 warn_unsupported(&c, "proxy_grpc_stream");
@@ -636,7 +699,10 @@ fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
         "proxy_call_foreign_function",
         |c: Ctx<'_>, nptr: i32, nlen: i32, aptr: i32, alen: i32, rptr_ptr: i32, rsize_ptr: i32| {
             // No foreign functions are registered: every name is unknown.
-            let r = check_ranges(&c, &[(nptr, nlen), (aptr, alen), (rptr_ptr, 4), (rsize_ptr, 4)]);
+            let r = check_ranges(
+                &c,
+                &[(nptr, nlen), (aptr, alen), (rptr_ptr, 4), (rsize_ptr, 4)],
+            );
             status_of(r.and(Err(Status::NotFound)))
         },
     )?;
@@ -687,7 +753,11 @@ fn register_runtime_extras(r: &mut Registrar) -> wasmtime::Result<()> {
             let _ = emit_log(2, &c.data().spec.name, &format!("trace: {msg} {shown:?}"));
         },
     )?;
-    r.wrap(ENV, "emscripten_notify_memory_growth", |_c: Ctx<'_>, _index: i32| {})?;
+    r.wrap(
+        ENV,
+        "emscripten_notify_memory_growth",
+        |_c: Ctx<'_>, _index: i32| {},
+    )?;
     Ok(())
 }
 

@@ -73,10 +73,16 @@ fn fd_write(c: &mut Ctx<'_>, fd: i32, iovs: i32, iovs_len: i32, nwritten: i32) -
 }
 
 pub(crate) fn register(r: &mut Registrar, m: &str) -> wasmtime::Result<()> {
-    r.wrap(m, "fd_write", |mut c: Ctx<'_>, fd: i32, iovs: i32, n: i32, out: i32| {
-        fd_write(&mut c, fd, iovs, n, out)
-    })?;
-    r.wrap(m, "fd_read", |_c: Ctx<'_>, _fd: i32, _iovs: i32, _n: i32, _out: i32| EBADF)?;
+    r.wrap(
+        m,
+        "fd_write",
+        |mut c: Ctx<'_>, fd: i32, iovs: i32, n: i32, out: i32| fd_write(&mut c, fd, iovs, n, out),
+    )?;
+    r.wrap(
+        m,
+        "fd_read",
+        |_c: Ctx<'_>, _fd: i32, _iovs: i32, _n: i32, _out: i32| EBADF,
+    )?;
     r.wrap(m, "fd_close", |_c: Ctx<'_>, _fd: i32| EBADF)?;
     r.wrap(
         m,
@@ -94,9 +100,17 @@ pub(crate) fn register(r: &mut Registrar, m: &str) -> wasmtime::Result<()> {
         stat[0] = 2;
         errno(write(&mut c, out, &stat))
     })?;
-    r.wrap(m, "fd_fdstat_set_flags", |_c: Ctx<'_>, _fd: i32, _flags: i32| ENOSYS)?;
-    r.wrap(m, "fd_filestat_get", |_c: Ctx<'_>, _fd: i32, _out: i32| EBADF)?;
-    r.wrap(m, "fd_prestat_get", |_c: Ctx<'_>, _fd: i32, _out: i32| EBADF)?;
+    r.wrap(
+        m,
+        "fd_fdstat_set_flags",
+        |_c: Ctx<'_>, _fd: i32, _flags: i32| ENOSYS,
+    )?;
+    r.wrap(m, "fd_filestat_get", |_c: Ctx<'_>, _fd: i32, _out: i32| {
+        EBADF
+    })?;
+    r.wrap(m, "fd_prestat_get", |_c: Ctx<'_>, _fd: i32, _out: i32| {
+        EBADF
+    })?;
     r.wrap(
         m,
         "fd_prestat_dir_name",
@@ -162,30 +176,42 @@ pub(crate) fn register(r: &mut Registrar, m: &str) -> wasmtime::Result<()> {
             errno(write_u32(&mut c, count_ptr, count).and(write_u32(&mut c, size_ptr, size as u32)))
         },
     )?;
-    r.wrap(m, "environ_get", |mut c: Ctx<'_>, environ: i32, buf: i32| {
-        let spec = c.data().spec.clone();
-        let mut offset: u32 = 0;
-        for (i, (k, v)) in spec.env.iter().enumerate() {
-            let entry = format!("{k}={v}\0");
-            let at = (buf as u32).wrapping_add(offset) as i32;
-            let slot = (environ as u32).wrapping_add(4 * i as u32) as i32;
-            if write(&mut c, at, entry.as_bytes())
-                .and(write_u32(&mut c, slot, at as u32))
-                .is_err()
-            {
-                return EFAULT;
+    r.wrap(
+        m,
+        "environ_get",
+        |mut c: Ctx<'_>, environ: i32, buf: i32| {
+            let spec = c.data().spec.clone();
+            let mut offset: u32 = 0;
+            for (i, (k, v)) in spec.env.iter().enumerate() {
+                let entry = format!("{k}={v}\0");
+                let at = (buf as u32).wrapping_add(offset) as i32;
+                let slot = (environ as u32).wrapping_add(4 * i as u32) as i32;
+                if write(&mut c, at, entry.as_bytes())
+                    .and(write_u32(&mut c, slot, at as u32))
+                    .is_err()
+                {
+                    return EFAULT;
+                }
+                offset += entry.len() as u32;
             }
-            offset += entry.len() as u32;
-        }
-        SUCCESS
-    })?;
-    r.wrap(m, "args_sizes_get", |mut c: Ctx<'_>, argc: i32, size: i32| {
-        errno(write_u32(&mut c, argc, 0).and(write_u32(&mut c, size, 0)))
-    })?;
+            SUCCESS
+        },
+    )?;
+    r.wrap(
+        m,
+        "args_sizes_get",
+        |mut c: Ctx<'_>, argc: i32, size: i32| {
+            errno(write_u32(&mut c, argc, 0).and(write_u32(&mut c, size, 0)))
+        },
+    )?;
     r.wrap(m, "args_get", |_c: Ctx<'_>, _argv: i32, _buf: i32| SUCCESS)?;
-    r.wrap(m, "proc_exit", |_c: Ctx<'_>, code: i32| -> wasmtime::Result<()> {
-        Err(wasmtime::Error::new(GuestExit::ProcExit(code)))
-    })?;
+    r.wrap(
+        m,
+        "proc_exit",
+        |_c: Ctx<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::new(GuestExit::ProcExit(code)))
+        },
+    )?;
     r.wrap(m, "sched_yield", |_c: Ctx<'_>| SUCCESS)?;
     r.wrap(
         m,

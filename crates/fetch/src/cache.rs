@@ -1,0 +1,220 @@
+//! The on-disk module cache.
+//!
+//! Layout under the cache dir:
+//! - `modules/sha256/<hex>.wasm`: module bytes, content-addressed by their own sha256;
+//! - `index/<sha256 of key>.json`: one small file per key (`oci://host/repo:tag` or
+//!   `oci://host/repo@sha256:<manifest>`) naming the module and manifest digests.
+//!
+//! One file per key keeps updates atomic without a shared index lock between processes.
+//! Every write goes to a temp file in the same directory, is fsynced, then renamed, so readers
+//! see either the old or the new complete file; module reads still re-verify the digest.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FetchError;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub key: String,
+    /// `sha256:<hex>` of the module bytes.
+    pub module_digest: String,
+    /// `sha256:<hex>` of the image manifest as served.
+    pub manifest_digest: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Cache {
+    modules: PathBuf,
+    index: PathBuf,
+    max_module_bytes: u64,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    pub fn open(root: &Path, max_module_bytes: u64) -> Result<Self, FetchError> {
+        let modules = root.join("modules").join("sha256");
+        let index = root.join("index");
+        for dir in [&modules, &index] {
+            std::fs::create_dir_all(dir).map_err(|source| FetchError::Cache {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(Self {
+            modules,
+            index,
+            max_module_bytes,
+        })
+    }
+
+    pub fn module_path(&self, module_digest: &str) -> Option<PathBuf> {
+        let hex = module_digest.strip_prefix("sha256:")?;
+        crate::reference::normalize_hex(hex)
+            .filter(|h| h == hex)
+            .map(|h| self.modules.join(format!("{h}.wasm")))
+    }
+
+    fn index_path(&self, key: &str) -> PathBuf {
+        self.index
+            .join(format!("{}.json", crate::sha256_hex(key.as_bytes())))
+    }
+
+    /// The cached module, or None when absent or damaged (a damaged file is removed so the
+    /// caller's re-fetch can replace it).
+    pub async fn load_module(&self, module_digest: &str) -> Option<Arc<Vec<u8>>> {
+        let path = self.module_path(module_digest)?;
+        let max = self.max_module_bytes;
+        let digest = module_digest.to_string();
+        tokio::task::spawn_blocking(move || load_verified(&path, &digest, max))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub async fn store_module(
+        &self,
+        module_digest: &str,
+        bytes: Arc<Vec<u8>>,
+    ) -> Result<(), FetchError> {
+        let Some(path) = self.module_path(module_digest) else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            write_atomic(&path, &bytes).map_err(|source| FetchError::Cache { path, source })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(FetchError::Cache {
+                path: self.modules.clone(),
+                source: io::Error::other(e.to_string()),
+            })
+        })
+    }
+
+    pub async fn lookup(&self, key: &str) -> Option<IndexEntry> {
+        let path = self.index_path(key);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        match serde_json::from_slice::<IndexEntry>(&bytes) {
+            Ok(entry) if entry.key == key => Some(entry),
+            _ => {
+                tracing::warn!(path = %path.display(), "ignoring unreadable module cache index entry");
+                None
+            }
+        }
+    }
+
+    pub async fn record(&self, entry: IndexEntry) -> Result<(), FetchError> {
+        let path = self.index_path(&entry.key);
+        let bytes = serde_json::to_vec(&entry).map_err(|e| FetchError::Cache {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        tokio::task::spawn_blocking(move || {
+            write_atomic(&path, &bytes).map_err(|source| FetchError::Cache { path, source })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(FetchError::Cache {
+                path: self.index.clone(),
+                source: io::Error::other(e.to_string()),
+            })
+        })
+    }
+}
+
+fn load_verified(path: &Path, module_digest: &str, max: u64) -> Option<Arc<Vec<u8>>> {
+    let meta = std::fs::metadata(path).ok()?;
+    let damaged = |why: &str| {
+        tracing::warn!(path = %path.display(), reason = why, "removing damaged module cache entry");
+        let _ = std::fs::remove_file(path);
+        None
+    };
+    if meta.len() > max {
+        return damaged("larger than the module size limit");
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(_) => return damaged("unreadable"),
+    };
+    if format!("sha256:{}", crate::sha256_hex(&bytes)) != module_digest {
+        return damaged("content does not match its digest");
+    }
+    Some(Arc::new(bytes))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("cache path has no parent directory"))?;
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
+    let tmp = dir.join(format!(
+        ".{file_name}.{}.{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // The rename itself must survive a crash too.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn store_load_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let bytes = b"\0asm\x01\0\0\0".to_vec();
+        let digest = format!("sha256:{}", crate::sha256_hex(&bytes));
+        assert!(cache.load_module(&digest).await.is_none());
+        cache
+            .store_module(&digest, Arc::new(bytes.clone()))
+            .await
+            .unwrap();
+        assert_eq!(*cache.load_module(&digest).await.unwrap(), bytes);
+        let path = cache.module_path(&digest).unwrap();
+        std::fs::write(&path, b"\0asm\x01\0\0\0garbage").unwrap();
+        assert!(cache.load_module(&digest).await.is_none());
+        assert!(!path.exists(), "damaged entry must be removed");
+        // No temp files are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn index_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let entry = IndexEntry {
+            key: "oci://h:1/r:t".into(),
+            module_digest: "sha256:aa".into(),
+            manifest_digest: "sha256:bb".into(),
+        };
+        assert_eq!(cache.lookup(&entry.key).await, None);
+        cache.record(entry.clone()).await.unwrap();
+        assert_eq!(cache.lookup(&entry.key).await, Some(entry));
+        assert_eq!(cache.lookup("oci://h:1/r:other").await, None);
+    }
+}

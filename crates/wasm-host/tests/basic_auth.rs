@@ -1,0 +1,171 @@
+//! The real basic_auth plugin (built by `scripts/build-plugins.sh`) on this host.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use waystone_wasm::{
+    Action, CompiledModule, EngineConfig, HostError, HttpStream, PluginInstance, PluginSpec,
+    WasmEngine,
+};
+
+const CONFIG: &str = r#"{"basic_auth_rules":[{"prefix":"/productpage","request_methods":["GET","POST"],"credentials":["ok:test","YWRtaW4zOmFkbWluMw=="]}]}"#;
+
+fn wasm_path() -> PathBuf {
+    match std::env::var_os("WAYSTONE_BASIC_AUTH_WASM") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../target/wasm/basic_auth.wasm"
+        )),
+    }
+}
+
+fn wasm() -> Vec<u8> {
+    let path = wasm_path();
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read the basic_auth plugin at {}: {e}; run `scripts/build-plugins.sh` first \
+             (or point WAYSTONE_BASIC_AUTH_WASM at a build)",
+            path.display()
+        )
+    })
+}
+
+fn spec(config: &str) -> Arc<PluginSpec> {
+    Arc::new(PluginSpec {
+        name: "istio-system.basic-auth".into(),
+        root_id: "basic_auth_root".into(),
+        vm_id: "basic_auth".into(),
+        plugin_configuration: config.as_bytes().to_vec(),
+        vm_configuration: Vec::new(),
+        env: Vec::new(),
+    })
+}
+
+fn compile() -> (WasmEngine, CompiledModule) {
+    let engine = WasmEngine::new(EngineConfig::default()).unwrap();
+    let module = engine
+        .compile(&wasm())
+        .expect("basic_auth.wasm compiles and links");
+    (engine, module)
+}
+
+fn request(method: &str, path: &str, auth: Option<&str>) -> HttpStream {
+    let mut s = HttpStream::default();
+    s.request_headers.add(":method", method);
+    s.request_headers.add(":path", path);
+    s.request_headers.add(":authority", "bookinfo.example");
+    s.request_headers.add(":scheme", "http");
+    if let Some(a) = auth {
+        s.request_headers.add("authorization", a);
+    }
+    s
+}
+
+/// Runs the request phase then the response phase like the data plane does; returns the
+/// request-headers action.
+fn exchange(inst: &mut PluginInstance, stream: &mut HttpStream) -> Action {
+    let ctx = inst.create_http_context().unwrap();
+    let action = inst.on_request_headers(ctx, stream, true).unwrap();
+    stream.response_headers.add(":status", "200");
+    inst.on_response_headers(ctx, stream, true).unwrap();
+    inst.finish_http_context(ctx, stream).unwrap();
+    action
+}
+
+#[test]
+fn missing_credentials_get_401_with_realm() {
+    let (_engine, module) = compile();
+    let mut inst = PluginInstance::start(&module, spec(CONFIG)).expect("plugin starts");
+    let mut stream = request("GET", "/productpage", None);
+    let action = exchange(&mut inst, &mut stream);
+    assert_eq!(action, Action::Pause);
+    let reply = stream.local_response.as_ref().expect("a local 401");
+    assert_eq!(reply.status, 401);
+    assert!(reply.body.is_empty(), "body {:?}", reply.body);
+    let realm = reply
+        .headers
+        .iter()
+        .find(|(k, _)| k == "www-authenticate")
+        .map(|(_, v)| v.as_slice());
+    assert_eq!(realm, Some(&b"Basic realm=istio"[..]));
+    assert!(!inst.is_poisoned());
+}
+
+#[test]
+fn valid_credentials_continue() {
+    let (_engine, module) = compile();
+    let mut inst = PluginInstance::start(&module, spec(CONFIG)).unwrap();
+    for auth in ["Basic YWRtaW4zOmFkbWluMw==", "Basic b2s6dGVzdA=="] {
+        let mut stream = request("GET", "/productpage", Some(auth));
+        assert_eq!(exchange(&mut inst, &mut stream), Action::Continue, "{auth}");
+        assert!(stream.local_response.is_none(), "{auth}");
+    }
+    let mut stream = request("POST", "/productpage", Some("Basic d3Jvbmc6d3Jvbmc="));
+    assert_eq!(exchange(&mut inst, &mut stream), Action::Pause);
+    assert_eq!(stream.local_response.as_ref().map(|r| r.status), Some(401));
+}
+
+#[test]
+fn other_paths_continue() {
+    let (_engine, module) = compile();
+    let mut inst = PluginInstance::start(&module, spec(CONFIG)).unwrap();
+    let mut stream = request("GET", "/other", None);
+    assert_eq!(exchange(&mut inst, &mut stream), Action::Continue);
+    assert!(stream.local_response.is_none());
+}
+
+#[test]
+fn bad_configuration_is_rejected() {
+    let (_engine, module) = compile();
+    for config in [
+        "not json",
+        r#"{"basic_auth_rules":[{"prefix":"/x","credentials":["no-colon-not-base64!"]}]}"#,
+    ] {
+        let err = PluginInstance::start(&module, spec(config))
+            .err()
+            .expect("rejected");
+        assert!(
+            matches!(&err, HostError::ConfigureRejected { plugin } if plugin == "istio-system.basic-auth"),
+            "{config}: {err}"
+        );
+    }
+}
+
+/// Timing report, not an assertion: `cargo test -p waystone-wasm --test basic_auth -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_costs() {
+    let bytes = wasm();
+    let engine = WasmEngine::new(EngineConfig::default()).unwrap();
+    let t = Instant::now();
+    let module = engine.compile(&bytes).unwrap();
+    let compile = t.elapsed();
+
+    let starts = 20;
+    let t = Instant::now();
+    for _ in 0..starts {
+        PluginInstance::start(&module, spec(CONFIG)).unwrap();
+    }
+    let start = t.elapsed() / starts;
+
+    let mut inst = PluginInstance::start(&module, spec(CONFIG)).unwrap();
+    let n = 20_000u32;
+    let t = Instant::now();
+    for i in 0..n {
+        let auth = if i % 2 == 0 {
+            Some("Basic YWRtaW4zOmFkbWluMw==")
+        } else {
+            None
+        };
+        let mut stream = request("GET", "/productpage", auth);
+        exchange(&mut inst, &mut stream);
+    }
+    let per_request = t.elapsed() / n;
+    println!(
+        "basic_auth.wasm ({} bytes): compile {compile:?}, instance start {start:?}, \
+         request (create ctx → req headers → resp headers → finish) {per_request:?}",
+        bytes.len()
+    );
+}
