@@ -149,14 +149,14 @@ pub fn apply(
             }
         };
         results.push(result(&r, action));
-        writes.push(Write::Put(r));
+        writes.push(Write::Put(Box::new(r)));
     }
     // On one machine namespaces are implicit: create the ones objects land in.
     for ns in namespaces {
         if store.get("Namespace", "", &ns)?.is_none()
             && !writes.iter().any(|w| matches!(w, Write::Put(r) if r.kind_info().kind == "Namespace" && r.meta().name == ns))
         {
-            writes.push(Write::Put(new_namespace(&ns, version, &now)));
+            writes.push(Write::Put(Box::new(new_namespace(&ns, version, &now))));
         }
     }
     if writes.is_empty() {
@@ -206,7 +206,7 @@ fn refuse_untranslatable(
         match w {
             Write::Put(r) => {
                 touched.insert(key_of(r));
-                objects.insert(key_of(r), r.clone());
+                objects.insert(key_of(r), (**r).clone());
             }
             Write::Delete {
                 kind,
@@ -314,7 +314,7 @@ pub fn label(
     }
     let version = store.current_version()? + 1;
     obj.meta_mut().resource_version = Some(version.to_string());
-    let writes = [Write::Put(obj)];
+    let writes = [Write::Put(Box::new(obj))];
     refuse_untranslatable(store, &writes, opts)?;
     store.commit(&writes, version)?;
     Ok(("labeled".into(), version))

@@ -321,7 +321,7 @@ impl Reconciler {
             // Re-read under the lock: a concurrent apply must not be overwritten by a stale copy.
             if let Some(mut current) = store.get(kind, &ns, &name)? {
                 current.set_status(Some(status));
-                writes.push(Write::Put(current));
+                writes.push(Write::Put(Box::new(current)));
             }
         }
         store.commit(&writes, version)

@@ -26,7 +26,7 @@ pub enum StoreError {
 
 /// One write of a batch.
 pub enum Write {
-    Put(Resource),
+    Put(Box<Resource>),
     Delete {
         kind: &'static str,
         namespace: String,
@@ -196,7 +196,10 @@ mod tests {
         {
             let mut s = Store::open(&path).unwrap();
             s.commit(
-                &[Write::Put(wasmplugin("a")), Write::Put(wasmplugin("b"))],
+                &[
+                    Write::Put(Box::new(wasmplugin("a"))),
+                    Write::Put(Box::new(wasmplugin("b"))),
+                ],
                 2,
             )
             .unwrap();

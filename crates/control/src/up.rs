@@ -140,7 +140,9 @@ fn ensure_namespaces(store: &mut Store) -> anyhow::Result<()> {
     let now = crate::objects::now_rfc3339();
     for ns in ["default", "istio-system"] {
         if store.get("Namespace", "", ns)?.is_none() {
-            writes.push(Write::Put(crate::objects::new_namespace(ns, version, &now)));
+            writes.push(Write::Put(Box::new(crate::objects::new_namespace(
+                ns, version, &now,
+            ))));
         }
     }
     if !writes.is_empty() {

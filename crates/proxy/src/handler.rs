@@ -278,9 +278,7 @@ async fn proxy(
         };
     }
 
-    let mut stream = HttpStream::default();
-    stream.request_headers = request_to_wasm(&parts, &authority);
-    stream.properties = StreamProperties {
+    let properties = StreamProperties {
         source: Some(conn.peer),
         destination: Some(conn.local),
         connection_id: conn.id,
@@ -294,6 +292,11 @@ async fn proxy(
         route_name: target.route_name.clone(),
         cluster_name,
         node_id: settings.node_id.clone(),
+        ..Default::default()
+    };
+    let stream = HttpStream {
+        request_headers: request_to_wasm(&parts, &authority),
+        properties,
         ..Default::default()
     };
     let mut run = ChainRun::new(stream);
