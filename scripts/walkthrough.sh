@@ -12,7 +12,8 @@ ensure_runtime_packages
 scripts/build-plugins.sh basic_auth
 log "cargo build --release"
 cargo build --release --locked -p waystone
-WAYSTONE="$REPO/target/release/waystone"
+export PATH="$REPO/target/release:$PATH"
+WAYSTONE=waystone
 
 WORK="$(mktemp -d /tmp/waystone-walkthrough.XXXXXX)"
 export WAYSTONE_DATA_DIR="$WORK/data"
