@@ -260,6 +260,24 @@ async fn gateway_runs_the_chain_and_swaps_config_atomically() {
     let (status, _) = get(entry, "http://nothing:9080/", "nothing:9080", None).await;
     assert_eq!(status, 404);
 
+    // h2c (prior knowledge) works on the same listeners, with plugins applied.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<Bytes>>();
+    dp.apply(rt.clone()).await;
+    for (auth, want) in [(None, 401), (Some("Basic b2s6dGVzdA=="), 200)] {
+        let mut req = hyper::Request::get(format!("http://{addr}/productpage"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = h2
+            .request(req.body(http_body_util::Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status().as_u16(), want);
+    }
+
     // Removing the gateway closes its listener.
     dp.apply(RuntimeConfig::empty()).await;
     let closed = tokio::net::TcpStream::connect(addr).await;
