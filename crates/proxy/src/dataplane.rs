@@ -73,6 +73,8 @@ pub struct ListenerBinding {
 struct Bound {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
+    /// The accept loop: awaited on close so the socket is gone when `apply` returns.
+    task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -179,15 +181,25 @@ impl DataPlane {
             }
             bindings.insert(gw.key.clone(), self.bind_gateway(&gw.key, &ports).await);
         }
-        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        listeners.retain(|key, bound| {
-            let keep = wanted.contains(key);
-            if !keep {
-                tracing::info!(gateway = %key.gateway, listener = %key.name, address = %bound.addr, "closing listener");
-                let _ = bound.stop.send(true);
-            }
-            keep
-        });
+        let closed: Vec<Bound> = {
+            let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<ListenerKey> = listeners
+                .keys()
+                .filter(|k| !wanted.contains(*k))
+                .cloned()
+                .collect();
+            gone.into_iter()
+                .filter_map(|key| {
+                    let bound = listeners.remove(&key)?;
+                    tracing::info!(gateway = %key.gateway, listener = %key.name, address = %bound.addr, "closing listener");
+                    Some(bound)
+                })
+                .collect()
+        };
+        for bound in closed {
+            let _ = bound.stop.send(true);
+            let _ = bound.task.await;
+        }
         let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
         addresses.retain(|gw, _| snapshot.gateway(gw).is_some());
         bindings
@@ -370,7 +382,7 @@ fn spawn_accept(shared: Arc<Shared>, listener: TcpListener, entry: Entry) -> Bou
         .expect("a bound listener has an address");
     let (stop, mut stopped) = watch::channel(false);
     let entry = Arc::new(entry);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         static CONN_IDS: AtomicU64 = AtomicU64::new(1);
         loop {
             let accepted = tokio::select! {
@@ -401,7 +413,7 @@ fn spawn_accept(shared: Arc<Shared>, listener: TcpListener, entry: Entry) -> Bou
             }));
         }
     });
-    Bound { addr, stop }
+    Bound { addr, stop, task }
 }
 
 async fn serve_connection(

@@ -2,9 +2,9 @@
 
 use waystone_control::api::ApplyRequest;
 
-use super::{DEFAULT_NAMESPACE, print_apply_results, read_sources};
+use super::{DEFAULT_NAMESPACE, Failures, print_apply_results, read_sources};
 use crate::args::ApplyArgs;
-use crate::client::{ApiClient, ClientError};
+use crate::client::ApiClient;
 use crate::{CliError, CliResult};
 
 pub async fn run(client: &ApiClient, args: ApplyArgs) -> CliResult {
@@ -16,7 +16,7 @@ pub async fn run(client: &ApiClient, args: ApplyArgs) -> CliResult {
     if sources.is_empty() {
         return Err(CliError::Failed("no objects passed to apply".into()));
     }
-    let mut failed = false;
+    let mut failures = Failures::default();
     // Like kubectl, one bad file does not stop the others; the exit status tells.
     for source in sources {
         let req = ApplyRequest {
@@ -26,16 +26,8 @@ pub async fn run(client: &ApiClient, args: ApplyArgs) -> CliResult {
         };
         match client.apply(&req).await {
             Ok(resp) => print_apply_results(&resp),
-            Err(e @ ClientError::Unreachable { .. }) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed = true;
-            }
+            Err(e) => failures.record(e)?,
         }
     }
-    if failed {
-        Err(CliError::Reported)
-    } else {
-        Ok(())
-    }
+    failures.finish()
 }

@@ -2,9 +2,11 @@
 
 use waystone_model::{KindInfo, parse_manifests};
 
-use super::{DEFAULT_NAMESPACE, namespace_for, read_sources, resolve_kind, split_kind_name};
+use super::{
+    DEFAULT_NAMESPACE, Failures, namespace_for, read_sources, resolve_kind, split_kind_name,
+};
 use crate::args::DeleteArgs;
-use crate::client::{ApiClient, ClientError};
+use crate::client::ApiClient;
 use crate::{CliError, CliResult};
 
 pub async fn run(client: &ApiClient, args: DeleteArgs) -> CliResult {
@@ -18,22 +20,14 @@ pub async fn run(client: &ApiClient, args: DeleteArgs) -> CliResult {
     } else {
         from_files(&args.filenames, &namespace)?
     };
-    let mut failed = false;
+    let mut failures = Failures::default();
     for (info, ns, name) in targets {
         match client.delete(info.kind, &ns, &name).await {
             Ok(()) => println!("{} \"{name}\" deleted", info.qualified()),
-            Err(e @ ClientError::Unreachable { .. }) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed = true;
-            }
+            Err(e) => failures.record(e)?,
         }
     }
-    if failed {
-        Err(CliError::Reported)
-    } else {
-        Ok(())
-    }
+    failures.finish()
 }
 
 type Target = (&'static KindInfo, String, String);

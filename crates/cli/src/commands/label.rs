@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use waystone_control::api::LabelRequest;
 
-use super::{DEFAULT_NAMESPACE, namespace_for, resolve_kind, split_kind_name};
+use super::{DEFAULT_NAMESPACE, Failures, namespace_for, resolve_kind, split_kind_name};
 use crate::args::LabelArgs;
-use crate::client::{ApiClient, ClientError};
+use crate::client::ApiClient;
 use crate::{CliError, CliResult};
 
 /// Names and label changes, told apart as kubectl does: `k=v` sets, `k-` removes, the rest
@@ -72,7 +72,7 @@ pub async fn run(client: &ApiClient, args: LabelArgs) -> CliResult {
             changes.names.iter().map(|n| (info, n.clone())).collect()
         }
     };
-    let mut failed = false;
+    let mut failures = Failures::default();
     for (info, name) in targets {
         let req = LabelRequest {
             kind: info.kind.to_string(),
@@ -88,18 +88,10 @@ pub async fn run(client: &ApiClient, args: LabelArgs) -> CliResult {
                 info.qualified(),
                 action_word(&resp.action, &changes)
             ),
-            Err(e @ ClientError::Unreachable { .. }) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed = true;
-            }
+            Err(e) => failures.record(e)?,
         }
     }
-    if failed {
-        Err(CliError::Reported)
-    } else {
-        Ok(())
-    }
+    failures.finish()
 }
 
 /// kubectl says `unlabeled` when the change only removed labels.

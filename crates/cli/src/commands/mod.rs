@@ -22,6 +22,31 @@ use crate::{CliError, CliResult};
 
 pub(crate) const DEFAULT_NAMESPACE: &str = "default";
 
+/// kubectl's way with several objects: report each failure as it happens,
+/// carry on with the rest, and exit 1 at the end.
+#[derive(Default)]
+pub(crate) struct Failures(bool);
+
+impl Failures {
+    /// Prints `e`; an unreachable API ends the command at once.
+    pub(crate) fn record(&mut self, e: crate::client::ClientError) -> CliResult {
+        if matches!(e, crate::client::ClientError::Unreachable { .. }) {
+            return Err(e.into());
+        }
+        eprintln!("error: {e}");
+        self.0 = true;
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> CliResult {
+        if self.0 {
+            Err(CliError::Reported)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 pub fn run(command: Command, data_dir: &Path) -> CliResult {
     match command {
         Command::Up(a) => up::run(a, data_dir),

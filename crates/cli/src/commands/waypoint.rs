@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use waystone_control::api::{ApplyRequest, LabelRequest};
 
-use super::{DEFAULT_NAMESPACE, print_apply_results};
+use super::{DEFAULT_NAMESPACE, Failures, print_apply_results};
 use crate::args::{TrafficType, WaypointApplyArgs, WaypointDeleteArgs, WaypointListArgs};
-use crate::client::{ApiClient, ClientError};
+use crate::client::ApiClient;
 use crate::table::{ISTIOCTL, Table};
 use crate::{CliError, CliResult};
 
@@ -262,7 +262,7 @@ pub async fn delete(client: &ApiClient, args: WaypointDeleteArgs) -> CliResult {
     } else {
         args.names
     };
-    let mut failed = false;
+    let mut failures = Failures::default();
     for name in names {
         // As istioctl: a name that is not a waypoint here is reported, not an error.
         if !waypoints.contains(&name) {
@@ -272,18 +272,10 @@ pub async fn delete(client: &ApiClient, args: WaypointDeleteArgs) -> CliResult {
         match client.delete("Gateway", &ns, &name).await {
             Ok(()) => println!("waypoint {ns}/{name} deleted"),
             Err(e) if e.is_not_found() => println!("waypoint {ns}/{name} not found"),
-            Err(e @ ClientError::Unreachable { .. }) => return Err(e.into()),
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed = true;
-            }
+            Err(e) => failures.record(e)?,
         }
     }
-    if failed {
-        Err(CliError::Reported)
-    } else {
-        Ok(())
-    }
+    failures.finish()
 }
 
 #[cfg(test)]
