@@ -278,6 +278,44 @@ async fn gateway_runs_the_chain_and_swaps_config_atomically() {
         assert_eq!(resp.status().as_u16(), want);
     }
 
+    // Config swaps under load fail no request: each finishes on the config it started with.
+    let loaders: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..40 {
+                    statuses.push(
+                        get(
+                            addr,
+                            "/productpage",
+                            "example.com",
+                            Some("Basic b2s6dGVzdA=="),
+                        )
+                        .await
+                        .0,
+                    );
+                }
+                statuses
+            })
+        })
+        .collect();
+    let PluginSlot::Ready(first) = rt.plugins[&id].clone() else {
+        unreachable!()
+    };
+    for revision in 2..22u64 {
+        let mut next = rt.clone();
+        let mut plugin = (*first).clone();
+        plugin.revision = revision;
+        next.plugins
+            .insert(id.clone(), PluginSlot::Ready(Arc::new(plugin)));
+        dp.apply(next).await;
+        tokio::task::yield_now().await;
+    }
+    for l in loaders {
+        let statuses = l.await.unwrap();
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    }
+
     // Removing the gateway closes its listener.
     dp.apply(RuntimeConfig::empty()).await;
     let closed = tokio::net::TcpStream::connect(addr).await;
