@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{Challenge, Credentials, TokenResponse, parse_challenge};
 use crate::error::{FetchError, Op, root_cause};
+use crate::guard::{self, GuardedResolver};
 use crate::reference::OciRef;
 
 pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -28,6 +29,46 @@ enum Scheme {
     Http,
 }
 
+/// Retry, timeout and destination rules shared by every request of a transport.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NetPolicy {
+    pub retry_base: Duration,
+    pub max_retries: u32,
+    pub request_timeout: Duration,
+    pub allow_private_realms: bool,
+}
+
+/// 5xx answers worth another try: 501, 505 and 511 describe the request or the network
+/// setup, which the same request again cannot change.
+pub(crate) fn is_retryable(status: StatusCode) -> bool {
+    status.is_server_error() && !matches!(status.as_u16(), 501 | 505 | 511)
+}
+
+/// Sends `build()` and retries retryable 5xx answers with doubling backoff; the last answer
+/// is returned whatever its status, with the number of attempts made. Each attempt gets `request_timeout`; the caller's overall
+/// timeout bounds the whole loop.
+pub(crate) async fn send_with_retry<F>(
+    policy: &NetPolicy,
+    what: &str,
+    build: F,
+) -> Result<(Response, u32), reqwest::Error>
+where
+    F: Fn() -> RequestBuilder,
+{
+    let mut attempt = 0;
+    loop {
+        let resp = build().timeout(policy.request_timeout).send().await?;
+        if attempt >= policy.max_retries || !is_retryable(resp.status()) {
+            return Ok((resp, attempt + 1));
+        }
+        let delay = policy.retry_base.saturating_mul(1 << attempt.min(16));
+        tracing::warn!(what, status = %resp.status(), attempt = attempt + 1, ?delay, "retrying");
+        drop(resp);
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
 /// Shared HTTP clients plus the insecure-registry policy; cloned cheaply into sessions.
 #[derive(Clone)]
 pub(crate) struct Transport {
@@ -37,15 +78,29 @@ pub(crate) struct Transport {
     insecure: Arc<Vec<String>>,
     /// Scheme found to work for each insecure registry, so the HTTPS probe runs once.
     schemes: Arc<Mutex<HashMap<String, Scheme>>>,
+    policy: NetPolicy,
 }
 
 impl Transport {
-    pub fn new(insecure: Vec<String>, connect_timeout: Duration) -> Result<Self, FetchError> {
+    pub fn new(
+        insecure: Vec<String>,
+        connect_timeout: Duration,
+        policy: NetPolicy,
+    ) -> Result<Self, FetchError> {
         let build = |accept_invalid: bool| {
             reqwest::Client::builder()
                 .user_agent(concat!("waystone-fetch/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(connect_timeout)
-                .redirect(reqwest::redirect::Policy::limited(5))
+                .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                    if attempt.previous().len() >= 5 {
+                        return attempt.error("too many redirects");
+                    }
+                    match guard::check_literal(attempt.url()) {
+                        Ok(()) => attempt.follow(),
+                        Err(refusal) => attempt.error(refusal.reason()),
+                    }
+                }))
+                .dns_resolver(Arc::new(GuardedResolver))
                 .danger_accept_invalid_certs(accept_invalid)
                 .build()
                 .map_err(|e| FetchError::Client {
@@ -57,7 +112,17 @@ impl Transport {
             unverified: build(true)?,
             insecure: Arc::new(insecure),
             schemes: Arc::default(),
+            policy,
         })
+    }
+
+    pub fn policy(&self) -> &NetPolicy {
+        &self.policy
+    }
+
+    /// The certificate-checking client, for plain `https://` module downloads.
+    pub fn verified(&self) -> &reqwest::Client {
+        &self.verified
     }
 
     pub fn is_insecure(&self, registry: &str) -> bool {
@@ -80,6 +145,7 @@ pub(crate) struct Session {
     creds: Option<Credentials>,
     scope: String,
     authorization: Option<String>,
+    policy: NetPolicy,
 }
 
 impl Session {
@@ -92,6 +158,18 @@ impl Session {
         actions: &str,
     ) -> Result<Self, FetchError> {
         let host = oci.api_host().to_string();
+        // The registry itself may be private (an in-cluster registry is normal); only
+        // link-local and metadata destinations are refused.
+        let probe_url = reqwest::Url::parse(&format!("https://{host}/")).ok();
+        if let Some(probe_url) = probe_url
+            && let Err(refusal) = guard::check_url(&probe_url, true).await
+        {
+            return Err(FetchError::Refused {
+                op,
+                url: url.to_string(),
+                reason: refusal.reason(),
+            });
+        }
         let insecure = transport.is_insecure(&oci.registry);
         let scheme = if insecure {
             let known = transport
@@ -134,6 +212,7 @@ impl Session {
             creds,
             scope: format!("repository:{}:{actions}", oci.repository),
             authorization: None,
+            policy: transport.policy,
         })
     }
 
@@ -179,11 +258,16 @@ impl Session {
     where
         F: Fn(&reqwest::Client) -> RequestBuilder,
     {
-        let mut req = build(&self.http);
-        if let Some(auth) = &self.authorization {
-            req = req.header(AUTHORIZATION, auth);
-        }
-        match req.send().await {
+        let sent = send_with_retry(&self.policy, &self.url, || {
+            let req = build(&self.http);
+            match &self.authorization {
+                Some(auth) => req.header(AUTHORIZATION, auth),
+                None => req,
+            }
+        })
+        .await
+        .map(|(resp, _)| resp);
+        match sent {
             Ok(resp) => Ok(resp),
             Err(e) => Err(self.transport_error(&e).await),
         }
@@ -262,6 +346,15 @@ impl Session {
                 )));
             }
         }
+        // The realm comes from whoever answers as the registry: without this check a hostile
+        // registry could make us send credentials to, or probe, internal services.
+        if let Err(refusal) = guard::check_url(&realm_url, self.policy.allow_private_realms).await {
+            return Err(FetchError::Refused {
+                op: self.op,
+                url: self.url.clone(),
+                reason: format!("token realm {realm}: {}", refusal.reason()),
+            });
+        }
         let mut query: Vec<(&str, String)> = Vec::new();
         if let Some(service) = service {
             query.push(("service", service));
@@ -283,11 +376,16 @@ impl Session {
         } else {
             &self.verified
         };
-        let mut req = client.get(realm_url).query(&query);
-        if let Some(c) = &self.creds {
-            req = req.header(AUTHORIZATION, c.basic_header());
-        }
-        let resp = match req.send().await {
+        let sent = send_with_retry(&self.policy, realm, || {
+            let req = client.get(realm_url.clone()).query(&query);
+            match &self.creds {
+                Some(c) => req.header(AUTHORIZATION, c.basic_header()),
+                None => req,
+            }
+        })
+        .await
+        .map(|(resp, _)| resp);
+        let resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 return Err(FetchError::Connect {
@@ -538,6 +636,7 @@ async fn probe_scheme(unverified: &reqwest::Client, host: &str) -> Scheme {
     }
 }
 
+#[derive(Debug)]
 pub(crate) enum ReadError {
     TooLarge,
     Http(String),
@@ -572,7 +671,7 @@ pub(crate) async fn read_limited(mut resp: Response, limit: u64) -> Result<Vec<u
     Ok(out)
 }
 
-fn status_line(s: StatusCode) -> String {
+pub(crate) fn status_line(s: StatusCode) -> String {
     match s.canonical_reason() {
         Some(r) => format!("{} {r}", s.as_u16()),
         None => s.as_u16().to_string(),
@@ -599,4 +698,19 @@ fn error_detail(body: &[u8]) -> String {
 
 pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_statuses() {
+        for code in [500, 502, 503, 504, 507, 599] {
+            assert!(is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [200, 301, 404, 429, 501, 505, 511] {
+            assert!(!is_retryable(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
 }

@@ -85,6 +85,19 @@ pub enum FetchError {
         detail: String,
     },
 
+    /// An SSRF-guard refusal; nothing was sent to the refused address.
+    #[error("{op} {url}: {reason}")]
+    Refused { op: Op, url: String, reason: String },
+
+    /// A plain `http(s)://` module server answered with a failure status (after retries).
+    #[error("{op} {url}: server answered {status}{}", attempts_suffix(*.attempts))]
+    HttpStatus {
+        op: Op,
+        url: String,
+        status: String,
+        attempts: u32,
+    },
+
     #[error("{op} {url}: bad manifest: {reason}")]
     BadManifest { op: Op, url: String, reason: String },
 
@@ -115,6 +128,14 @@ pub enum FetchError {
 
     #[error("building the HTTP client: {reason}")]
     Client { reason: String },
+}
+
+fn attempts_suffix(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" after {attempts} attempts")
+    } else {
+        String::new()
+    }
 }
 
 fn detail_suffix(detail: &str) -> String {

@@ -1,4 +1,5 @@
-//! Wasm module distribution: fetch modules from OCI registries (`oci://`) and files (`file://`),
+//! Wasm module distribution: fetch modules from OCI registries (`oci://`), web servers
+//! (`http://`, `https://`) and files (`file://`),
 //! check their digests, keep them in a crash-safe on-disk cache, and push modules to registries.
 //! See ARCHITECTURE.md for where this crate sits.
 
@@ -6,6 +7,7 @@ mod auth;
 mod cache;
 mod client;
 mod error;
+mod guard;
 mod manifest;
 mod push;
 mod reference;
@@ -24,13 +26,19 @@ pub use error::{FetchError, Op};
 pub use push::{PushLayout, PushOptions, PushResult, push};
 
 use cache::{Cache, IndexEntry};
-use client::{Session, Transport};
+use client::{NetPolicy, Session, Transport};
 use manifest::{ArchiveError, LayerChoice, Manifest};
 use reference::{OciRef, Source};
 
 /// Istio's default module size limit.
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 << 20;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limit for one HTTP request; several (retries, token, manifest, blob) fit in one fetch.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// First retry delay; each further retry waits twice as long.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(500);
+/// Retries after the first attempt for a retryable 5xx (500, 502-504, ...; not 501/505/511).
+pub const DEFAULT_MAX_RETRIES: u32 = 5;
 
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -40,6 +48,13 @@ pub struct FetchConfig {
     pub max_module_bytes: u64,
     /// Overall limit for one `fetch`, waiting for a concurrent fetch of the same url included.
     pub timeout: Duration,
+    /// Limit for each HTTP request inside a fetch.
+    pub request_timeout: Duration,
+    /// Delay before the first retry of a retryable 5xx answer; doubled for each next one.
+    pub retry_base: Duration,
+    /// Let an OCI registry send us to a token realm on a private or loopback address. Off by
+    /// default: a hostile registry could otherwise use us to reach internal services.
+    pub allow_private_realms: bool,
 }
 
 impl FetchConfig {
@@ -49,6 +64,9 @@ impl FetchConfig {
             insecure_registries: Vec::new(),
             max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
             timeout: DEFAULT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            retry_base: DEFAULT_RETRY_BASE,
+            allow_private_realms: false,
         }
     }
 }
@@ -64,11 +82,11 @@ pub enum PullPolicy {
 
 #[derive(Clone)]
 pub struct FetchRequest {
-    /// `oci://host:port/repo:tag`, `oci://host/repo@sha256:...`, `file:///abs/path.wasm`;
-    /// no scheme means `oci://`.
+    /// `oci://host:port/repo:tag`, `oci://host/repo@sha256:...`, `file:///abs/path.wasm`,
+    /// `https://host/path` (raw, gzip, tar or tar+gzip body); no scheme means `oci://`.
     pub url: String,
     /// Expected digest, lowercase hex (`sha256:` prefix tolerated). OCI: the manifest digest,
-    /// as Istio compares it; file: the module digest.
+    /// as Istio compares it; file and http(s): the module digest (after un-gzip/un-tar).
     pub sha256: Option<String>,
     pub pull_policy: PullPolicy,
     /// Contents of a `.dockerconfigjson`. Never logged or echoed in errors.
@@ -145,7 +163,13 @@ impl fmt::Debug for Fetcher {
 impl Fetcher {
     pub fn new(cfg: FetchConfig) -> Result<Self, FetchError> {
         let cache = Cache::open(&cfg.cache_dir, cfg.max_module_bytes)?;
-        let transport = Transport::new(cfg.insecure_registries.clone(), cfg.timeout)?;
+        let policy = NetPolicy {
+            retry_base: cfg.retry_base,
+            max_retries: DEFAULT_MAX_RETRIES,
+            request_timeout: cfg.request_timeout,
+            allow_private_realms: cfg.allow_private_realms,
+        };
+        let transport = Transport::new(cfg.insecure_registries.clone(), cfg.timeout, policy)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -188,6 +212,7 @@ impl Fetcher {
         match reference::parse(&req.url).map_err(invalid)? {
             Source::File(path) => self.fetch_file(req, path, expected).await,
             Source::Oci(oci) => self.fetch_oci(req, oci, expected).await,
+            Source::Http(url) => self.fetch_http(req, url, expected).await,
         }
     }
 
@@ -247,6 +272,142 @@ impl Fetcher {
             cache_hit: false,
             source: req.url.clone(),
         })
+    }
+
+    /// `http(s)://`: the body is a module, a gzipped module, or a (gzipped) tar holding one.
+    /// Cached like OCI modules, keyed by the url; `sha256` is the module digest.
+    async fn fetch_http(
+        &self,
+        req: &FetchRequest,
+        target: reqwest::Url,
+        expected: Option<String>,
+    ) -> Result<FetchedModule, FetchError> {
+        let url = req.url.as_str();
+        let cache = &self.inner.cache;
+        let key = format!("http-source:{target}");
+        let _inflight = self.lock_url(&key).await;
+
+        if req.pull_policy == PullPolicy::IfNotPresent {
+            // The url's last download, unless it is not the module the caller now expects.
+            let hit = match cache.lookup(&key).await {
+                Some(entry)
+                    if expected
+                        .as_ref()
+                        .is_none_or(|e| entry.module_digest == format!("sha256:{e}")) =>
+                {
+                    cache.load_module(&entry.module_digest).await
+                }
+                _ => None,
+            };
+            if let Some(bytes) = hit {
+                tracing::debug!(url, "module cache hit");
+                let module_digest = format!("sha256:{}", sha256_hex(&bytes));
+                return Ok(FetchedModule {
+                    bytes,
+                    module_digest,
+                    manifest_digest: None,
+                    cache_hit: true,
+                    source: url.to_string(),
+                });
+            }
+        }
+
+        let body = self.download_http(url, &target).await?;
+        let max = self.inner.cfg.max_module_bytes;
+        let owned_url = url.to_string();
+        let module = tokio::task::spawn_blocking(move || unpack_http_body(&owned_url, body, max))
+            .await
+            .map_err(|e| FetchError::BadArchive {
+                op: Op::Fetch,
+                url: url.to_string(),
+                reason: format!("unpacking task failed: {e}"),
+            })??;
+        check_wasm(url, &module, max)?;
+        let hex = sha256_hex(&module);
+        if let Some(expected) = expected
+            && expected != hex
+        {
+            return Err(FetchError::DigestMismatch {
+                op: Op::Fetch,
+                url: url.to_string(),
+                expected: format!("sha256:{expected}"),
+                actual: format!("sha256:{hex}"),
+            });
+        }
+        let module_digest = format!("sha256:{hex}");
+        let bytes = Arc::new(module);
+        match cache.store_module(&module_digest, bytes.clone()).await {
+            Ok(()) => {
+                let entry = IndexEntry {
+                    key,
+                    module_digest: module_digest.clone(),
+                    // No manifest behind a plain download: the module digest stands in.
+                    manifest_digest: module_digest.clone(),
+                };
+                if let Err(e) = cache.record(entry).await {
+                    tracing::warn!(error = %e, "could not index module in cache");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not cache module"),
+        }
+        tracing::info!(url, %module_digest, size = bytes.len(), "fetched module");
+        Ok(FetchedModule {
+            bytes,
+            module_digest,
+            manifest_digest: None,
+            cache_hit: false,
+            source: url.to_string(),
+        })
+    }
+
+    /// GET with the SSRF guard and 5xx retries; the body is bounded by the module limit plus
+    /// room for archive headers.
+    async fn download_http(&self, url: &str, target: &reqwest::Url) -> Result<Vec<u8>, FetchError> {
+        if let Err(refusal) = guard::check_url(target, true).await {
+            return Err(FetchError::Refused {
+                op: Op::Fetch,
+                url: url.to_string(),
+                reason: refusal.reason(),
+            });
+        }
+        let transport = &self.inner.transport;
+        let client = transport.verified();
+        let connect_err = |reason: String| FetchError::Connect {
+            op: Op::Fetch,
+            url: url.to_string(),
+            endpoint: target.origin().ascii_serialization(),
+            reason,
+        };
+        let (resp, attempts) =
+            client::send_with_retry(transport.policy(), url, || client.get(target.clone()))
+                .await
+                .map_err(|e| {
+                    let reason = error::root_cause(&e);
+                    connect_err(if e.is_timeout() {
+                        format!("timed out ({reason})")
+                    } else {
+                        reason
+                    })
+                })?;
+        if !resp.status().is_success() {
+            return Err(FetchError::HttpStatus {
+                op: Op::Fetch,
+                url: url.to_string(),
+                status: client::status_line(resp.status()),
+                attempts,
+            });
+        }
+        let max = self.inner.cfg.max_module_bytes;
+        client::read_limited(resp, max.saturating_add(HTTP_ARCHIVE_SLACK))
+            .await
+            .map_err(|e| match e {
+                client::ReadError::TooLarge => FetchError::TooLarge {
+                    op: Op::Fetch,
+                    url: url.to_string(),
+                    limit: max,
+                },
+                client::ReadError::Http(reason) => connect_err(reason),
+            })
     }
 
     async fn lock_url(&self, key: &str) -> InflightGuard {
@@ -534,6 +695,37 @@ impl Drop for InflightGuard {
             map.remove(&self.key);
         }
     }
+}
+
+/// Room for tar headers and padding around a module of the maximum size.
+const HTTP_ARCHIVE_SLACK: u64 = 1 << 20;
+
+/// Turns a downloaded body into the module: raw, gzip, tar or tar+gzip, told apart by their
+/// magic bytes rather than by the url or Content-Type, which servers get wrong.
+fn unpack_http_body(url: &str, body: Vec<u8>, max: u64) -> Result<Vec<u8>, FetchError> {
+    let archive_err = |e: ArchiveError| match e {
+        ArchiveError::TooLarge => FetchError::TooLarge {
+            op: Op::Fetch,
+            url: url.to_string(),
+            limit: max,
+        },
+        ArchiveError::Bad(reason) => FetchError::BadArchive {
+            op: Op::Fetch,
+            url: url.to_string(),
+            reason,
+        },
+    };
+    let plain = if body.starts_with(&[0x1f, 0x8b]) {
+        // Bounded so a gzip bomb stops early: a module plus tar overhead at most.
+        manifest::gunzip_capped(&body, max.saturating_add(HTTP_ARCHIVE_SLACK))
+            .map_err(archive_err)?
+    } else {
+        body
+    };
+    if manifest::is_tar(&plain) {
+        return manifest::extract_single_wasm(&plain, max).map_err(archive_err);
+    }
+    Ok(plain)
 }
 
 pub(crate) fn check_wasm(url: &str, bytes: &[u8], max: u64) -> Result<(), FetchError> {

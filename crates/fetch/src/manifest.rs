@@ -197,6 +197,83 @@ fn bad(what: &str, e: &io::Error, limit: u64) -> ArchiveError {
     }
 }
 
+/// Un-gzips a whole body held in memory, failing once it would exceed `limit` bytes.
+pub fn gunzip_capped(gz: &[u8], limit: u64) -> Result<Vec<u8>, ArchiveError> {
+    let mut capped = CappedReader {
+        inner: flate2::read::GzDecoder::new(gz),
+        remaining: limit,
+    };
+    let mut out = Vec::new();
+    capped
+        .read_to_end(&mut out)
+        .map_err(|e| bad("un-gzipping", &e, limit))?;
+    Ok(out)
+}
+
+/// A POSIX/GNU tar starts with a 512-byte header carrying `ustar` at offset 257.
+pub fn is_tar(bytes: &[u8]) -> bool {
+    bytes.len() >= 512 && &bytes[257..262] == b"ustar"
+}
+
+/// Reads the one `.wasm` entry of an (already decompressed) tar. Every entry is looked at:
+/// one that would escape the archive root, a `.wasm` that is not a regular file, or a second
+/// `.wasm` rejects the archive, so which module is served never depends on entry order.
+pub fn extract_single_wasm(tar_bytes: &[u8], module_limit: u64) -> Result<Vec<u8>, ArchiveError> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    let entries = archive
+        .entries()
+        .map_err(|e| ArchiveError::Bad(format!("reading tar: {e}")))?;
+    let mut found: Option<(String, Vec<u8>)> = None;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| ArchiveError::Bad(format!("reading tar entry: {e}")))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let escapes = Path::new(&name).components().any(|c| {
+            matches!(
+                c,
+                Component::ParentDir | Component::RootDir | Component::Prefix(_)
+            )
+        });
+        if escapes {
+            return Err(ArchiveError::Bad(format!(
+                "entry {name:?} escapes the archive root"
+            )));
+        }
+        if !name.to_ascii_lowercase().ends_with(".wasm") {
+            continue;
+        }
+        let kind = entry.header().entry_type();
+        if !kind.is_file() {
+            return Err(ArchiveError::Bad(format!(
+                "entry {name:?} is not a regular file ({kind:?})"
+            )));
+        }
+        if let Some((first, _)) = &found {
+            return Err(ArchiveError::Bad(format!(
+                "archive holds more than one .wasm module ({first:?}, {name:?})"
+            )));
+        }
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| ArchiveError::Bad(format!("reading tar header: {e}")))?;
+        if size > module_limit {
+            return Err(ArchiveError::TooLarge);
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        (&mut entry)
+            .take(module_limit + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| ArchiveError::Bad(format!("reading {name:?}: {e}")))?;
+        if out.len() as u64 > module_limit {
+            return Err(ArchiveError::TooLarge);
+        }
+        found = Some((name, out));
+    }
+    found
+        .map(|(_, module)| module)
+        .ok_or_else(|| ArchiveError::Bad("archive holds no .wasm module".into()))
+}
+
 const CAP_MESSAGE: &str = "decompression limit reached";
 
 fn is_cap_error(e: &io::Error) -> bool {

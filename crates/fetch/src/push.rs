@@ -6,12 +6,13 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::auth::Credentials;
-use crate::client::{Session, Transport, sha256_digest};
+use crate::client::{NetPolicy, Session, Transport, sha256_digest};
 use crate::error::{FetchError, Op};
 use crate::manifest::{self, Descriptor};
 use crate::reference::{self, Source};
 
 const PUSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const PUSH_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PushLayout {
@@ -60,7 +61,9 @@ pub async fn push(wasm: &[u8], target: &str, opts: &PushOptions) -> Result<PushR
     };
     let oci = match reference::parse(target).map_err(invalid)? {
         Source::Oci(oci) => oci,
-        Source::File(_) => return Err(invalid("push needs an oci:// target".into())),
+        Source::File(_) | Source::Http(_) => {
+            return Err(invalid("push needs an oci:// target".into()));
+        }
     };
     if oci.digest.is_some() {
         return Err(invalid(
@@ -97,7 +100,15 @@ pub async fn push(wasm: &[u8], target: &str, opts: &PushOptions) -> Result<PushR
     } else {
         Vec::new()
     };
-    let transport = Transport::new(insecure, PUSH_CONNECT_TIMEOUT)?;
+    // Pushes go to a registry the operator names on the command line, so a token realm on a
+    // private address is expected; large uploads get a generous per-request timeout.
+    let policy = NetPolicy {
+        retry_base: crate::DEFAULT_RETRY_BASE,
+        max_retries: crate::DEFAULT_MAX_RETRIES,
+        request_timeout: PUSH_REQUEST_TIMEOUT,
+        allow_private_realms: true,
+    };
+    let transport = Transport::new(insecure, PUSH_CONNECT_TIMEOUT, policy)?;
     let mut session = Session::open(Op::Push, target, &transport, &oci, creds, "pull,push").await?;
     for (digest, bytes) in [
         (&image.config_digest, &image.config),

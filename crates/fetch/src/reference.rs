@@ -12,6 +12,8 @@ const DOCKER_HUB_API: &str = "registry-1.docker.io";
 pub(crate) enum Source {
     Oci(OciRef),
     File(PathBuf),
+    /// A plain `http://` or `https://` download.
+    Http(reqwest::Url),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,12 +84,22 @@ pub(crate) fn parse(url: &str) -> Result<Source, String> {
         }
         return Ok(Source::File(path));
     }
-    if let Some((scheme, _)) = url.split_once("://")
-        && scheme != "oci"
-    {
-        return Err(format!(
-            "unsupported scheme {scheme}:// (supported: oci://, file://)"
-        ));
+    if let Some((scheme, _)) = url.split_once("://") {
+        match scheme.to_ascii_lowercase().as_str() {
+            "oci" => {}
+            "http" | "https" => {
+                let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+                if parsed.host_str().is_none_or(str::is_empty) {
+                    return Err("http(s) url has no host".into());
+                }
+                return Ok(Source::Http(parsed));
+            }
+            _ => {
+                return Err(format!(
+                    "unsupported scheme {scheme}:// (supported: oci://, file://, http://, https://)"
+                ));
+            }
+        }
     }
     let rest = url.strip_prefix("oci://").unwrap_or(url);
     parse_oci(rest).map(Source::Oci)
@@ -232,12 +244,23 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(parse("http://x/y").is_err());
+        assert!(parse("ftp://x/y").is_err());
+        assert!(parse("https://").is_err());
         assert!(parse("file://relative.wasm").is_err());
         assert!(parse("oci://host:5000/Repo:1").is_err());
         assert!(parse("oci://host:5000/repo@sha256:abc").is_err());
         assert!(parse("oci://host:5000/../x:1").is_err());
         assert!(parse("oci://host:5000/repo:bad tag").is_err());
+    }
+
+    #[test]
+    fn http_urls() {
+        for u in [
+            "http://127.0.0.1:8080/m.wasm",
+            "HTTPS://example.com/a/b.tar.gz?x=1",
+        ] {
+            assert!(matches!(parse(u).unwrap(), Source::Http(_)), "{u}");
+        }
     }
 
     #[test]

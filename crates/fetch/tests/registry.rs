@@ -561,10 +561,20 @@ async fn bearer_token_flow() {
         .unwrap();
     let proxy = Proxy::start(reg.host(), true).await;
     let cache = tempfile::tempdir().unwrap();
-    let got = fetcher(cache.path(), &[proxy.host()])
-        .fetch(&req(&format!("oci://{}/bearer/mod:1", proxy.host())))
+    let url = format!("oci://{}/bearer/mod:1", proxy.host());
+    // The proxy's token realm is on loopback: refused unless private realms are allowed.
+    let err = fetcher(cache.path(), &[proxy.host()])
+        .fetch(&req(&url))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(
+        matches!(err, FetchError::Refused { .. }) && err.to_string().contains("private/loopback"),
+        "{err}"
+    );
+    let mut cfg = FetchConfig::new(cache.path().to_path_buf());
+    cfg.insecure_registries = vec![proxy.host()];
+    cfg.allow_private_realms = true;
+    let got = Fetcher::new(cfg).unwrap().fetch(&req(&url)).await.unwrap();
     assert_eq!(*got.bytes, wasm);
     // One token for the session; the manifest and blob requests reuse it.
     assert_eq!(
