@@ -125,10 +125,28 @@ fn value_matches(m: &HeaderMatch, value: &str) -> bool {
     }
 }
 
+thread_local! {
+    /// Compiled route regexes of this worker; routes change rarely, requests often.
+    static REGEXES: std::cell::RefCell<std::collections::HashMap<String, Option<regex::Regex>>> =
+        Default::default();
+}
+
+/// Whole-value match; an invalid pattern matches nothing.
 fn full_regex(pattern: &str, value: &str) -> bool {
-    regex::Regex::new(&format!("^(?:{pattern})$"))
-        .map(|r| r.is_match(value))
-        .unwrap_or(false)
+    REGEXES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(compiled) = cache.get(pattern) {
+            return compiled.as_ref().is_some_and(|r| r.is_match(value));
+        }
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache
+            .entry(pattern.to_string())
+            .or_insert_with(|| regex::Regex::new(&format!("^(?:{pattern})$")).ok())
+            .as_ref()
+            .is_some_and(|r| r.is_match(value))
+    })
 }
 
 /// Gateway API `PathPrefix`: element-wise prefix (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`).
