@@ -50,6 +50,24 @@ pub enum Command {
     /// Run demo applications
     #[command(subcommand)]
     Demo(DemoCommand),
+    /// Inspect or prune the on-disk Wasm module cache under <data-dir>/cache
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List cached modules with their size, last use and the urls that resolve to them
+    List,
+    /// Remove modules that were neither fetched nor served from the cache for a while
+    Prune(CachePruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CachePruneArgs {
+    /// Remove modules unused for at least this long (e.g. 30m, 24h, 168h)
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub unused_for: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -402,6 +420,33 @@ mod tests {
     fn definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cache_commands() {
+        assert!(matches!(
+            parse(&["cache", "list"]).unwrap().command,
+            Command::Cache(CacheCommand::List)
+        ));
+        let Command::Cache(CacheCommand::Prune(p)) = parse(&["cache", "prune"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(p.unused_for, Duration::from_secs(24 * 3600));
+        let Command::Cache(CacheCommand::Prune(p)) =
+            parse(&["cache", "prune", "--unused-for", "1h30m"])
+                .unwrap()
+                .command
+        else {
+            panic!()
+        };
+        assert_eq!(p.unused_for, Duration::from_secs(5400));
+        assert_eq!(
+            err(&["cache", "prune", "--unused-for", "soon"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(err(&["cache", "list", "extra"]), ErrorKind::UnknownArgument);
+        assert_eq!(err(&["cache"]), ErrorKind::MissingSubcommand);
     }
 
     #[test]

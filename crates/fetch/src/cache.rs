@@ -9,10 +9,12 @@
 //! Every write goes to a temp file in the same directory, is fsynced, then renamed, so readers
 //! see either the old or the new complete file; module reads still re-verify the digest.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,24 @@ pub(crate) struct IndexEntry {
     /// `sha256:<hex>` of the image manifest as served.
     pub manifest_digest: String,
 }
+
+/// One cached module, as `waystone cache list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    /// `sha256:<hex>` of the module bytes.
+    pub digest: String,
+    pub size: u64,
+    /// When the module was last fetched or served from the cache (the file's mtime).
+    pub last_used: SystemTime,
+    /// The urls whose index entries point at this module, sorted.
+    pub keys: Vec<String>,
+}
+
+/// A temp file this old belongs to a writer that died: live writes take milliseconds.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+/// The index key prefix for `http(s)://` sources, dropped when showing keys as urls.
+pub(crate) const HTTP_KEY_PREFIX: &str = "http-source:";
 
 #[derive(Debug)]
 pub(crate) struct Cache {
@@ -128,6 +148,162 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Every module in the cache with the keys pointing at it, sorted by digest.
+    pub fn entries(&self) -> Result<Vec<CacheEntry>, FetchError> {
+        let keys = self.index_files()?;
+        let mut by_digest: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (_, entry) in keys {
+            let shown = entry
+                .key
+                .strip_prefix(HTTP_KEY_PREFIX)
+                .unwrap_or(&entry.key)
+                .to_string();
+            by_digest
+                .entry(entry.module_digest)
+                .or_default()
+                .push(shown);
+        }
+        let mut out = Vec::new();
+        for (digest, path) in self.module_files()? {
+            // A module removed since the listing (by a concurrent prune or a damage check) is
+            // simply not there any more.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let mut keys = by_digest.remove(&digest).unwrap_or_default();
+            keys.sort();
+            out.push(CacheEntry {
+                digest,
+                size: meta.len(),
+                last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                keys,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes modules unused for `unused_for` and the index entries naming them, index
+    /// entries whose module is gone, and stale temp files; returns the removed modules.
+    pub fn prune(&self, unused_for: Duration) -> Result<Vec<CacheEntry>, FetchError> {
+        let now = SystemTime::now();
+        let older_than = |t: SystemTime, age: Duration| {
+            now.duration_since(t).is_ok_and(|elapsed| elapsed >= age)
+        };
+        let index = self.index_files()?;
+        let mut removed = Vec::new();
+        for entry in self.entries()? {
+            if !older_than(entry.last_used, unused_for) {
+                continue;
+            }
+            let Some(path) = self.module_path(&entry.digest) else {
+                continue;
+            };
+            // A fetch may have used the module since the listing: look again right before.
+            match std::fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(t) if older_than(t, unused_for) => {}
+                _ => continue,
+            }
+            for (index_path, e) in &index {
+                if e.module_digest == entry.digest {
+                    remove_if_present(index_path)?;
+                }
+            }
+            remove_if_present(&path)?;
+            removed.push(entry);
+        }
+        // Dangling index entries would only cost a failed lookup, but they clutter listings.
+        for (index_path, e) in &index {
+            if let Some(module) = self.module_path(&e.module_digest)
+                && !module.exists()
+            {
+                remove_if_present(index_path)?;
+            }
+        }
+        for dir in [&self.modules, &self.index] {
+            for (path, meta) in dir_files(dir)? {
+                let is_temp = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(".tmp"));
+                if is_temp && meta.modified().is_ok_and(|t| older_than(t, STALE_TEMP_AGE)) {
+                    remove_if_present(&path)?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// `(digest, path)` of every well-named module file.
+    fn module_files(&self) -> Result<Vec<(String, PathBuf)>, FetchError> {
+        let mut out = Vec::new();
+        for (path, _) in dir_files(&self.modules)? {
+            let Some(hex) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".wasm"))
+            else {
+                continue;
+            };
+            let digest = format!("sha256:{hex}");
+            if self.module_path(&digest).as_ref() == Some(&path) {
+                out.push((digest, path));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every readable index entry with its file; unreadable ones are skipped as `lookup` does.
+    fn index_files(&self) -> Result<Vec<(PathBuf, IndexEntry)>, FetchError> {
+        let mut out = Vec::new();
+        for (path, _) in dir_files(&self.index)? {
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            if let Ok(entry) = serde_json::from_slice::<IndexEntry>(&bytes)
+                && path == self.index_path(&entry.key)
+            {
+                out.push((path, entry));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Regular files directly in `dir`, with their metadata.
+fn dir_files(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>, FetchError> {
+    let err = |source| FetchError::Cache {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        // Vanished between readdir and stat: another process removed it.
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if meta.is_file() {
+            out.push((entry.path(), meta));
+        }
+    }
+    Ok(out)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), FetchError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(FetchError::Cache {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn load_verified(path: &Path, module_digest: &str, max: u64) -> Option<Arc<Vec<u8>>> {
     let meta = std::fs::metadata(path).ok()?;
     let damaged = |why: &str| {
@@ -145,6 +321,11 @@ fn load_verified(path: &Path, module_digest: &str, max: u64) -> Option<Arc<Vec<u
     };
     if format!("sha256:{}", crate::sha256_hex(&bytes)) != module_digest {
         return damaged("content does not match its digest");
+    }
+    // The mtime is the module's last use, which `prune` goes by; failing to bump it only
+    // makes the module look older than it is.
+    if let Err(e) = std::fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
+        tracing::debug!(path = %path.display(), error = %e, "could not mark module cache entry used");
     }
     Some(Arc::new(bytes))
 }

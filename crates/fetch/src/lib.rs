@@ -22,6 +22,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
+pub use cache::CacheEntry;
 pub use error::{FetchError, Op};
 pub use push::{PushLayout, PushOptions, PushResult, push};
 
@@ -184,6 +185,19 @@ impl Fetcher {
         &self.inner.cfg
     }
 
+    /// The modules in the on-disk cache, sorted by digest, with the urls that resolve to them.
+    /// Blocking file I/O: call it off the async runtime's worker threads when on one.
+    pub fn cache_entries(&self) -> Result<Vec<CacheEntry>, FetchError> {
+        self.inner.cache.entries()
+    }
+
+    /// Removes the modules neither fetched nor served from the cache for `unused_for`, with the
+    /// index entries pointing at them, plus temp files left by writers that died; returns the
+    /// removed modules. Blocking file I/O, like `cache_entries`.
+    pub fn prune_cache(&self, unused_for: Duration) -> Result<Vec<CacheEntry>, FetchError> {
+        self.inner.cache.prune(unused_for)
+    }
+
     pub async fn fetch(&self, req: &FetchRequest) -> Result<FetchedModule, FetchError> {
         let timeout = self.inner.cfg.timeout;
         match tokio::time::timeout(timeout, self.fetch_inner(req)).await {
@@ -284,7 +298,7 @@ impl Fetcher {
     ) -> Result<FetchedModule, FetchError> {
         let url = req.url.as_str();
         let cache = &self.inner.cache;
-        let key = format!("http-source:{target}");
+        let key = format!("{}{target}", cache::HTTP_KEY_PREFIX);
         let _inflight = self.lock_url(&key).await;
 
         if req.pull_policy == PullPolicy::IfNotPresent {

@@ -1,6 +1,7 @@
 //! One module per command; this one dispatches and holds what several share.
 
 mod apply;
+mod cache;
 mod delete;
 mod demo;
 mod get;
@@ -16,7 +17,7 @@ use std::path::Path;
 use waystone_control::api::ApplyResponse;
 use waystone_model::{KindInfo, lookup_kind};
 
-use crate::args::{Command, DemoCommand, WaypointCommand};
+use crate::args::{CacheCommand, Command, DemoCommand, WaypointCommand};
 use crate::client::ApiClient;
 use crate::{CliError, CliResult};
 
@@ -52,6 +53,8 @@ pub fn run(command: Command, data_dir: &Path) -> CliResult {
         Command::Up(a) => up::run(a, data_dir),
         Command::Demo(DemoCommand::Bookinfo(a)) => demo::run(a, data_dir),
         Command::Push(a) => block_on(push::run(a)),
+        Command::Cache(CacheCommand::List) => cache::list(data_dir),
+        Command::Cache(CacheCommand::Prune(a)) => cache::prune(data_dir, a),
         Command::Apply(a) => {
             block_on(async { apply::run(&ApiClient::from_data_dir(data_dir)?, a).await })
         }
