@@ -90,11 +90,7 @@ impl ApiClient {
             query.push(("namespace", ns));
         }
         let resp: ListResponse = self
-            .send(
-                self.http
-                    .get(self.url(&format!("/v1/objects/{kind}")))
-                    .query(&query),
-            )
+            .send(self.objects(reqwest::Method::GET, kind, &query))
             .await?;
         Ok(resp.items)
     }
@@ -123,11 +119,7 @@ impl ApiClient {
     ) -> Result<Value, ClientError> {
         let query = [("namespace", namespace), ("name", name)];
         let resp: ListResponse = self
-            .send(
-                self.http
-                    .get(self.url(&format!("/v1/objects/{kind}")))
-                    .query(&query),
-            )
+            .send(self.objects(reqwest::Method::GET, kind, &query))
             .await?;
         resp.items
             .into_iter()
@@ -141,13 +133,21 @@ impl ApiClient {
     pub async fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<(), ClientError> {
         let query = [("namespace", namespace), ("name", name)];
         let _: DeleteResponse = self
-            .send(
-                self.http
-                    .delete(self.url(&format!("/v1/objects/{kind}")))
-                    .query(&query),
-            )
+            .send(self.objects(reqwest::Method::DELETE, kind, &query))
             .await?;
         Ok(())
+    }
+
+    /// A request to `/v1/objects/{kind}` with the given query.
+    fn objects(
+        &self,
+        method: reqwest::Method,
+        kind: &str,
+        query: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(&format!("/v1/objects/{kind}")))
+            .query(query)
     }
 
     pub async fn label(&self, req: &LabelRequest) -> Result<LabelResponse, ClientError> {

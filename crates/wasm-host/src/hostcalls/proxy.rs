@@ -329,14 +329,16 @@ fn stream_type(t: i32) -> Result<StreamType, Status> {
     }
 }
 
+/// Records that the guest asked to resume `st`; only meaningful during an HTTP callback.
+fn request_continue(c: &mut Ctx<'_>, st: StreamType) -> Result<(), Status> {
+    let stream = c.data_mut().stream.as_mut().ok_or(Status::NotFound)?;
+    stream.continue_requested = Some(st);
+    Ok(())
+}
+
 fn register_stream(r: &mut Registrar) -> wasmtime::Result<()> {
     r.wrap(ENV, "proxy_continue_stream", |mut c: Ctx<'_>, t: i32| {
-        let r = stream_type(t).and_then(|st| {
-            let stream = c.data_mut().stream.as_mut().ok_or(Status::NotFound)?;
-            stream.continue_requested = Some(st);
-            Ok(())
-        });
-        status_of(r)
+        status_of(stream_type(t).and_then(|st| request_continue(&mut c, st)))
     })?;
     r.wrap(ENV, "proxy_close_stream", |mut c: Ctx<'_>, t: i32| {
         let r = stream_type(t).map(|st| c.data_mut().close_requested = Some(st));
@@ -344,26 +346,10 @@ fn register_stream(r: &mut Registrar) -> wasmtime::Result<()> {
     })?;
     // ABI 0.1.0 spellings of continue_stream, still imported by some C++ SDK builds.
     r.wrap(ENV, "proxy_continue_request", |mut c: Ctx<'_>| {
-        let r = c
-            .data_mut()
-            .stream
-            .as_mut()
-            .ok_or(Status::NotFound)
-            .map(|s| {
-                s.continue_requested = Some(StreamType::Request);
-            });
-        status_of(r)
+        status_of(request_continue(&mut c, StreamType::Request))
     })?;
     r.wrap(ENV, "proxy_continue_response", |mut c: Ctx<'_>| {
-        let r = c
-            .data_mut()
-            .stream
-            .as_mut()
-            .ok_or(Status::NotFound)
-            .map(|s| {
-                s.continue_requested = Some(StreamType::Response);
-            });
-        status_of(r)
+        status_of(request_continue(&mut c, StreamType::Response))
     })?;
     // Routing is decided outside the host, so there is no cache to clear.
     r.wrap(ENV, "proxy_clear_route_cache", |_c: Ctx<'_>| {
