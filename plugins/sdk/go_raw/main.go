@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"unsafe"
@@ -305,10 +306,12 @@ func proxyOnRequestHeaders(ctx, n, eos uint32) uint32 {
 				ours = append(ours, p[0]+"="+p[1])
 			}
 		}
+		sort.Strings(ours)
 		logAt(2, "x-go headers: "+strings.Join(ours, ","))
 	case "go-stdout":
 		fmt.Println("a line on stdout from go")
 		fmt.Fprintln(os.Stderr, "a line on stderr from go")
+	case "go-stdout-pieces":
 		fmt.Print("two lines ")
 		fmt.Print("in pieces\nand a second\n")
 	case "go-local":

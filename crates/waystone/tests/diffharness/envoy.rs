@@ -149,20 +149,23 @@ fn level_of(name: &str) -> Option<u8> {
     })
 }
 
-/// Envoy: `[time][thread][level][wasm] [file:line] wasm log <plugin>: <msg>`.
+/// Envoy: `[time][thread][level][wasm] [file:line] wasm log <plugin>[ <root_id>]: <msg>`.
 /// Lines of other plugins are left out, and so are the unnamed `wasm log:
 /// <msg>` lines a root context writes before its plugin is attached (VM
 /// start, first configure): they cannot be told apart between plugins.
-pub fn envoy_logs(text: &str, plugin_name: &str) -> Vec<LogLine> {
+pub fn envoy_logs(text: &str, plugin_name: &str, root_id: &str) -> Vec<LogLine> {
+    let root_suffix = format!(" {root_id}");
     text.lines()
         .filter_map(|l| {
             let idx = l.find("] wasm log")?;
             let level = level_of(l.split("][").nth(2)?)?;
             let rest = &l[idx + "] wasm log".len()..];
-            let message = rest
-                .strip_prefix(' ')?
-                .strip_prefix(plugin_name)?
-                .strip_prefix(": ")?;
+            let named = rest.strip_prefix(' ')?.strip_prefix(plugin_name)?;
+            let named = match root_id {
+                "" => named,
+                _ => named.strip_prefix(root_suffix.as_str())?,
+            };
+            let message = named.strip_prefix(": ")?;
             Some(LogLine { level, message: message.to_string() })
         })
         .collect()

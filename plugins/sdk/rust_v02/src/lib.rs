@@ -150,14 +150,20 @@ impl Stream {
         log_at(LogLevel::Info, &format!("x-get={}", got.as_deref().unwrap_or("<none>")));
         let missing = self.get_http_request_header("x-missing");
         log_at(LogLevel::Info, &format!("x-missing={}", missing.is_some()));
-        let all = self.get_http_request_headers();
-        let ours: Vec<String> = all
-            .iter()
-            .filter(|(k, _)| k.starts_with("x-"))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        // Sorted: the order after a replace is the "order" scenario's subject.
+        let mut ours = self.test_headers();
+        ours.sort();
         log_at(LogLevel::Info, &format!("x- headers: {}", ours.join(",")));
         Action::Continue
+    }
+
+    /// The request's `x-` headers other than those a proxy adds by itself.
+    fn test_headers(&self) -> Vec<String> {
+        self.get_http_request_headers()
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-") && k != "x-request-id" && !k.starts_with("x-forwarded-"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
     }
 
     fn set_headers_scenario(&mut self) -> Action {
@@ -190,8 +196,8 @@ impl Stream {
         }
         let port = self.get_property(vec!["destination", "port"]);
         log_at(LogLevel::Info, &format!("destination.port is 8 bytes: {}", port.map(|p| p.len() == 8).unwrap_or(false)));
-        self.set_property(vec!["wasm", "rust_v02_mark"], Some(b"marked"));
-        let back = self.get_property(vec!["wasm", "rust_v02_mark"]);
+        self.set_property(vec!["rust_v02_mark"], Some(b"marked"));
+        let back = self.get_property(vec!["rust_v02_mark"]);
         log_at(LogLevel::Info, &format!("set_property read back {}", show(back)));
         Action::Continue
     }
@@ -252,6 +258,29 @@ impl HttpContext for Stream {
         match self.test.as_str() {
             "headers" => self.headers_scenario(),
             "set-headers" => self.set_headers_scenario(),
+            "order" => {
+                self.set_http_request_header("x-first", Some("replaced"));
+                self.add_http_request_header("x-third", "added");
+                log_at(LogLevel::Info, &format!("order: {}", self.test_headers().join(",")));
+                Action::Continue
+            }
+            "props-nested" => {
+                self.set_property(vec!["rust_v02", "nested"], Some(b"deep"));
+                let back = self.get_property(vec!["rust_v02", "nested"]);
+                log_at(LogLevel::Info, &format!("nested set_property read back {}", show(back)));
+                Action::Continue
+            }
+            "local-empty" => {
+                self.send_http_response(204, vec![("x-plugin", "rust_v02")], None);
+                Action::Pause
+            }
+            "config-buffer" => {
+                let cfg = hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                self.reply(200, &String::from_utf8_lossy(&cfg), &[])
+            }
             "body" => {
                 // The body may change size: the length header would be stale.
                 self.set_http_request_header("content-length", None);
@@ -266,12 +295,8 @@ impl HttpContext for Stream {
             "shared" => self.shared_scenario(),
             "metrics" => self.metrics_scenario(),
             "config" => {
-                let cfg = proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
                 let upstream = self.config.upstream.clone();
-                self.reply(200, &String::from_utf8_lossy(&cfg), &[("x-upstream", &upstream)])
+                self.reply(200, "config\n", &[("x-upstream", &upstream)])
             }
             "loglevel" => {
                 let level = hostcalls::get_log_level().map(|l| (l as u32).to_string()).unwrap_or_else(|e| format!("{e:?}"));
