@@ -73,7 +73,12 @@ build_as() {
         log "npm ci (assemblyscript, @solo-io/proxy-runtime)"
         (cd "$work" && npm ci --silent --no-audit --no-fund --cache "$TOOLS/npm-cache")
     fi
-    rm -rf "$work/assembly"
+    # asc takes seconds: skip it when the sources are those of the last build.
+    if [[ -f "$work/as_runtime.wasm" ]] && diff -rq "$SDK/as_runtime/assembly" "$work/assembly" >/dev/null 2>&1; then
+        publish "$work/as_runtime.wasm" as_runtime
+        return
+    fi
+    rm -rf "$work/assembly" "$work/as_runtime.wasm"
     cp -r "$SDK/as_runtime/assembly" "$work/assembly"
     (cd "$work" && ./node_modules/.bin/asc assembly/index.ts -b "$work/as_runtime.wasm" \
         --use abort=abort_proc_exit -O3 --noAssert)

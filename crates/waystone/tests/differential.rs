@@ -11,7 +11,7 @@ use common::*;
 use diffharness::corpus::{self, Corpus};
 use diffharness::echo::Echo;
 use diffharness::envoy::{self, Envoy};
-use diffharness::{run_corpus, Report, Side};
+use diffharness::{Report, Side, run_corpus};
 
 const FIRST_PORT: u16 = 10001;
 
@@ -20,13 +20,22 @@ fn k8s_name(plugin: &str) -> String {
 }
 
 fn wasm_of(c: &Corpus) -> PathBuf {
-    let p = repo_root().join("target/wasm").join(format!("{}.wasm", c.plugin));
-    assert!(p.exists(), "{} is missing: run scripts/build-sdk-plugins.sh", p.display());
+    let p = repo_root()
+        .join("target/wasm")
+        .join(format!("{}.wasm", c.plugin));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-sdk-plugins.sh",
+        p.display()
+    );
     p
 }
 
 fn configuration(c: &Corpus) -> String {
-    c.config.as_ref().map(|v| serde_json::to_string(v).unwrap()).unwrap_or_default()
+    c.config
+        .as_ref()
+        .map(|v| serde_json::to_string(v).unwrap())
+        .unwrap_or_default()
 }
 
 /// The echo Service, and per plugin a Gateway (own port), an HTTPRoute to the
@@ -46,7 +55,10 @@ fn manifests(corpora: &[Corpus], echo: &Echo) -> String {
         let plugin_name = if c.root_id.is_empty() {
             String::new()
         } else {
-            format!("  pluginName: {}\n", serde_json::to_string(&c.root_id).unwrap())
+            format!(
+                "  pluginName: {}\n",
+                serde_json::to_string(&c.root_id).unwrap()
+            )
         };
         let config = c
             .config
@@ -66,7 +78,11 @@ fn manifests(corpora: &[Corpus], echo: &Echo) -> String {
 fn sdk_plugins_behave_as_in_envoy() {
     let h = corpus::harness();
     let corpora = corpus::corpora(&h);
-    assert!(!corpora.is_empty(), "no corpus under {}", corpus::dir().display());
+    assert!(
+        !corpora.is_empty(),
+        "no corpus under {}",
+        corpus::dir().display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let net = private_loopback(7);
     let ip = |last: u8| format!("{}.{}.{}.{last}", net[0], net[1], net[2]);
@@ -89,7 +105,12 @@ fn sdk_plugins_behave_as_in_envoy() {
     let cfg = envoy::config(&envoy_ip, 9901, echo.addr, &listeners);
     let envoy_proc = Envoy::start(dir.path(), &envoy_ip, 9901, &cfg, &ports);
 
-    let w = Waystone::start_with_log(&dir.path().join("data"), net, "127.0.0.1:1", "info,waystone::wasm=debug");
+    let w = Waystone::start_with_log(
+        &dir.path().join("data"),
+        net,
+        "127.0.0.1:1",
+        "info,waystone::wasm=debug",
+    );
     w.apply(&manifests(&corpora, &echo));
     for (i, c) in corpora.iter().enumerate() {
         let gw = w.gateway_host(&k8s_name(&c.plugin));
@@ -116,7 +137,9 @@ fn sdk_plugins_behave_as_in_envoy() {
             Box::new(|| envoy::waystone_logs(&w.log_text(), &name)),
             &c.log_fence,
         );
-        report.text.push_str(&format!("== {} ({}) ==\n", c.plugin, c.sdk));
+        report
+            .text
+            .push_str(&format!("== {} ({}) ==\n", c.plugin, c.sdk));
         run_corpus(&h, c, &mut e, &mut ws, &mut report);
     }
     println!("{}", report.text);
@@ -141,7 +164,11 @@ fn sdk_plugins_behave_as_in_envoy() {
         );
     }
     for fix in &h.pending_host_fixes {
-        if !report.tolerated.iter().any(|t| t.ends_with(&format!(": {}", fix.name))) {
+        if !report
+            .tolerated
+            .iter()
+            .any(|t| t.ends_with(&format!(": {}", fix.name)))
+        {
             report.failures.push(format!(
                 "pending host fix {:?} explained no difference: remove it from harness.yaml",
                 fix.name

@@ -53,7 +53,12 @@ impl Waystone {
     }
 
     /// As `start`, with `RUST_LOG` set to `rust_log` (e.g. to see plugins' debug lines).
-    pub fn start_with_log(data_dir: &Path, net: [u8; 3], insecure_registry: &str, rust_log: &str) -> Self {
+    pub fn start_with_log(
+        data_dir: &Path,
+        net: [u8; 3],
+        insecure_registry: &str,
+        rust_log: &str,
+    ) -> Self {
         let gateway_ip = format!("{}.{}.{}.1", net[0], net[1], net[2]);
         let entry: SocketAddr = format!("{}.{}.{}.200:15001", net[0], net[1], net[2])
             .parse()

@@ -19,7 +19,10 @@ pub struct Response {
 pub fn send(addr: &str, req: &Request) -> Result<Response, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut out = format!("{} {} HTTP/1.1\r\nhost: diff.test\r\nconnection: close\r\n", req.method, req.path);
+    let mut out = format!(
+        "{} {} HTTP/1.1\r\nhost: diff.test\r\nconnection: close\r\n",
+        req.method, req.path
+    );
     for (k, v) in &req.headers {
         out.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -39,7 +42,8 @@ pub fn send(addr: &str, req: &Request) -> Result<Response, String> {
     } else {
         out.push_str("\r\n");
     }
-    s.write_all(out.as_bytes()).map_err(|e| format!("write to {addr}: {e}"))?;
+    s.write_all(out.as_bytes())
+        .map_err(|e| format!("write to {addr}: {e}"))?;
     let mut r = BufReader::new(s);
     let m = read_message(&mut r, true)
         .map_err(|e| format!("read from {addr}: {e}"))?
@@ -50,5 +54,10 @@ pub fn send(addr: &str, req: &Request) -> Result<Response, String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("bad status line {:?}", m.start))?;
-    Ok(Response { status, headers: m.headers, body: m.body, trailers: m.trailers })
+    Ok(Response {
+        status,
+        headers: m.headers,
+        body: m.body,
+        trailers: m.trailers,
+    })
 }

@@ -132,14 +132,18 @@ pub fn dir() -> PathBuf {
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(path: &Path) -> T {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn harness() -> Harness {
     let h: Harness = parse(&dir().join("harness.yaml"));
     for m in &h.missing_features {
-        assert!(h.known_features.contains(m), "harness.yaml: missing feature {m:?} is not in known_features");
+        assert!(
+            h.known_features.contains(m),
+            "harness.yaml: missing feature {m:?} is not in known_features"
+        );
     }
     h
 }
@@ -150,7 +154,10 @@ pub fn corpora(h: &Harness) -> Vec<Corpus> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && p.file_name().is_some_and(|n| n != "harness.yaml"))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "harness.yaml")
+        })
         .collect();
     files.sort();
     files

@@ -73,7 +73,11 @@ pub fn read_message(r: &mut impl BufRead, response: bool) -> std::io::Result<Opt
     let mut body = Vec::new();
     let mut trailers = Vec::new();
     let status: u16 = if response {
-        start.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+        start
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     } else {
         0
     };
@@ -98,7 +102,12 @@ pub fn read_message(r: &mut impl BufRead, response: bool) -> std::io::Result<Opt
     } else if response {
         r.read_to_end(&mut body)?;
     }
-    Ok(Some(Message { start, headers, body, trailers }))
+    Ok(Some(Message {
+        start,
+        headers,
+        body,
+        trailers,
+    }))
 }
 
 fn serve(conn: TcpStream, ignored: &[String]) {
@@ -126,7 +135,9 @@ fn serve(conn: TcpStream, ignored: &[String]) {
         body.extend_from_slice(&req.body);
 
         let status = header(&req.headers, "x-echo-status").unwrap_or("200");
-        let mut head = format!("HTTP/1.1 {status} Echo\r\ncontent-type: text/plain\r\nx-echo-method: {method}\r\n");
+        let mut head = format!(
+            "HTTP/1.1 {status} Echo\r\ncontent-type: text/plain\r\nx-echo-method: {method}\r\n"
+        );
         for (k, v) in &req.headers {
             if let Some(name) = k.strip_prefix("x-echo-resp-") {
                 head.push_str(&format!("{name}: {v}\r\n"));

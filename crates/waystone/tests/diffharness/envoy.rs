@@ -97,9 +97,20 @@ impl Envoy {
         let log = dir.join("envoy.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(&bin)
-            .args(["-c", cfg.to_str().unwrap(), "--concurrency", "2", "-l", "warning"])
+            .args([
+                "-c",
+                cfg.to_str().unwrap(),
+                "--concurrency",
+                "2",
+                "-l",
+                "warning",
+            ])
             .args(["--component-log-level", "wasm:debug"])
-            .args(["--base-id-path", dir.join("base-id").to_str().unwrap(), "--use-dynamic-base-id"])
+            .args([
+                "--base-id-path",
+                dir.join("base-id").to_str().unwrap(),
+                "--use-dynamic-base-id",
+            ])
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -166,7 +177,10 @@ pub fn envoy_logs(text: &str, plugin_name: &str, root_id: &str) -> Vec<LogLine> 
                 _ => named.strip_prefix(root_suffix.as_str())?,
             };
             let message = named.strip_prefix(": ")?;
-            Some(LogLine { level, message: message.to_string() })
+            Some(LogLine {
+                level,
+                message: message.to_string(),
+            })
         })
         .collect()
 }
@@ -179,7 +193,10 @@ pub fn waystone_logs(text: &str, plugin_name: &str) -> Vec<LogLine> {
             let idx = l.find(" waystone::wasm: ")?;
             let level = level_of(&l[..idx].split_whitespace().last()?.to_ascii_lowercase())?;
             let message = l[idx + " waystone::wasm: ".len()..].strip_suffix(&suffix)?;
-            Some(LogLine { level, message: message.to_string() })
+            Some(LogLine {
+                level,
+                message: message.to_string(),
+            })
         })
         .collect()
 }

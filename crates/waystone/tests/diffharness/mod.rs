@@ -31,7 +31,12 @@ impl<'a> Side<'a> {
         let lines = logs();
         let fences = lines.iter().filter(|l| l.message == fence).count();
         let cursor = lines.len();
-        Self { addr, logs, fences, cursor }
+        Self {
+            addr,
+            logs,
+            fences,
+            cursor,
+        }
     }
 }
 
@@ -67,7 +72,10 @@ fn exchange(side: &mut Side<'_>, corpus: &Corpus, case: &Case) -> Result<Outcome
         }
         if Instant::now() > deadline {
             // Keep the fence count honest for the next case.
-            side.fences = lines.iter().filter(|l| l.message == corpus.log_fence).count();
+            side.fences = lines
+                .iter()
+                .filter(|l| l.message == corpus.log_fence)
+                .count();
             side.cursor = lines.len();
             return Err(format!(
                 "the plugin never logged its fence {:?} within {FENCE_WAIT:?} (status {})",
@@ -78,7 +86,12 @@ fn exchange(side: &mut Side<'_>, corpus: &Corpus, case: &Case) -> Result<Outcome
     };
     let logs = lines[side.cursor.min(end)..end]
         .iter()
-        .filter(|l| !corpus.ignore_logs.iter().any(|p| l.message.starts_with(p.as_str())))
+        .filter(|l| {
+            !corpus
+                .ignore_logs
+                .iter()
+                .any(|p| l.message.starts_with(p.as_str()))
+        })
         .cloned()
         .collect();
     side.cursor = end + 1;
@@ -86,16 +99,19 @@ fn exchange(side: &mut Side<'_>, corpus: &Corpus, case: &Case) -> Result<Outcome
 }
 
 fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
-    r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    r.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// What `expect` finds wrong with an outcome (empty: all holds).
 fn check(expect: &Expect, o: &Outcome) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(s) = expect.status {
-        if o.response.status != s {
-            out.push(format!("status {} (expected {s})", o.response.status));
-        }
+    if let Some(s) = expect.status
+        && o.response.status != s
+    {
+        out.push(format!("status {} (expected {s})", o.response.status));
     }
     for (k, v) in &expect.headers {
         let got = header(&o.response, k);
@@ -121,7 +137,11 @@ fn run_on(side: &mut Side<'_>, corpus: &Corpus, case: &Case) -> Result<Outcome, 
     let deadline = Instant::now() + EVENTUALLY;
     loop {
         let o = exchange(side, corpus, case)?;
-        let wrong = case.expect.as_ref().map(|e| check(e, &o)).unwrap_or_default();
+        let wrong = case
+            .expect
+            .as_ref()
+            .map(|e| check(e, &o))
+            .unwrap_or_default();
         if wrong.is_empty() || !case.eventually || Instant::now() > deadline {
             return Ok(o);
         }
@@ -135,7 +155,9 @@ fn comparable_headers(r: &Response, h: &Harness) -> Vec<String> {
         .headers
         .iter()
         .filter(|(k, _)| {
-            k != "content-length" && k != "transfer-encoding" && !h.ignored_response_headers.contains(k)
+            k != "content-length"
+                && k != "transfer-encoding"
+                && !h.ignored_response_headers.contains(k)
         })
         .map(|(k, v)| format!("{k}: {v}"))
         .chain(r.trailers.iter().map(|(k, v)| format!("trailer {k}: {v}")))
@@ -145,17 +167,33 @@ fn comparable_headers(r: &Response, h: &Harness) -> Vec<String> {
 }
 
 fn show_logs(l: &[LogLine]) -> String {
-    l.iter().map(|l| format!("\n      [{}] {}", l.level, l.message)).collect()
+    l.iter()
+        .map(|l| format!("\n      [{}] {}", l.level, l.message))
+        .collect()
 }
 
 /// The parts that differ, each with both sides shown; `tolerated` gets the
 /// pending host fixes that explained a difference.
-fn compare(h: &Harness, envoy: &Outcome, ws: &Outcome, tolerated: &mut Vec<String>) -> Vec<(&'static str, String)> {
+fn compare(
+    h: &Harness,
+    envoy: &Outcome,
+    ws: &Outcome,
+    tolerated: &mut Vec<String>,
+) -> Vec<(&'static str, String)> {
     let mut d = Vec::new();
     if envoy.response.status != ws.response.status {
-        d.push(("status", format!("envoy {} / waystone {}", envoy.response.status, ws.response.status)));
+        d.push((
+            "status",
+            format!(
+                "envoy {} / waystone {}",
+                envoy.response.status, ws.response.status
+            ),
+        ));
     }
-    let (mut eh, wh) = (comparable_headers(&envoy.response, h), comparable_headers(&ws.response, h));
+    let (mut eh, wh) = (
+        comparable_headers(&envoy.response, h),
+        comparable_headers(&ws.response, h),
+    );
     for fix in &h.pending_host_fixes {
         if eh.contains(&fix.envoy_only_header) && !wh.contains(&fix.envoy_only_header) {
             eh.retain(|x| x != &fix.envoy_only_header);
@@ -165,7 +203,10 @@ fn compare(h: &Harness, envoy: &Outcome, ws: &Outcome, tolerated: &mut Vec<Strin
     if eh != wh {
         let only_e: Vec<_> = eh.iter().filter(|x| !wh.contains(x)).collect();
         let only_w: Vec<_> = wh.iter().filter(|x| !eh.contains(x)).collect();
-        d.push(("headers", format!("only envoy {only_e:?} / only waystone {only_w:?}")));
+        d.push((
+            "headers",
+            format!("only envoy {only_e:?} / only waystone {only_w:?}"),
+        ));
     }
     if envoy.response.body != ws.response.body {
         d.push((
@@ -178,7 +219,14 @@ fn compare(h: &Harness, envoy: &Outcome, ws: &Outcome, tolerated: &mut Vec<Strin
         ));
     }
     if envoy.logs != ws.logs {
-        d.push(("logs", format!("\n    envoy:{}\n    waystone:{}", show_logs(&envoy.logs), show_logs(&ws.logs))));
+        d.push((
+            "logs",
+            format!(
+                "\n    envoy:{}\n    waystone:{}",
+                show_logs(&envoy.logs),
+                show_logs(&ws.logs)
+            ),
+        ));
     }
     d
 }
@@ -221,14 +269,27 @@ fn warm_up(side: &mut Side<'_>, corpus: &Corpus) {
 
 /// Runs a corpus's cases through both sides, in order (state such as shared
 /// data evolves the same way in both).
-pub fn run_corpus(h: &Harness, corpus: &Corpus, envoy: &mut Side<'_>, ws: &mut Side<'_>, report: &mut Report) {
+pub fn run_corpus(
+    h: &Harness,
+    corpus: &Corpus,
+    envoy: &mut Side<'_>,
+    ws: &mut Side<'_>,
+    report: &mut Report,
+) {
     warm_up(envoy, corpus);
     warm_up(ws, corpus);
     for case in &corpus.cases {
         let id = format!("{}/{}", corpus.plugin, case.name);
-        let missing: Vec<&String> = case.requires.iter().filter(|r| h.missing_features.contains(r)).collect();
+        let missing: Vec<&String> = case
+            .requires
+            .iter()
+            .filter(|r| h.missing_features.contains(r))
+            .collect();
         if !missing.is_empty() {
-            let _ = writeln!(report.text, "SKIP {id}: needs {missing:?} (missing_features in harness.yaml)");
+            let _ = writeln!(
+                report.text,
+                "SKIP {id}: needs {missing:?} (missing_features in harness.yaml)"
+            );
             report.skipped.push(format!("{id} needs {missing:?}"));
             continue;
         }
@@ -244,7 +305,9 @@ pub fn run_corpus(h: &Harness, corpus: &Corpus, envoy: &mut Side<'_>, ws: &mut S
                     }
                 }
                 let _ = writeln!(report.text, "FAIL {id}: {}", problems.join("; "));
-                report.failures.push(format!("{id}: {}", problems.join("; ")));
+                report
+                    .failures
+                    .push(format!("{id}: {}", problems.join("; ")));
                 continue;
             }
         };
@@ -262,15 +325,22 @@ pub fn run_corpus(h: &Harness, corpus: &Corpus, envoy: &mut Side<'_>, ws: &mut S
             let _ = writeln!(report.text, "  (tolerated pending host fix: {t})");
             report.tolerated.push(format!("{id}: {t}"));
         }
-        let allowed = case.differs.as_ref().map(|d| d.parts.clone()).unwrap_or_default();
-        let unexpected: Vec<_> = diffs.iter().filter(|(p, _)| !allowed.iter().any(|a| a == p)).collect();
-        if let Some(d) = &case.differs {
-            if diffs.is_empty() {
-                problems.push(format!(
-                    "marked `differs` ({}) but both proxies now agree: drop the mark and its entry in docs/compat-differences.md",
-                    d.reason
-                ));
-            }
+        let allowed = case
+            .differs
+            .as_ref()
+            .map(|d| d.parts.clone())
+            .unwrap_or_default();
+        let unexpected: Vec<_> = diffs
+            .iter()
+            .filter(|(p, _)| !allowed.iter().any(|a| a == p))
+            .collect();
+        if let Some(d) = &case.differs
+            && diffs.is_empty()
+        {
+            problems.push(format!(
+                "marked `differs` ({}) but both proxies now agree: drop the mark and its entry in docs/compat-differences.md",
+                d.reason
+            ));
         }
         for (part, detail) in &unexpected {
             problems.push(format!("{part} differ: {detail}"));
@@ -290,7 +360,9 @@ pub fn run_corpus(h: &Harness, corpus: &Corpus, envoy: &mut Side<'_>, ws: &mut S
             }
         } else {
             let _ = writeln!(report.text, "FAIL {id}:\n  {}", problems.join("\n  "));
-            report.failures.push(format!("{id}: {}", problems.join("; ")));
+            report
+                .failures
+                .push(format!("{id}: {}", problems.join("; ")));
         }
     }
 }
