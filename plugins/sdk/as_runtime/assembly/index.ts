@@ -11,6 +11,16 @@ import { get_property, set_property, get_buffer_bytes, BufferTypeValues, WasmRes
 
 function info(msg: string): void { log(LogLevelValues.info, msg); }
 
+// The configuration is JSON ({"upstream": "..."}); the runtime has no JSON
+// parser, so take the quoted value after the key.
+function upstreamOf(config: string): string {
+  const key = "\"upstream\":\"";
+  const at = config.indexOf(key);
+  if (at < 0) return "";
+  const start = at + key.length;
+  return config.substring(start, config.indexOf("\"", start));
+}
+
 function header(k: string, v: string): HeaderPair {
   return new HeaderPair(String.UTF8.encode(k), String.UTF8.encode(v));
 }
@@ -78,7 +88,7 @@ class AsStream extends Context {
       h.push(header(":method", "GET"));
       h.push(header(":path", "/as-callout"));
       h.push(header(":authority", "echo.default.svc.cluster.local"));
-      const r = this.root.httpCall(this.root.getConfiguration(), h, new ArrayBuffer(0), [], 5000, this,
+      const r = this.root.httpCall(upstreamOf(this.root.getConfiguration()), h, new ArrayBuffer(0), [], 5000, this,
         (origin: Context, headers: u32, body_size: usize, trailers: u32): void => {
           const status = stream_context.headers.http_callback.get(":status");
           const body = get_buffer_bytes(BufferTypeValues.HttpCallResponseBody, 0, body_size as u32);
