@@ -64,9 +64,19 @@ struct Stream {
 }
 
 impl Context for Stream {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
-        info(&format!("v01 http_call response status={status} body={body_size}"));
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        info(&format!(
+            "v01 http_call response status={status} body={body_size}"
+        ));
         self.set_http_request_header("x-v01-callout-status", Some(&status));
         // 0.1's resume is proxy_continue_request.
         self.resume_http_request();
@@ -76,7 +86,11 @@ impl Context for Stream {
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, n: usize) -> Action {
         self.test = self.get_http_request_header("x-test").unwrap_or_default();
-        info(&format!("v01 request headers test={} has headers={}", self.test, n > 0));
+        info(&format!(
+            "v01 request headers test={} has headers={}",
+            self.test,
+            n > 0
+        ));
         match self.test.as_str() {
             "v01-headers" => {
                 self.add_http_request_header("x-v01-added", "1");
@@ -101,14 +115,22 @@ impl HttpContext for Stream {
                 let upstream = self.upstream.clone();
                 match self.dispatch_http_call(
                     &upstream,
-                    vec![(":method", "GET"), (":path", "/v01-callout"), (":authority", "echo.default.svc.cluster.local")],
+                    vec![
+                        (":method", "GET"),
+                        (":path", "/v01-callout"),
+                        (":authority", "echo.default.svc.cluster.local"),
+                    ],
                     None,
                     vec![],
                     Duration::from_secs(5),
                 ) {
                     Ok(_) => Action::Pause,
                     Err(e) => {
-                        self.send_http_response(500, vec![], Some(format!("dispatch failed: {e:?}\n").as_bytes()));
+                        self.send_http_response(
+                            500,
+                            vec![],
+                            Some(format!("dispatch failed: {e:?}\n").as_bytes()),
+                        );
                         Action::Pause
                     }
                 }
@@ -125,7 +147,10 @@ impl HttpContext for Stream {
             return Action::Pause;
         }
         let body = self.get_http_request_body(0, size).unwrap_or_default();
-        info(&format!("v01 body {size}: {}", String::from_utf8_lossy(&body)));
+        info(&format!(
+            "v01 body {size}: {}",
+            String::from_utf8_lossy(&body)
+        ));
         Action::Continue
     }
 

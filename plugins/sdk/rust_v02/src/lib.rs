@@ -52,7 +52,12 @@ impl RootContext for Root {
             log_at(LogLevel::Warn, "configuration refused on purpose");
             return false;
         }
-        let text = |k: &str| json.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let text = |k: &str| {
+            json.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         self.config = Config {
             upstream: text("upstream"),
             queue: text("queue"),
@@ -64,7 +69,10 @@ impl RootContext for Root {
         if self.config.tick_ms > 0 {
             self.set_tick_period(Duration::from_millis(self.config.tick_ms));
         }
-        log_at(LogLevel::Info, &format!("configured with {} bytes", raw.len()));
+        log_at(
+            LogLevel::Info,
+            &format!("configured with {} bytes", raw.len()),
+        );
         true
     }
 
@@ -113,7 +121,10 @@ fn log_at(level: LogLevel, msg: &str) {
 }
 
 fn parse_u64(b: &[u8]) -> u64 {
-    std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn show(b: Option<Vec<u8>>) -> String {
@@ -125,9 +136,7 @@ fn show(b: Option<Vec<u8>>) -> String {
 
 fn show_int(b: Option<Vec<u8>>) -> String {
     match b {
-        Some(v) if v.len() == 8 => {
-            i64::from_le_bytes(v.try_into().expect("8 bytes")).to_string()
-        }
+        Some(v) if v.len() == 8 => i64::from_le_bytes(v.try_into().expect("8 bytes")).to_string(),
         other => show(other),
     }
 }
@@ -147,7 +156,10 @@ impl Stream {
         self.set_http_request_header("x-absent-replaced", Some("created"));
         self.remove_http_request_header("x-remove");
         let got = self.get_http_request_header("x-get");
-        log_at(LogLevel::Info, &format!("x-get={}", got.as_deref().unwrap_or("<none>")));
+        log_at(
+            LogLevel::Info,
+            &format!("x-get={}", got.as_deref().unwrap_or("<none>")),
+        );
         let missing = self.get_http_request_header("x-missing");
         log_at(LogLevel::Info, &format!("x-missing={}", missing.is_some()));
         // Sorted: the order after a replace is the "order" scenario's subject.
@@ -161,7 +173,9 @@ impl Stream {
     fn test_headers(&self) -> Vec<String> {
         self.get_http_request_headers()
             .iter()
-            .filter(|(k, _)| k.starts_with("x-") && k != "x-request-id" && !k.starts_with("x-forwarded-"))
+            .filter(|(k, _)| {
+                k.starts_with("x-") && k != "x-request-id" && !k.starts_with("x-forwarded-")
+            })
             .map(|(k, v)| format!("{k}={v}"))
             .collect()
     }
@@ -173,7 +187,8 @@ impl Stream {
             .into_iter()
             .filter(|(k, _)| k.starts_with(':') || !k.starts_with("x-"))
             .collect();
-        let mut map: Vec<(&str, &str)> = keep.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut map: Vec<(&str, &str)> =
+            keep.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         map.push(("x-set-all", "1"));
         self.set_http_request_headers(map);
         Action::Continue
@@ -192,18 +207,32 @@ impl Stream {
             vec!["no_such_property"],
         ] {
             let v = self.get_property(path.clone());
-            log_at(LogLevel::Info, &format!("property {}={}", path.join("."), show(v)));
+            log_at(
+                LogLevel::Info,
+                &format!("property {}={}", path.join("."), show(v)),
+            );
         }
         let port = self.get_property(vec!["destination", "port"]);
-        log_at(LogLevel::Info, &format!("destination.port is 8 bytes: {}", port.map(|p| p.len() == 8).unwrap_or(false)));
+        log_at(
+            LogLevel::Info,
+            &format!(
+                "destination.port is 8 bytes: {}",
+                port.map(|p| p.len() == 8).unwrap_or(false)
+            ),
+        );
         self.set_property(vec!["rust_v02_mark"], Some(b"marked"));
         let back = self.get_property(vec!["rust_v02_mark"]);
-        log_at(LogLevel::Info, &format!("set_property read back {}", show(back)));
+        log_at(
+            LogLevel::Info,
+            &format!("set_property read back {}", show(back)),
+        );
         Action::Continue
     }
 
     fn shared_scenario(&mut self) -> Action {
-        let key = self.get_http_request_header("x-key").unwrap_or_else(|| "k".into());
+        let key = self
+            .get_http_request_header("x-key")
+            .unwrap_or_else(|| "k".into());
         let value = self.get_http_request_header("x-value").unwrap_or_default();
         let (before, cas) = self.get_shared_data(&key);
         let first = self.set_shared_data(&key, Some(value.as_bytes()), cas);
@@ -215,8 +244,19 @@ impl Stream {
         let (after, _) = self.get_shared_data(&key);
         let before = show(before);
         let after = show(after);
-        log_at(LogLevel::Info, &format!("shared {key}: before={before} first={first:?} stale={second} after={after}"));
-        self.reply(200, "shared\n", &[("x-before", &before), ("x-after", &after), ("x-stale", &second)])
+        log_at(
+            LogLevel::Info,
+            &format!("shared {key}: before={before} first={first:?} stale={second} after={after}"),
+        );
+        self.reply(
+            200,
+            "shared\n",
+            &[
+                ("x-before", &before),
+                ("x-after", &after),
+                ("x-stale", &second),
+            ],
+        )
     }
 
     fn metrics_scenario(&mut self) -> Action {
@@ -228,21 +268,41 @@ impl Stream {
         hostcalls::record_metric(g, 42).expect("record gauge");
         hostcalls::increment_metric(g, -2).expect("decrement gauge");
         hostcalls::record_metric(h, 7).expect("record histogram");
-        let cv = hostcalls::get_metric(c).map(|v| v.to_string()).unwrap_or_else(|e| format!("{e:?}"));
-        let gv = hostcalls::get_metric(g).map(|v| v.to_string()).unwrap_or_else(|e| format!("{e:?}"));
+        let cv = hostcalls::get_metric(c)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|e| format!("{e:?}"));
+        let gv = hostcalls::get_metric(g)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|e| format!("{e:?}"));
         log_at(LogLevel::Info, &format!("metrics counter={cv} gauge={gv}"));
         self.reply(200, "metrics\n", &[("x-counter", &cv), ("x-gauge", &gv)])
     }
 }
 
 impl Context for Stream {
-    fn on_http_call_response(&mut self, _token: u32, n_headers: usize, body_size: usize, n_trailers: usize) {
-        let status = self.get_http_call_response_header(":status").unwrap_or_default();
-        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
-        let echoed = self.get_http_call_response_header("x-echo-method").unwrap_or_default();
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        n_headers: usize,
+        body_size: usize,
+        n_trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let echoed = self
+            .get_http_call_response_header("x-echo-method")
+            .unwrap_or_default();
         log_at(
             LogLevel::Info,
-            &format!("http_call response status={status} headers>0={} body={} trailers={n_trailers} method={echoed}", n_headers > 0, body.len()),
+            &format!(
+                "http_call response status={status} headers>0={} body={} trailers={n_trailers} method={echoed}",
+                n_headers > 0,
+                body.len()
+            ),
         );
         self.set_http_request_header("x-callout-status", Some(&status));
         self.set_http_request_header("x-callout-body-bytes", Some(&body.len().to_string()));
@@ -254,20 +314,29 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> Action {
         self.test = self.get_http_request_header("x-test").unwrap_or_default();
         self.mode = self.get_http_request_header("x-mode").unwrap_or_default();
-        log_at(LogLevel::Debug, &format!("request headers test={} eos={eos}", self.test));
+        log_at(
+            LogLevel::Debug,
+            &format!("request headers test={} eos={eos}", self.test),
+        );
         match self.test.as_str() {
             "headers" => self.headers_scenario(),
             "set-headers" => self.set_headers_scenario(),
             "order" => {
                 self.set_http_request_header("x-first", Some("replaced"));
                 self.add_http_request_header("x-third", "added");
-                log_at(LogLevel::Info, &format!("order: {}", self.test_headers().join(",")));
+                log_at(
+                    LogLevel::Info,
+                    &format!("order: {}", self.test_headers().join(",")),
+                );
                 Action::Continue
             }
             "props-nested" => {
                 self.set_property(vec!["rust_v02", "nested"], Some(b"deep"));
                 let back = self.get_property(vec!["rust_v02", "nested"]);
-                log_at(LogLevel::Info, &format!("nested set_property read back {}", show(back)));
+                log_at(
+                    LogLevel::Info,
+                    &format!("nested set_property read back {}", show(back)),
+                );
                 Action::Continue
             }
             "local-empty" => {
@@ -275,10 +344,14 @@ impl HttpContext for Stream {
                 Action::Pause
             }
             "config-buffer" => {
-                let cfg = hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
+                let cfg = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::PluginConfiguration,
+                    0,
+                    usize::MAX,
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
                 self.reply(200, &String::from_utf8_lossy(&cfg), &[])
             }
             "body" => {
@@ -289,7 +362,11 @@ impl HttpContext for Stream {
             "local" => self.reply(
                 self.mode.parse().unwrap_or(403),
                 "denied by rust_v02\n",
-                &[("x-local", "yes"), ("set-cookie", "a=1"), ("set-cookie", "b=2")],
+                &[
+                    ("x-local", "yes"),
+                    ("set-cookie", "a=1"),
+                    ("set-cookie", "b=2"),
+                ],
             ),
             "props" => self.props_scenario(),
             "shared" => self.shared_scenario(),
@@ -299,7 +376,9 @@ impl HttpContext for Stream {
                 self.reply(200, "config\n", &[("x-upstream", &upstream)])
             }
             "loglevel" => {
-                let level = hostcalls::get_log_level().map(|l| (l as u32).to_string()).unwrap_or_else(|e| format!("{e:?}"));
+                let level = hostcalls::get_log_level()
+                    .map(|l| (l as u32).to_string())
+                    .unwrap_or_else(|e| format!("{e:?}"));
                 self.reply(200, "loglevel\n", &[("x-log-level", &level)])
             }
             "log" => {
@@ -318,7 +397,10 @@ impl HttpContext for Stream {
             "queue" => {
                 let value = self.get_http_request_header("x-value").unwrap_or_default();
                 let r = match self.queue_id {
-                    Some(id) => format!("{:?}", self.enqueue_shared_queue(id, Some(value.as_bytes()))),
+                    Some(id) => format!(
+                        "{:?}",
+                        self.enqueue_shared_queue(id, Some(value.as_bytes()))
+                    ),
                     None => "no queue configured".into(),
                 };
                 log_at(LogLevel::Info, &format!("enqueue {value}: {r}"));
@@ -331,14 +413,25 @@ impl HttpContext for Stream {
             "tick" => {
                 let (v, _) = self.get_shared_data(TICKS_KEY);
                 let ticked = v.map(|v| parse_u64(&v) > 0).unwrap_or(false);
-                self.reply(200, "tick\n", &[("x-ticked", if ticked { "yes" } else { "no" })])
+                self.reply(
+                    200,
+                    "tick\n",
+                    &[("x-ticked", if ticked { "yes" } else { "no" })],
+                )
             }
             "httpcall" => {
                 let upstream = self.config.upstream.clone();
-                let path = self.get_http_request_header("x-callout-path").unwrap_or_else(|| "/callout".into());
+                let path = self
+                    .get_http_request_header("x-callout-path")
+                    .unwrap_or_else(|| "/callout".into());
                 let r = self.dispatch_http_call(
                     &upstream,
-                    vec![(":method", "POST"), (":path", &path), (":authority", "echo.default.svc.cluster.local"), ("x-from", "rust_v02")],
+                    vec![
+                        (":method", "POST"),
+                        (":path", &path),
+                        (":authority", "echo.default.svc.cluster.local"),
+                        ("x-from", "rust_v02"),
+                    ],
                     Some(b"callout body"),
                     vec![],
                     Duration::from_secs(5),
@@ -349,9 +442,18 @@ impl HttpContext for Stream {
                 }
             }
             "httpcall-bad" => {
-                let r = self.dispatch_http_call("no_such_cluster", vec![(":method", "GET"), (":path", "/"), (":authority", "x")], None, vec![], Duration::from_secs(1));
+                let r = self.dispatch_http_call(
+                    "no_such_cluster",
+                    vec![(":method", "GET"), (":path", "/"), (":authority", "x")],
+                    None,
+                    vec![],
+                    Duration::from_secs(1),
+                );
                 let r = format!("{:?}", r.map(|_| ()));
-                log_at(LogLevel::Info, &format!("dispatch to an unknown upstream: {r}"));
+                log_at(
+                    LogLevel::Info,
+                    &format!("dispatch to an unknown upstream: {r}"),
+                );
                 self.reply(200, "bad\n", &[("x-dispatch", &r)])
             }
             _ => Action::Continue,
@@ -367,7 +469,13 @@ impl HttpContext for Stream {
             return Action::Pause;
         }
         let body = self.get_http_request_body(0, size).unwrap_or_default();
-        log_at(LogLevel::Info, &format!("request body {size} bytes: {}", String::from_utf8_lossy(&body)));
+        log_at(
+            LogLevel::Info,
+            &format!(
+                "request body {size} bytes: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        );
         match self.mode.as_str() {
             "replace" => self.set_http_request_body(0, size, &body.to_ascii_uppercase()),
             "prepend" => self.set_http_request_body(0, 0, b"before:"),
@@ -389,7 +497,10 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _n: usize, eos: bool) -> Action {
         let status = self.get_http_response_header(":status").unwrap_or_default();
-        log_at(LogLevel::Debug, &format!("response headers status={status} eos={eos}"));
+        log_at(
+            LogLevel::Debug,
+            &format!("response headers status={status} eos={eos}"),
+        );
         self.response_headers = self.get_http_response_headers();
         match self.test.as_str() {
             "headers" => {
@@ -397,15 +508,24 @@ impl HttpContext for Stream {
                 self.set_http_response_header("x-resp-replace", Some("replaced"));
                 self.remove_http_response_header("x-resp-remove");
                 let got = self.get_http_response_header("x-resp-get");
-                log_at(LogLevel::Info, &format!("x-resp-get={}", got.as_deref().unwrap_or("<none>")));
+                log_at(
+                    LogLevel::Info,
+                    &format!("x-resp-get={}", got.as_deref().unwrap_or("<none>")),
+                );
             }
             "local" => {
                 let local = self.get_http_response_header("x-local");
-                self.add_http_response_header("x-seen-by-response", &format!("{status}/{}", local.unwrap_or_default()));
+                self.add_http_response_header(
+                    "x-seen-by-response",
+                    &format!("{status}/{}", local.unwrap_or_default()),
+                );
             }
             "props" => {
                 let code = self.get_property(vec!["response", "code"]);
-                log_at(LogLevel::Info, &format!("property response.code={}", show_int(code)));
+                log_at(
+                    LogLevel::Info,
+                    &format!("property response.code={}", show_int(code)),
+                );
             }
             "body" => {
                 // The body will change size: the length header is stale.
