@@ -11,6 +11,8 @@
 #    are present, so a repeat run costs only cargo's up-to-date check.
 #
 # Usage: scripts/build-plugins.sh [plugin ...]   (default: every plugin)
+# A plugin is a directory under plugins/ (nested ones too, e.g. sdk/rust_v02);
+# its module is target/wasm/<crate name>.wasm, the crate named as its directory.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -123,14 +125,15 @@ mkdir -p "$OUT_DIR"
 for p in "${plugins[@]}"; do
     log "building $p"
     (cd "$PLUGINS_DIR/$p" && "${build_cmd[@]}")
-    src="$artifact_dir/$p.wasm"
+    name="$(basename "$p")"
+    src="$artifact_dir/$name.wasm"
     [[ -f "$src" ]] || die "cargo did not produce $src"
     [[ "$(head -c4 "$src" | od -An -tx1 | tr -d ' \n')" == "0061736d" ]] || die "$src is not a wasm module"
     # cp only when changed, so an unchanged module keeps its mtime.
-    cmp -s "$src" "$OUT_DIR/$p.wasm" 2>/dev/null || cp "$src" "$OUT_DIR/$p.wasm"
+    cmp -s "$src" "$OUT_DIR/$name.wasm" 2>/dev/null || cp "$src" "$OUT_DIR/$name.wasm"
 done
 
 for p in "${plugins[@]}"; do
-    f="$OUT_DIR/$p.wasm"
+    f="$OUT_DIR/$(basename "$p").wasm"
     printf '%s  %8d bytes  sha256 %s\n' "${f#"$REPO"/}" "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -d' ' -f1)"
 done

@@ -44,10 +44,21 @@ pub struct Waystone {
     pub insecure: String,
     child: Option<Child>,
     log: PathBuf,
+    rust_log: String,
 }
 
 impl Waystone {
     pub fn start(data_dir: &Path, net: [u8; 3], insecure_registry: &str) -> Self {
+        Self::start_with_log(data_dir, net, insecure_registry, "info")
+    }
+
+    /// As `start`, with `RUST_LOG` set to `rust_log` (e.g. to see plugins' debug lines).
+    pub fn start_with_log(
+        data_dir: &Path,
+        net: [u8; 3],
+        insecure_registry: &str,
+        rust_log: &str,
+    ) -> Self {
         let gateway_ip = format!("{}.{}.{}.1", net[0], net[1], net[2]);
         let entry: SocketAddr = format!("{}.{}.{}.200:15001", net[0], net[1], net[2])
             .parse()
@@ -59,6 +70,7 @@ impl Waystone {
             insecure: insecure_registry.to_string(),
             child: None,
             log: data_dir.with_extension("up.log"),
+            rust_log: rust_log.to_string(),
         };
         w.spawn();
         w
@@ -73,7 +85,7 @@ impl Waystone {
             .args(["--entry-address", &self.entry.to_string()])
             .args(["--workers", "2"])
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.rust_log)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

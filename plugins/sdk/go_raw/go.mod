@@ -1,0 +1,3 @@
+module waystone.test/go_raw
+
+go 1.24
