@@ -704,3 +704,229 @@ fn apply_with_cli(cluster: &Cluster, yaml: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// The subset of Helm's template language the chart uses: `{{ .Values.a.b }}`,
+/// `{{ .Release.Name }}`, `{{ . }}`, `{{- range .Values.list }} ... {{- end }}`, and the
+/// `{{-`/`-}}` whitespace trims. Anything else is an error, so the chart cannot drift past what
+/// this test checks.
+mod chart {
+    use serde_json::Value;
+
+    enum Node {
+        Text(String),
+        Expr(String),
+        Range(String, Vec<Node>),
+    }
+
+    fn lex(src: &str) -> Vec<(bool, String)> {
+        // (is_action, text) with trims applied.
+        let mut out: Vec<(bool, String)> = Vec::new();
+        let mut rest = src;
+        let mut trim_next = false;
+        while let Some(start) = rest.find("{{") {
+            let mut text = rest[..start].to_string();
+            if trim_next {
+                text = text.trim_start().to_string();
+            }
+            let end = rest[start..].find("}}").expect("unclosed {{") + start;
+            let mut action = &rest[start + 2..end];
+            if let Some(a) = action.strip_prefix('-') {
+                text = text.trim_end().to_string();
+                action = a;
+            }
+            trim_next = false;
+            if let Some(a) = action.strip_suffix('-') {
+                trim_next = true;
+                action = a;
+            }
+            out.push((false, text));
+            out.push((true, action.trim().to_string()));
+            rest = &rest[end + 2..];
+        }
+        let tail = if trim_next { rest.trim_start() } else { rest };
+        out.push((false, tail.to_string()));
+        out
+    }
+
+    fn parse(tokens: &mut std::vec::IntoIter<(bool, String)>) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        while let Some((action, text)) = tokens.next() {
+            if !action {
+                nodes.push(Node::Text(text));
+            } else if text == "end" {
+                return nodes;
+            } else if let Some(path) = text.strip_prefix("range ") {
+                let body = parse(tokens);
+                nodes.push(Node::Range(path.trim().to_string(), body));
+            } else {
+                nodes.push(Node::Expr(text));
+            }
+        }
+        nodes
+    }
+
+    fn lookup<'a>(path: &str, root: &'a Value, dot: &'a Value) -> &'a Value {
+        if path == "." {
+            return dot;
+        }
+        let mut cur = root;
+        for part in path.trim_start_matches('.').split('.') {
+            cur = cur
+                .get(part)
+                .unwrap_or_else(|| panic!("template refers to {path}, which is not set"));
+        }
+        cur
+    }
+
+    fn eval(nodes: &[Node], root: &Value, dot: &Value, out: &mut String) {
+        for n in nodes {
+            match n {
+                Node::Text(t) => out.push_str(t),
+                Node::Expr(e) => {
+                    assert!(
+                        e == "." || e.starts_with(".Values.") || e.starts_with(".Release."),
+                        "unsupported template action {{{{ {e} }}}}"
+                    );
+                    match lookup(e, root, dot) {
+                        Value::String(s) => out.push_str(s),
+                        other => out.push_str(&other.to_string()),
+                    }
+                }
+                Node::Range(path, body) => {
+                    let items = lookup(path, root, dot)
+                        .as_array()
+                        .unwrap_or_else(|| panic!("range over {path}, which is not a list"));
+                    for item in items {
+                        eval(body, root, item, out);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn render(template: &str, root: &Value) -> String {
+        let mut tokens = lex(template).into_iter();
+        let nodes = parse(&mut tokens);
+        let mut out = String::new();
+        eval(&nodes, root, root, &mut out);
+        out
+    }
+}
+
+#[test]
+fn helm_chart_renders_and_validates_against_the_api_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+    let chart = repo_root().join("deploy/helm/waystone");
+    // Istio's CRDs first, as in a cluster that already runs Istio; then the Gateway API's.
+    let crds = repo_root().join("crates/waystone/tests/crds");
+    for f in [
+        "istio-extensions.yaml",
+        "gw_gatewayclasses.yaml",
+        "gw_gateways.yaml",
+        "gw_httproutes.yaml",
+    ] {
+        cluster.kubectl(
+            &[
+                "apply",
+                "--validate=false",
+                "-f",
+                crds.join(f).to_str().unwrap(),
+            ],
+            None,
+        );
+    }
+    // The chart's CRDs install over Istio's unchanged: same objects, nothing to reconcile.
+    let ours = chart.join("crds/extensions.istio.io.yaml");
+    let out = cluster.kubectl(
+        &["apply", "--validate=false", "-f", ours.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        out.contains("wasmplugins.extensions.istio.io") && !out.contains("error"),
+        "{out}"
+    );
+    wait_until(
+        WAIT,
+        || cluster.kubectl_ok(&["get", "wasmplugins,gateways"]),
+        || "CRDs not served".into(),
+    );
+
+    let values_text = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let values: Value = serde_saphyr::from_str(&values_text).unwrap();
+    let root = serde_json::json!({
+        "Values": values,
+        "Release": {"Name": "waystone", "Namespace": "waystone-system"},
+    });
+    let mut rendered = String::new();
+    let mut templates: Vec<_> = std::fs::read_dir(chart.join("templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    templates.sort();
+    for t in templates {
+        let text = chart::render(&std::fs::read_to_string(&t).unwrap(), &root);
+        assert!(!text.contains("{{"), "{}: unrendered action", t.display());
+        rendered.push_str("---\n");
+        rendered.push_str(&text);
+        rendered.push('\n');
+    }
+    assert!(
+        rendered.contains("- --gateway-class=istio-waypoint"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("name: system:serviceaccounts:default"),
+        "{rendered}"
+    );
+    cluster.kubectl(&["create", "namespace", "waystone-system"], None);
+    let out = cluster.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered));
+    for expected in [
+        "serviceaccount/waystone-controller created (server dry run)",
+        "deployment.apps/waystone-controller created (server dry run)",
+        "clusterrole.rbac.authorization.k8s.io/waystone-controller created (server dry run)",
+        "clusterrolebinding.rbac.authorization.k8s.io/waystone-proxy created (server dry run)",
+        "gatewayclass.gateway.networking.k8s.io/waystone created (server dry run)",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+
+    // Least privilege, checked by the API server itself: the controller's account may write
+    // status and Deployments but not read every Secret; a data plane may only read.
+    cluster.kubectl(&["apply", "-f", "-"], Some(&rendered));
+    let can = |sa: &str, verb: &str, resource: &str| {
+        let who = format!("--as=system:serviceaccount:{sa}");
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args(["auth", "can-i", verb, &who, "-A"])
+            .args(match resource.split_once('/') {
+                Some((r, sub)) => vec![r.to_string(), format!("--subresource={sub}")],
+                None => vec![resource.to_string()],
+            })
+            .output()
+            .unwrap()
+            .stdout
+            .starts_with(b"yes")
+    };
+    let ctl = "waystone-system:waystone-controller";
+    let proxy = "default:bookinfo-gateway-waystone";
+    assert!(can(
+        ctl,
+        "patch",
+        "gateways.gateway.networking.k8s.io/status"
+    ));
+    assert!(can(ctl, "create", "deployments.apps"));
+    assert!(can(ctl, "get", "secrets"));
+    assert!(!can(ctl, "list", "secrets"));
+    assert!(!can(ctl, "patch", "wasmplugins.extensions.istio.io"));
+    assert!(can(proxy, "watch", "wasmplugins.extensions.istio.io"));
+    assert!(!can(
+        proxy,
+        "patch",
+        "gateways.gateway.networking.k8s.io/status"
+    ));
+    assert!(!can(proxy, "list", "secrets"));
+    assert!(!can(proxy, "create", "deployments.apps"));
+}
