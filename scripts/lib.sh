@@ -44,7 +44,7 @@ KUBE_VERSION=1.20.2
 KUBE_CACHE_DIRS=("/var/cache/waystone" "$REPO/target/tools")
 
 ensure_kube_test_packages() {
-    ensure_packages etcd-server ca-certificates
+    ensure_packages etcd-server openssl ca-certificates
     command -v kubectl >/dev/null 2>&1 || ensure_packages kubernetes-client
 }
 
