@@ -23,7 +23,7 @@ fn obj(v: serde_json::Value) -> Resource {
 fn plugin(i: usize, priority: i64) -> Resource {
     let ns = format!("ns{}", i % NAMESPACES);
     // Half target an ingress gateway, half a service behind a waypoint.
-    let target = if i % 2 == 0 {
+    let target = if i.is_multiple_of(2) {
         json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": format!("gw{}", (i / 2) % (GATEWAYS / NAMESPACES))})
     } else {
         json!({"group": "", "kind": "Service", "name": format!("svc{}", i % (SERVICES / NAMESPACES))})
