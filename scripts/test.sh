@@ -10,6 +10,10 @@ ensure_runtime_packages
 scripts/build-plugins.sh
 # The SDK test plugins and Envoy, for the differential tests (docs/differential.md).
 scripts/build-sdk-plugins.sh
+# Kubernetes mode's tests: etcd, kubectl, and kube-apiserver built from Debian's sources once.
+ensure_kube_test_packages
+WAYSTONE_KUBE_APISERVER="$(ensure_kube_apiserver)"
+export WAYSTONE_KUBE_APISERVER
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 log "cargo fmt --check"

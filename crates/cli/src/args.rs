@@ -22,6 +22,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "WAYSTONE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Talk to this Kubernetes cluster's API server instead of the local API (apply, get,
+    /// delete, label, waypoint); KUBECONFIG does the same
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// Log more (debug level) unless RUST_LOG says otherwise
     #[arg(short, long, global = true)]
     pub verbose: bool,
@@ -45,6 +50,10 @@ pub enum Command {
     /// Manage waypoints (like istioctl waypoint)
     #[command(subcommand)]
     Waypoint(WaypointCommand),
+    /// Run the control plane in a Kubernetes cluster: status, and a data plane per Gateway
+    Controller(ControllerArgs),
+    /// Run one gateway's or waypoint's data plane, configured from a Kubernetes cluster
+    Proxy(ProxyArgs),
     /// Push a Wasm module to an OCI registry
     Push(PushArgs),
     /// Run demo applications
@@ -92,6 +101,53 @@ pub struct UpArgs {
     /// Data-plane worker threads [default: the number of cores]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// A GatewayClass whose Gateways this controller serves; repeatable
+    /// [default: waystone, istio-waypoint]
+    #[arg(long = "gateway-class", value_name = "NAME")]
+    pub gateway_classes: Vec<String>,
+
+    /// The image data-plane Deployments run
+    #[arg(long, value_name = "IMAGE", env = "WAYSTONE_PROXY_IMAGE")]
+    pub proxy_image: Option<String>,
+
+    /// Write status only; do not create Deployments, Services and ServiceAccounts
+    #[arg(long)]
+    pub no_deploy: bool,
+
+    /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The Gateway (or waypoint) this data plane runs, as NAMESPACE/NAME
+    #[arg(long, value_name = "NS/NAME")]
+    pub gateway: String,
+
+    /// Address the gateway's listeners bind to
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub gateway_address: IpAddr,
+
+    /// Also open a local mesh entry here (ztunnel's stand-in, for clusters without ztunnel)
+    #[arg(long, value_name = "ADDR")]
+    pub entry_address: Option<SocketAddr>,
+
+    /// Data-plane worker threads [default: the number of cores]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: Option<u16>,
+
+    /// After each configuration swap, write where the listeners are (JSON) to this file
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+
+    /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Args)]

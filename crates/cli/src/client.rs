@@ -40,6 +40,32 @@ pub struct ApiClient {
     token: String,
     data_dir: PathBuf,
     http: reqwest::Client,
+    /// Set with `--kubeconfig`/`KUBECONFIG`: every call goes to that API server instead.
+    kube: Option<KubeBackend>,
+}
+
+#[derive(Clone)]
+struct KubeBackend(waystone_kube::client::KubeClient);
+
+impl std::fmt::Debug for KubeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeBackend")
+    }
+}
+
+impl From<waystone_kube::client::CallError> for ClientError {
+    fn from(e: waystone_kube::client::CallError) -> Self {
+        match e.code.and_then(|c| StatusCode::from_u16(c).ok()) {
+            Some(status) => ClientError::Api {
+                status,
+                message: one_line(&e.message),
+            },
+            None => ClientError::Transport {
+                addr: "the Kubernetes API server".into(),
+                reason: one_line(&e.message),
+            },
+        }
+    }
 }
 
 impl ApiClient {
@@ -71,10 +97,47 @@ impl ApiClient {
             token,
             data_dir: data_dir.to_path_buf(),
             http,
+            kube: None,
+        })
+    }
+
+    /// A client of a Kubernetes API server: `kubeconfig`, else `KUBECONFIG` and the usual
+    /// inference (in-cluster, `~/.kube/config`).
+    pub async fn from_kubeconfig(kubeconfig: Option<&PathBuf>) -> Result<Self, ClientError> {
+        let client =
+            waystone_kube::connect(kubeconfig)
+                .await
+                .map_err(|e| ClientError::Transport {
+                    addr: "the Kubernetes API server".into(),
+                    reason: e.to_string(),
+                })?;
+        Ok(Self {
+            addr: "the Kubernetes API server".into(),
+            token: String::new(),
+            data_dir: PathBuf::new(),
+            http: reqwest::Client::new(),
+            kube: Some(KubeBackend(waystone_kube::client::KubeClient::new(client))),
         })
     }
 
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ClientError> {
+        if let Some(k) = &self.kube {
+            let applied =
+                k.0.apply(&req.manifests, &req.source, &req.default_namespace)
+                    .await?;
+            return Ok(ApplyResponse {
+                results: applied
+                    .into_iter()
+                    .map(|a| waystone_control::api::ApplyResult {
+                        kind: a.kind,
+                        namespace: a.namespace,
+                        name: a.name,
+                        action: a.action,
+                        warnings: Vec::new(),
+                    })
+                    .collect(),
+            });
+        }
         self.send(self.http.post(self.url("/v1/apply")).json(req))
             .await
     }
@@ -85,6 +148,9 @@ impl ApiClient {
         kind: &str,
         namespace: Option<&str>,
     ) -> Result<Vec<Value>, ClientError> {
+        if let Some(k) = &self.kube {
+            return Ok(k.0.list(kind, namespace).await?);
+        }
         let mut query = Vec::new();
         if let Some(ns) = namespace {
             query.push(("namespace", ns));
@@ -117,6 +183,9 @@ impl ApiClient {
         namespace: &str,
         name: &str,
     ) -> Result<Value, ClientError> {
+        if let Some(k) = &self.kube {
+            return Ok(k.0.get(kind, namespace, name).await?);
+        }
         let query = [("namespace", namespace), ("name", name)];
         let resp: ListResponse = self
             .send(self.objects(reqwest::Method::GET, kind, &query))
@@ -131,6 +200,9 @@ impl ApiClient {
     }
 
     pub async fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<(), ClientError> {
+        if let Some(k) = &self.kube {
+            return Ok(k.0.delete(kind, namespace, name).await?);
+        }
         let query = [("namespace", namespace), ("name", name)];
         let _: DeleteResponse = self
             .send(self.objects(reqwest::Method::DELETE, kind, &query))
@@ -151,6 +223,22 @@ impl ApiClient {
     }
 
     pub async fn label(&self, req: &LabelRequest) -> Result<LabelResponse, ClientError> {
+        if let Some(k) = &self.kube {
+            let changed =
+                k.0.label(
+                    &req.kind,
+                    &req.namespace,
+                    &req.name,
+                    &req.set,
+                    &req.remove,
+                    req.overwrite,
+                )
+                .await?;
+            let action = if changed { "labeled" } else { "not labeled" };
+            return Ok(LabelResponse {
+                action: action.into(),
+            });
+        }
         self.send(self.http.post(self.url("/v1/label")).json(req))
             .await
     }

@@ -59,7 +59,7 @@ where
     };
     init_logging(&cli);
     let data_dir = waystone_control::paths::resolve_data_dir(cli.data_dir.clone());
-    match commands::run(cli.command, &data_dir) {
+    match commands::run(cli.command, &data_dir, cli.kubeconfig.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Failed(msg)) => {
             eprintln!("error: {msg}");
@@ -108,7 +108,7 @@ pub fn clap_error_line(e: &clap::Error) -> String {
 fn init_logging(cli: &Cli) {
     let default = match (&cli.command, cli.verbose) {
         (_, true) => "debug",
-        (Command::Up(_), false) => "info",
+        (Command::Up(_) | Command::Controller(_) | Command::Proxy(_), false) => "info",
         (_, false) => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

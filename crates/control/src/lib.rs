@@ -3,10 +3,13 @@
 pub mod api;
 mod objects;
 pub mod paths;
+pub mod pipeline;
 mod reconcile;
 mod server;
-mod status;
+pub mod status;
 mod store;
 mod up;
 
 pub use up::{UpOptions, run_up};
+
+pub use objects::now_rfc3339;

@@ -5,6 +5,7 @@ mod cache;
 mod delete;
 mod demo;
 mod get;
+mod kube;
 mod label;
 mod push;
 mod up;
@@ -12,7 +13,7 @@ mod waypoint;
 
 use std::future::Future;
 use std::io::Read as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use waystone_control::api::ApplyResponse;
 use waystone_model::{KindInfo, lookup_kind};
@@ -48,33 +49,46 @@ impl Failures {
     }
 }
 
-pub fn run(command: Command, data_dir: &Path) -> CliResult {
+pub fn run(command: Command, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> CliResult {
     match command {
         Command::Up(a) => up::run(a, data_dir),
         Command::Demo(DemoCommand::Bookinfo(a)) => demo::run(a, data_dir),
         Command::Push(a) => block_on(push::run(a)),
         Command::Cache(CacheCommand::List) => cache::list(data_dir),
         Command::Cache(CacheCommand::Prune(a)) => cache::prune(data_dir, a),
+        Command::Controller(a) => kube::controller(a, data_dir, kubeconfig),
+        Command::Proxy(a) => kube::proxy(a, data_dir, kubeconfig),
         Command::Apply(a) => {
-            block_on(async { apply::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+            block_on(async { apply::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::Get(a) => {
-            block_on(async { get::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+            block_on(async { get::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::Delete(a) => {
-            block_on(async { delete::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+            block_on(async { delete::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::Label(a) => {
-            block_on(async { label::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+            block_on(async { label::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::Waypoint(w) => block_on(async {
-            let client = ApiClient::from_data_dir(data_dir)?;
+            let client = connect(data_dir, kubeconfig).await?;
             match w {
                 WaypointCommand::Apply(a) => waypoint::apply(&client, a).await,
                 WaypointCommand::List(a) => waypoint::list(&client, a).await,
                 WaypointCommand::Delete(a) => waypoint::delete(&client, a).await,
             }
         }),
+    }
+}
+
+/// The local API of `waystone up`, or a Kubernetes API server when `--kubeconfig` or
+/// `KUBECONFIG` names one.
+async fn connect(data_dir: &Path, kubeconfig: Option<&PathBuf>) -> CliResult<ApiClient> {
+    let from_env = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
+    if kubeconfig.is_some() || from_env {
+        Ok(ApiClient::from_kubeconfig(kubeconfig).await?)
+    } else {
+        Ok(ApiClient::from_data_dir(data_dir)?)
     }
 }
 

@@ -1,0 +1,136 @@
+//! `waystone proxy --gateway NS/NAME`: one gateway's or waypoint's data plane, as a pod runs
+//! it. It watches only its own Gateway (plus the routes, services, endpoints and plugins a
+//! gateway may refer to), runs only that gateway, and loads only the plugins in its chains.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use serde_json::json;
+use waystone_control::pipeline::Pipeline;
+use waystone_model::snapshot::{GatewayRole, ObjectKey, Snapshot};
+use waystone_model::translate;
+use waystone_proxy::{DataPlane, DataPlaneConfig};
+
+use crate::Engines;
+use crate::error::KubeError;
+use crate::source::{KubeSource, Scope};
+
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub gateway: ObjectKey,
+    pub gateway_address: IpAddr,
+    /// A local mesh entry (ztunnel's stand-in), for waypoints tested without ztunnel.
+    pub entry_address: Option<SocketAddr>,
+    pub workers: usize,
+    /// Written (JSON: gateway, address, listeners) after every swap, for probes and tests.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Keeps only `gateway` and the plugins its chains name.
+pub fn narrow_to_gateway(mut s: Snapshot, gateway: &ObjectKey) -> Snapshot {
+    s.gateways.retain(|g| g.key == *gateway);
+    let mut used = std::collections::BTreeSet::new();
+    for g in &s.gateways {
+        for l in &g.listeners {
+            used.extend(l.chain.iter().cloned());
+        }
+        if matches!(g.role, GatewayRole::Waypoint { .. }) {
+            for ws in &g.waypoint_services {
+                for p in &ws.ports {
+                    used.extend(p.chain.iter().cloned());
+                }
+            }
+        }
+    }
+    s.plugins.retain(|id, _| used.contains(id));
+    s
+}
+
+pub async fn run_proxy(
+    client: Client,
+    engines: Engines,
+    opts: ProxyOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), KubeError> {
+    let dataplane = Arc::new(
+        DataPlane::start(DataPlaneConfig {
+            workers: opts.workers.max(1),
+            gateway_address: opts.gateway_address,
+            entry_address: opts.entry_address,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| KubeError::Config(e.to_string()))?,
+    );
+    let source = KubeSource::start(client, &Scope::Gateway(opts.gateway.clone())).await?;
+    source.ready().await;
+    tracing::info!(gateway = %opts.gateway, "proxy synced with the API server");
+    let translate_opts = engines.translate.clone();
+    let mut pipeline = Pipeline::new(engines.engine, engines.fetcher, engines.translate);
+    let changed = source.changed();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut retry = Duration::from_secs(2);
+    loop {
+        let objects = source.objects().await;
+        let translation = translate(&objects, &translate_opts);
+        let key = opts.gateway.clone();
+        let built = pipeline
+            .build_from(translation, |s| narrow_to_gateway(s, &key))
+            .await;
+        let found = built.runtime.snapshot.gateway(&opts.gateway).is_some();
+        let bindings = dataplane.apply(built.runtime).await;
+        if !found {
+            tracing::warn!(gateway = %opts.gateway, "the gateway does not exist or does not translate; serving nothing");
+        }
+        if let Some(path) = &opts.ready_file {
+            let b = bindings.get(&opts.gateway);
+            let listeners: serde_json::Map<String, serde_json::Value> = b
+                .map(|b| {
+                    b.listeners
+                        .iter()
+                        .map(|l| {
+                            let v = match &l.result {
+                                Ok(a) => json!(a.to_string()),
+                                Err(e) => json!({ "error": e }),
+                            };
+                            (l.name.clone(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body = json!({
+                "gateway": opts.gateway.to_string(),
+                "found": found,
+                "address": b.map(|b| b.address.to_string()),
+                "entry": dataplane.entry_address().map(|a| a.to_string()),
+                "listeners": listeners,
+                "plugins": dataplane.current().plugins.len(),
+            });
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, body.to_string())
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .is_err()
+            {
+                tracing::warn!(path = %path.display(), "cannot write the ready file");
+            }
+        }
+        let wait = if built.failing {
+            let d = retry;
+            retry = (retry * 2).min(Duration::from_secs(60));
+            d
+        } else {
+            retry = Duration::from_secs(2);
+            Duration::from_secs(60)
+        };
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    dataplane.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}

@@ -1,0 +1,932 @@
+//! Kubernetes mode against a real kube-apiserver (1.20, built from Debian's sources by
+//! `scripts/kube-apiserver.sh`) and etcd on loopback, with the real Istio and Gateway API CRDs:
+//! the walkthrough's manifests applied with kubectl, `waystone controller` and
+//! `waystone proxy` processes, backends on loopback behind EndpointSlices.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use waystone_fetch::testing::Registry;
+
+const GW_CREDS: &str = "Basic YWRtaW4zOmFkbWluMw==";
+const SVC_CREDS: &str = "Basic MXQtaW4zOmFkbWluMw==";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The binary under test; `WAYSTONE_BIN` overrides it (a build directory shared by several
+/// checkouts may hold another checkout's binary by the time the test runs).
+fn bin() -> PathBuf {
+    std::env::var_os("WAYSTONE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kube_apiserver() -> PathBuf {
+    let candidates = [
+        std::env::var_os("WAYSTONE_KUBE_APISERVER").map(PathBuf::from),
+        Some(PathBuf::from("/var/cache/waystone/kube-apiserver-1.20.2")),
+        Some(repo_root().join("target/tools/kube-apiserver-1.20.2")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .expect("kube-apiserver is missing: run scripts/kube-apiserver.sh first")
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// etcd and kube-apiserver on free loopback ports, a kubeconfig with an admin token.
+struct Cluster {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    port: u16,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    etcd_url: String,
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["openssl", "genrsa", "-out", "sa.key", "2048"]);
+        run(&[
+            "openssl", "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub",
+        ]);
+        std::fs::write(
+            dir.join("tokens.csv"),
+            "admin-token,admin,admin-uid,system:masters\n",
+        )
+        .unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{client}");
+        let etcd = Command::new("etcd")
+            .args([
+                "--data-dir",
+                "etcd-data",
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .current_dir(dir)
+            .stdout(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("etcd.err")).unwrap())
+            .spawn()
+            .expect("etcd (Debian etcd-server) must be installed");
+        let port = free_port();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}}}]\nusers: [{{name: t, user: {{token: admin-token}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t, namespace: default}}}}]\ncurrent-context: t\n"
+            ),
+        )
+        .unwrap();
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            kubeconfig,
+            port,
+            etcd: Some(etcd),
+            apiserver: None,
+            etcd_url,
+        };
+        c.start_apiserver();
+        c
+    }
+
+    fn start_apiserver(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("apiserver.log"))
+            .unwrap();
+        let child = Command::new(kube_apiserver())
+            .args([
+                &format!("--etcd-servers={}", self.etcd_url),
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={}", self.port),
+                "--cert-dir=certs",
+                "--token-auth-file=tokens.csv",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--service-account-key-file=sa.pub",
+                "--service-account-signing-key-file=sa.key",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+            ])
+            .current_dir(&self.dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.apiserver = Some(child);
+        wait_until(
+            WAIT,
+            || self.kubectl_ok(&["get", "--raw", "/readyz"]),
+            || self.log(),
+        );
+    }
+
+    fn stop_apiserver(&mut self) {
+        kill(&mut self.apiserver);
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default();
+        text.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> bool {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl must be installed");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.unwrap_or("").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn get_json(&self, what: &str) -> Option<Value> {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["get", what, "-o", "json"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// The waystone CLI against this cluster.
+    fn waystone(&self, args: &[&str]) -> String {
+        let out = Command::new(bin())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "waystone {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        kill(&mut self.apiserver);
+        kill(&mut self.etcd);
+    }
+}
+
+/// A `waystone controller` or `waystone proxy` process with its log in a file.
+struct Role {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Role {
+    fn start(cluster: &Cluster, name: &str, args: &[&str]) -> Role {
+        let log = cluster.dir.join(format!("{name}.log"));
+        let child = Command::new(bin())
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .arg("--data-dir")
+            .arg(cluster.dir.join(format!("{name}-data")))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Role {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A plain HTTP backend answering 200 and its name, one thread per connection.
+fn backend(name: &'static str, ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = format!("{name}\n");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+fn service_yaml(name: &str, backend: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, labels: {{app: {name}}}}}\nspec:\n  ports: [{{name: http, port: 9080, targetPort: {p}}}]\n  selector: {{app: {name}}}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}]\nports: [{{name: http, port: {p}, protocol: TCP}}]\n",
+        p = backend.port(),
+        ip = backend.ip()
+    )
+}
+
+fn condition(obj: &Value, path: &str, kind: &str) -> Option<String> {
+    obj.pointer(path)?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| c["status"].as_str().unwrap_or("").to_string())
+}
+
+fn ready_file(path: &Path) -> Option<Value> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    (v["found"] == true).then_some(v)
+}
+
+#[test]
+fn cluster_walkthrough_status_data_planes_and_api_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path());
+    let crds = repo_root().join("crates/waystone/tests/crds");
+    let crd_args: Vec<String> = [
+        "istio-extensions.yaml",
+        "gw_gatewayclasses.yaml",
+        "gw_gateways.yaml",
+        "gw_httproutes.yaml",
+    ]
+    .iter()
+    .flat_map(|f| ["-f".to_string(), crds.join(f).display().to_string()])
+    .collect();
+    let mut args = vec!["apply", "--validate=false"];
+    args.extend(crd_args.iter().map(String::as_str));
+    cluster.kubectl(&args, None);
+    wait_until(
+        WAIT,
+        || cluster.kubectl_ok(&["get", "wasmplugins,trafficextensions,gateways,httproutes"]),
+        || "CRDs not served".into(),
+    );
+
+    // The module in a real OCI registry, as users ship it.
+    let registry = Registry::start().expect("start docker-registry");
+    let image = format!(
+        "oci://{}/istio-ecosystem/wasm-extensions/basic_auth:1.12.0",
+        registry.host()
+    );
+    let push = Command::new(bin())
+        .args([
+            "push",
+            basic_auth_wasm().to_str().unwrap(),
+            &image,
+            "--insecure",
+        ])
+        .env("WAYSTONE_DATA_DIR", dir.path().join("push"))
+        .output()
+        .unwrap();
+    assert!(
+        push.status.success(),
+        "{}",
+        String::from_utf8_lossy(&push.stderr)
+    );
+
+    let net = private_loopback(50);
+    let ip = |last: u8| format!("{}.{}.{}.{last}", net[0], net[1], net[2]);
+    let productpage = backend("productpage", &ip(100));
+    let reviews = backend("reviews", &ip(101));
+    cluster.kubectl(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "{}---\n{}",
+            service_yaml("productpage", productpage),
+            service_yaml("reviews", reviews)
+        )),
+    );
+    let out = cluster.kubectl(
+        &["apply", "-f", "-"],
+        Some(&example("bookinfo-gateway.yaml", &image)),
+    );
+    assert!(
+        out.contains("gateway.gateway.networking.k8s.io/bookinfo-gateway created"),
+        "{out}"
+    );
+
+    let reg = registry.host();
+    let mut controller = Role::start(
+        &cluster,
+        "controller",
+        &[
+            "controller",
+            "--gateway-class",
+            "istio",
+            "--gateway-class",
+            "istio-waypoint",
+            "--insecure-registry",
+            &reg,
+            "--proxy-image",
+            "example.test/waystone:dev",
+        ],
+    );
+    let gw_ready = dir.path().join("gw.ready");
+    let gw_addr = ip(1);
+    let _gw_proxy = Role::start(
+        &cluster,
+        "gw-proxy",
+        &[
+            "proxy",
+            "--gateway",
+            "default/bookinfo-gateway",
+            "--gateway-address",
+            &gw_addr,
+            "--workers",
+            "1",
+            "--insecure-registry",
+            &reg,
+            "--ready-file",
+            gw_ready.to_str().unwrap(),
+        ],
+    );
+    wait_until(
+        WAIT,
+        || ready_file(&gw_ready).is_some_and(|v| v["listeners"]["http"].is_string()),
+        || _gw_proxy.log(),
+    );
+    let host = ready_file(&gw_ready).unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        gateway_get(&host, "/productpage", None),
+        200,
+        "no plugin yet"
+    );
+
+    // Step 2 with kubectl: the plugin at the gateway.
+    let out = cluster.kubectl(
+        &["apply", "-f", "-"],
+        Some(&example("basic-auth-at-gateway.yaml", &image)),
+    );
+    assert!(
+        out.contains("wasmplugin.extensions.istio.io/basic-auth-at-gateway created"),
+        "{out}"
+    );
+    wait_until(
+        WAIT,
+        || gateway_get(&host, "/productpage", None) == 401,
+        || _gw_proxy.log(),
+    );
+    assert_eq!(gateway_get(&host, "/productpage", Some(GW_CREDS)), 200);
+
+    // Status written by the controller.
+    let status_of = |what: &str| cluster.get_json(what).unwrap_or(Value::Null);
+    wait_until(
+        WAIT,
+        || {
+            condition(
+                &status_of("wasmplugin/basic-auth-at-gateway"),
+                "/status/conditions",
+                "ModuleLoaded",
+            )
+            .as_deref()
+                == Some("True")
+        },
+        || controller.log(),
+    );
+    let gw = status_of("gateway/bookinfo-gateway");
+    wait_until(
+        WAIT,
+        || {
+            let gw = status_of("gateway/bookinfo-gateway");
+            condition(&gw, "/status/conditions", "Programmed").as_deref() == Some("True")
+        },
+        || format!("{gw:#}"),
+    );
+    let gw = status_of("gateway/bookinfo-gateway");
+    assert_eq!(
+        condition(&gw, "/status/conditions", "Accepted").as_deref(),
+        Some("True")
+    );
+    assert!(
+        gw["status"]["addresses"][0]["value"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.0.0."),
+        "{gw:#}"
+    );
+    assert_eq!(gw["status"]["listeners"][0]["attachedRoutes"], 1);
+    let route = status_of("httproute/bookinfo");
+    assert_eq!(
+        condition(&route, "/status/parents/0/conditions", "Accepted").as_deref(),
+        Some("True"),
+        "{route:#}"
+    );
+    assert_eq!(
+        condition(&route, "/status/parents/0/conditions", "ResolvedRefs").as_deref(),
+        Some("True"),
+        "{route:#}"
+    );
+    assert_eq!(
+        route["status"]["parents"][0]["controllerName"],
+        "waystone.io/gateway-controller"
+    );
+
+    // The data plane the controller owns for the gateway.
+    let deploy = status_of("deployment/bookinfo-gateway-waystone");
+    let uid = gw["metadata"]["uid"].as_str().unwrap();
+    assert_eq!(
+        deploy["metadata"]["ownerReferences"][0]["uid"], uid,
+        "{deploy:#}"
+    );
+    assert_eq!(deploy["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["containers"][0]["image"],
+        "example.test/waystone:dev"
+    );
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["containers"][0]["args"][2],
+        "default/bookinfo-gateway"
+    );
+    assert!(
+        cluster
+            .get_json("service/bookinfo-gateway-waystone")
+            .is_some()
+    );
+    assert!(
+        cluster
+            .get_json("serviceaccount/bookinfo-gateway-waystone")
+            .is_some()
+    );
+
+    // Step 4 with the waystone CLI against the cluster: a waypoint, then a plugin on it.
+    let out = cluster.waystone(&["waypoint", "apply", "--enroll-namespace"]);
+    assert!(
+        out.contains("waypoint default/waypoint applied") || out.contains("waypoint"),
+        "{out}"
+    );
+    let wp_ready = dir.path().join("wp.ready");
+    let entry = format!("{}:15001", ip(200));
+    let _wp_proxy = Role::start(
+        &cluster,
+        "wp-proxy",
+        &[
+            "proxy",
+            "--gateway",
+            "default/waypoint",
+            "--gateway-address",
+            &ip(2),
+            "--entry-address",
+            &entry,
+            "--workers",
+            "1",
+            "--insecure-registry",
+            &reg,
+            "--ready-file",
+            wp_ready.to_str().unwrap(),
+        ],
+    );
+    let entry: SocketAddr = entry.parse().unwrap();
+    wait_until(WAIT, || ready_file(&wp_ready).is_some(), || _wp_proxy.log());
+    wait_until(
+        WAIT,
+        || mesh_get(entry, "productpage:9080", "/productpage", None) == 200,
+        || _wp_proxy.log(),
+    );
+    let applied = apply_with_cli(&cluster, &example("basic-auth-at-waypoint.yaml", &image));
+    assert!(
+        applied.contains("wasmplugin.extensions.istio.io/basic-auth-at-waypoint created"),
+        "{applied}"
+    );
+    wait_until(
+        WAIT,
+        || mesh_get(entry, "productpage:9080", "/productpage", None) == 401,
+        || _wp_proxy.log(),
+    );
+    assert_eq!(
+        mesh_get(entry, "productpage:9080", "/productpage", Some(GW_CREDS)),
+        200
+    );
+    let listed = cluster.waystone(&["get", "wasmplugin"]);
+    assert!(
+        listed.contains("basic-auth-at-waypoint") && listed.contains("basic-auth-at-gateway"),
+        "{listed}"
+    );
+    wait_until(
+        WAIT,
+        || cluster.get_json("deployment/waypoint-waystone").is_some(),
+        || controller.log(),
+    );
+
+    // TrafficExtension, the newer API, on a service behind the waypoint.
+    // This 1.20 server stores an empty string in a custom resource as null and then rejects
+    // it ("group: Invalid value: null"), so the core group is left implicit, which means the
+    // same thing.
+    let te = example("basic-auth-for-service-te.yaml", &image).replace("      group: \"\"\n", "");
+    assert!(!te.contains("group: \"\""), "{te}");
+    cluster.kubectl(&["apply", "-f", "-"], Some(&te));
+    wait_until(
+        WAIT,
+        || mesh_get(entry, "reviews:9080", "/reviews/1", None) == 401,
+        || _wp_proxy.log(),
+    );
+    assert_eq!(
+        mesh_get(entry, "reviews:9080", "/reviews/1", Some(SVC_CREDS)),
+        200
+    );
+    wait_until(
+        WAIT,
+        || {
+            condition(
+                &status_of("trafficextension/basic-auth-for-service-te"),
+                "/status/conditions",
+                "ModuleLoaded",
+            )
+            .as_deref()
+                == Some("True")
+        },
+        || controller.log(),
+    );
+
+    // The API server goes away and comes back: nothing that serves changes.
+    cluster.stop_apiserver();
+    assert_eq!(gateway_get(&host, "/productpage", None), 401);
+    assert_eq!(gateway_get(&host, "/productpage", Some(GW_CREDS)), 200);
+    assert_eq!(
+        mesh_get(entry, "productpage:9080", "/productpage", None),
+        401
+    );
+    cluster.start_apiserver();
+    assert_eq!(gateway_get(&host, "/productpage", None), 401);
+    assert_eq!(
+        mesh_get(entry, "reviews:9080", "/reviews/1", Some(SVC_CREDS)),
+        200
+    );
+    // ... and the watches resume: a change after the restart reaches the data plane.
+    cluster.kubectl(&["delete", "wasmplugin", "basic-auth-at-gateway"], None);
+    wait_until(
+        WAIT,
+        || gateway_get(&host, "/productpage", None) == 200,
+        || _gw_proxy.log(),
+    );
+    assert!(controller.running(), "{}", controller.log());
+
+    // Deleting the waypoint removes the data plane the controller made for it.
+    cluster.waystone(&["delete", "gateway", "waypoint"]);
+    wait_until(
+        WAIT,
+        || {
+            cluster.get_json("deployment/waypoint-waystone").is_none()
+                && cluster.get_json("service/waypoint-waystone").is_none()
+        },
+        || controller.log(),
+    );
+    assert!(
+        cluster
+            .get_json("deployment/bookinfo-gateway-waystone")
+            .is_some()
+    );
+}
+
+fn apply_with_cli(cluster: &Cluster, yaml: &str) -> String {
+    let mut child = Command::new(bin())
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The subset of Helm's template language the chart uses: `{{ .Values.a.b }}`,
+/// `{{ .Release.Name }}`, `{{ . }}`, `{{- range .Values.list }} ... {{- end }}`, and the
+/// `{{-`/`-}}` whitespace trims. Anything else is an error, so the chart cannot drift past what
+/// this test checks.
+mod chart {
+    use serde_json::Value;
+
+    enum Node {
+        Text(String),
+        Expr(String),
+        Range(String, Vec<Node>),
+    }
+
+    fn lex(src: &str) -> Vec<(bool, String)> {
+        // (is_action, text) with trims applied.
+        let mut out: Vec<(bool, String)> = Vec::new();
+        let mut rest = src;
+        let mut trim_next = false;
+        while let Some(start) = rest.find("{{") {
+            let mut text = rest[..start].to_string();
+            if trim_next {
+                text = text.trim_start().to_string();
+            }
+            let end = rest[start..].find("}}").expect("unclosed {{") + start;
+            let mut action = &rest[start + 2..end];
+            if let Some(a) = action.strip_prefix('-') {
+                text = text.trim_end().to_string();
+                action = a;
+            }
+            trim_next = false;
+            if let Some(a) = action.strip_suffix('-') {
+                trim_next = true;
+                action = a;
+            }
+            out.push((false, text));
+            out.push((true, action.trim().to_string()));
+            rest = &rest[end + 2..];
+        }
+        let tail = if trim_next { rest.trim_start() } else { rest };
+        out.push((false, tail.to_string()));
+        out
+    }
+
+    fn parse(tokens: &mut std::vec::IntoIter<(bool, String)>) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        while let Some((action, text)) = tokens.next() {
+            if !action {
+                nodes.push(Node::Text(text));
+            } else if text == "end" {
+                return nodes;
+            } else if let Some(path) = text.strip_prefix("range ") {
+                let body = parse(tokens);
+                nodes.push(Node::Range(path.trim().to_string(), body));
+            } else {
+                nodes.push(Node::Expr(text));
+            }
+        }
+        nodes
+    }
+
+    fn lookup<'a>(path: &str, root: &'a Value, dot: &'a Value) -> &'a Value {
+        if path == "." {
+            return dot;
+        }
+        let mut cur = root;
+        for part in path.trim_start_matches('.').split('.') {
+            cur = cur
+                .get(part)
+                .unwrap_or_else(|| panic!("template refers to {path}, which is not set"));
+        }
+        cur
+    }
+
+    fn eval(nodes: &[Node], root: &Value, dot: &Value, out: &mut String) {
+        for n in nodes {
+            match n {
+                Node::Text(t) => out.push_str(t),
+                Node::Expr(e) => {
+                    assert!(
+                        e == "." || e.starts_with(".Values.") || e.starts_with(".Release."),
+                        "unsupported template action {{{{ {e} }}}}"
+                    );
+                    match lookup(e, root, dot) {
+                        Value::String(s) => out.push_str(s),
+                        other => out.push_str(&other.to_string()),
+                    }
+                }
+                Node::Range(path, body) => {
+                    let items = lookup(path, root, dot)
+                        .as_array()
+                        .unwrap_or_else(|| panic!("range over {path}, which is not a list"));
+                    for item in items {
+                        eval(body, root, item, out);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn render(template: &str, root: &Value) -> String {
+        let mut tokens = lex(template).into_iter();
+        let nodes = parse(&mut tokens);
+        let mut out = String::new();
+        eval(&nodes, root, root, &mut out);
+        out
+    }
+}
+
+#[test]
+fn helm_chart_renders_and_validates_against_the_api_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+    let chart = repo_root().join("deploy/helm/waystone");
+    // Istio's CRDs first, as in a cluster that already runs Istio; then the Gateway API's.
+    let crds = repo_root().join("crates/waystone/tests/crds");
+    for f in [
+        "istio-extensions.yaml",
+        "gw_gatewayclasses.yaml",
+        "gw_gateways.yaml",
+        "gw_httproutes.yaml",
+    ] {
+        cluster.kubectl(
+            &[
+                "apply",
+                "--validate=false",
+                "-f",
+                crds.join(f).to_str().unwrap(),
+            ],
+            None,
+        );
+    }
+    // The chart's CRDs install over Istio's unchanged: same objects, nothing to reconcile.
+    let ours = chart.join("crds/extensions.istio.io.yaml");
+    let out = cluster.kubectl(
+        &["apply", "--validate=false", "-f", ours.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        out.contains("wasmplugins.extensions.istio.io") && !out.contains("error"),
+        "{out}"
+    );
+    wait_until(
+        WAIT,
+        || cluster.kubectl_ok(&["get", "wasmplugins,gateways"]),
+        || "CRDs not served".into(),
+    );
+
+    let values_text = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let values: Value = serde_saphyr::from_str(&values_text).unwrap();
+    let root = serde_json::json!({
+        "Values": values,
+        "Release": {"Name": "waystone", "Namespace": "waystone-system"},
+    });
+    let mut rendered = String::new();
+    let mut templates: Vec<_> = std::fs::read_dir(chart.join("templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    templates.sort();
+    for t in templates {
+        let text = chart::render(&std::fs::read_to_string(&t).unwrap(), &root);
+        assert!(!text.contains("{{"), "{}: unrendered action", t.display());
+        rendered.push_str("---\n");
+        rendered.push_str(&text);
+        rendered.push('\n');
+    }
+    assert!(
+        rendered.contains("- --gateway-class=istio-waypoint"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("name: system:serviceaccounts:default"),
+        "{rendered}"
+    );
+    cluster.kubectl(&["create", "namespace", "waystone-system"], None);
+    let out = cluster.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&rendered));
+    for expected in [
+        "serviceaccount/waystone-controller created (server dry run)",
+        "deployment.apps/waystone-controller created (server dry run)",
+        "clusterrole.rbac.authorization.k8s.io/waystone-controller created (server dry run)",
+        "clusterrolebinding.rbac.authorization.k8s.io/waystone-proxy created (server dry run)",
+        "gatewayclass.gateway.networking.k8s.io/waystone created (server dry run)",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+
+    // Least privilege, checked by the API server itself: the controller's account may write
+    // status and Deployments but not read every Secret; a data plane may only read.
+    cluster.kubectl(&["apply", "-f", "-"], Some(&rendered));
+    let can = |sa: &str, verb: &str, resource: &str| {
+        let who = format!("--as=system:serviceaccount:{sa}");
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args(["auth", "can-i", verb, &who, "-A"])
+            .args(match resource.split_once('/') {
+                Some((r, sub)) => vec![r.to_string(), format!("--subresource={sub}")],
+                None => vec![resource.to_string()],
+            })
+            .output()
+            .unwrap()
+            .stdout
+            .starts_with(b"yes")
+    };
+    let ctl = "waystone-system:waystone-controller";
+    let proxy = "default:bookinfo-gateway-waystone";
+    assert!(can(
+        ctl,
+        "patch",
+        "gateways.gateway.networking.k8s.io/status"
+    ));
+    assert!(can(ctl, "create", "deployments.apps"));
+    assert!(can(ctl, "get", "secrets"));
+    assert!(!can(ctl, "list", "secrets"));
+    assert!(!can(ctl, "patch", "wasmplugins.extensions.istio.io"));
+    assert!(can(proxy, "watch", "wasmplugins.extensions.istio.io"));
+    assert!(!can(
+        proxy,
+        "patch",
+        "gateways.gateway.networking.k8s.io/status"
+    ));
+    assert!(!can(proxy, "list", "secrets"));
+    assert!(!can(proxy, "create", "deployments.apps"));
+}
