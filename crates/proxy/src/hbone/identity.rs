@@ -280,7 +280,10 @@ fn stamps(files: &IdentityFiles) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
-fn read_files(files: &IdentityFiles) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), HboneError> {
+/// (certificate chain, key, roots) as PEM bytes.
+type PemSet = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+fn read_files(files: &IdentityFiles) -> Result<PemSet, HboneError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| HboneError::ReadFile {
             path: p.to_path_buf(),
