@@ -305,6 +305,7 @@ async fn request(
     path: &str,
     auth: Option<&str>,
 ) -> (u16, String) {
+    sender.ready().await.unwrap();
     let mut req = hyper::Request::get(path).header("host", "productpage:9080");
     if let Some(a) = auth {
         req = req.header("authorization", a);
@@ -845,4 +846,116 @@ async fn python_h2_client_reaches_the_service_through_the_waypoint() {
         "{allowed}"
     );
     m.dp.shutdown(Duration::from_secs(2)).await;
+}
+
+// ------------------------------------------------------------------ benchmark
+
+/// Sequential latency and concurrent throughput through the waypoint's chain (basic_auth and
+/// the principal plugin), plain HTTP/1.1 on the listener vs HBONE (one CONNECT stream per
+/// client connection, HTTP/1.1 inside). Run: `cargo nextest run -p waystone-proxy
+/// --run-ignored only hbone_vs_plain --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints numbers"]
+async fn hbone_vs_plain_benchmark() {
+    const SEQ: usize = 1000;
+    const CONC: usize = 16;
+    const PER: usize = 100;
+    let ip = net(7);
+    let (productpage, reviews) = (backend(ip).await, backend(ip).await);
+    let pki = Pki::new();
+    let start = |hbone: Option<HboneConfig>, k: u8| async move {
+        let gw_ip = net(k);
+        let dp = DataPlane::start(DataPlaneConfig {
+            workers: 2,
+            gateway_address: gw_ip,
+            entry_address: None,
+            hbone,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let b = dp.apply(runtime(productpage, reviews)).await;
+        let addr = *b[&ObjectKey::new("default", "waypoint")].listeners[0]
+            .result
+            .as_ref()
+            .unwrap();
+        (dp, addr)
+    };
+    let (plain_dp, plain) = start(None, 8).await;
+    let (hbone_dp, hbone) = start(Some(inbound(pki.identity("istio-system", "waypoint"))), 9).await;
+    let client = Arc::new(HboneClient::new(pki.identity("default", "sleep")));
+
+    async fn sender(
+        client: Option<Arc<HboneClient>>,
+        addr: SocketAddr,
+    ) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+        let (s, conn) = match client {
+            Some(c) => {
+                let stream = c
+                    .connect(addr, &format!("{PRODUCTPAGE_IP}:9080"), None)
+                    .await
+                    .unwrap();
+                let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                return s;
+            }
+            None => {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap()
+            }
+        };
+        tokio::spawn(conn);
+        s
+    }
+
+    for (name, c, addr) in [
+        ("plain", None, plain),
+        ("hbone", Some(client.clone()), hbone),
+    ] {
+        let mut s = sender(c.clone(), addr).await;
+        for _ in 0..50 {
+            assert_eq!(request(&mut s, "/productpage", Some(OK_AUTH)).await.0, 200);
+        }
+        let mut lat = Vec::with_capacity(SEQ);
+        for _ in 0..SEQ {
+            let t = Instant::now();
+            assert_eq!(request(&mut s, "/productpage", Some(OK_AUTH)).await.0, 200);
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..CONC)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut s = sender(c, addr).await;
+                    for _ in 0..PER {
+                        assert_eq!(request(&mut s, "/productpage", Some(OK_AUTH)).await.0, 200);
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let rps = (CONC * PER) as f64 / t.elapsed().as_secs_f64();
+        // New connection per request: TCP connect vs (pooled TLS session +) CONNECT stream.
+        let t = Instant::now();
+        for _ in 0..200 {
+            let mut s = sender(c.clone(), addr).await;
+            assert_eq!(request(&mut s, "/productpage", Some(OK_AUTH)).await.0, 200);
+        }
+        let per_conn = t.elapsed() / 200;
+        println!(
+            "BENCH {name}: sequential p50 {:?} p99 {:?}; {CONC}x{PER} concurrent {rps:.0} req/s; new connection + request {per_conn:?}",
+            lat[SEQ / 2],
+            lat[SEQ * 99 / 100],
+        );
+    }
+    plain_dp.shutdown(Duration::from_secs(2)).await;
+    hbone_dp.shutdown(Duration::from_secs(2)).await;
 }
