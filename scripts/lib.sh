@@ -35,6 +35,17 @@ ensure_packages() {
 # htpasswd for the authenticated one, curl for the walkthrough.
 ensure_runtime_packages() {
     ensure_packages docker-registry apache2-utils curl ca-certificates
+    ensure_python_h2
+}
+
+# The third-party HBONE client of the proxy tests (crates/proxy/tests/hbone_client.py)
+# uses Python's h2 package.
+ensure_python_h2() {
+    python3 -c 'import h2' 2>/dev/null && return 0
+    ensure_packages python3 python3-pip
+    log "pip install h2"
+    python3 -m pip install --quiet 'h2>=4,<5' 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages 'h2>=4,<5'
 }
 
 # Kubernetes mode's tests: Debian's etcd and kubectl-compatible API server.

@@ -101,6 +101,33 @@ pub struct UpArgs {
     /// Data-plane worker threads [default: the number of cores]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+
+    /// Local mesh over HBONE: waypoints take mTLS HTTP/2 CONNECT and the mesh entry sends it,
+    /// with certificates from a CA kept under <data-dir>/hbone
+    #[arg(long)]
+    pub hbone: bool,
+
+    /// HBONE identity from files (PEM certificate chain; needs --hbone-key and --hbone-roots):
+    /// waypoints take HBONE with it; the files are reloaded when they change
+    #[arg(long, value_name = "FILE", requires_all = ["hbone_key", "hbone_roots"])]
+    pub hbone_cert: Option<std::path::PathBuf>,
+
+    /// The private key for --hbone-cert (PEM)
+    #[arg(long, value_name = "FILE", requires = "hbone_cert")]
+    pub hbone_key: Option<std::path::PathBuf>,
+
+    /// Trust roots HBONE peers must chain to (PEM)
+    #[arg(long, value_name = "FILE", requires = "hbone_cert")]
+    pub hbone_roots: Option<std::path::PathBuf>,
+
+    /// SPIFFE trust domain of HBONE peers
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// An endpoint reached through HBONE: IP (its ztunnel at IP:15008) or ENDPOINT=TUNNEL
+    /// (both IP:PORT); repeatable
+    #[arg(long = "hbone-endpoint", value_name = "IP|ENDPOINT=TUNNEL")]
+    pub hbone_endpoints: Vec<String>,
 }
 
 #[derive(Debug, Args)]

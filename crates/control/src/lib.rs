@@ -1,6 +1,7 @@
 //! The embedded control plane: store, local API, reconciliation. See ARCHITECTURE.md.
 
 pub mod api;
+pub mod hbone;
 mod objects;
 pub mod paths;
 pub mod pipeline;

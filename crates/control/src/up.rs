@@ -31,6 +31,8 @@ pub struct UpOptions {
     pub api_address: SocketAddr,
     /// Data-plane worker threads, default the number of cores.
     pub workers: usize,
+    /// HBONE on waypoints, the mesh entry and to endpoints (default: off).
+    pub hbone: crate::hbone::HboneOptions,
 }
 
 /// Runs until `shutdown` resolves (the CLI passes Ctrl-C/SIGTERM), then drains and returns.
@@ -61,6 +63,7 @@ pub async fn run_up(
             workers: opts.workers.max(1),
             gateway_address: opts.gateway_address,
             entry_address: Some(opts.entry_address),
+            hbone: crate::hbone::data_plane_hbone(&opts.hbone, &opts.data_dir)?,
             ..Default::default()
         })
         .await?,

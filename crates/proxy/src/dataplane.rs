@@ -28,6 +28,8 @@ pub struct DataPlaneConfig {
     /// Largest body buffered for plugins that read bodies.
     pub max_buffered_body: usize,
     pub node_id: String,
+    /// HBONE on waypoint listeners, to endpoints and from the mesh entry (`None`: plain HTTP).
+    pub hbone: Option<crate::hbone::HboneConfig>,
 }
 
 impl Default for DataPlaneConfig {
@@ -40,6 +42,7 @@ impl Default for DataPlaneConfig {
             entry_address: Some(SocketAddr::from(([127, 0, 0, 1], 15001))),
             max_buffered_body: 16 << 20,
             node_id: "waystone".into(),
+            hbone: None,
         }
     }
 }
@@ -91,6 +94,13 @@ struct Shared {
     /// 0 running, 1 draining (finish in-flight requests, close idle connections).
     drain: watch::Sender<u8>,
     connections: AtomicU64,
+    hbone: Option<HboneShared>,
+}
+
+struct HboneShared {
+    inbound: Option<Arc<crate::hbone::server::Inbound>>,
+    entry: bool,
+    waypoints: crate::hbone::entry::WaypointListeners,
 }
 
 pub struct DataPlane {
@@ -115,7 +125,29 @@ impl DataPlane {
             workers,
             drain,
             connections: AtomicU64::new(0),
+            hbone: cfg.hbone.as_ref().map(|h| HboneShared {
+                inbound: h
+                    .inbound
+                    .then(|| Arc::new(crate::hbone::server::Inbound::new(h.identity.clone()))),
+                entry: h.entry,
+                waypoints: Default::default(),
+            }),
         });
+        if let Some(h) = &cfg.hbone {
+            let (identity, routes) = (h.identity.clone(), h.outbound.clone());
+            // Installed synchronously when the worker takes the job, so before any
+            // connection job queued after it.
+            shared.workers.broadcast(|| {
+                let (identity, routes) = (identity.clone(), routes.clone());
+                Box::new(move || {
+                    crate::hbone::client::install(Arc::new(crate::hbone::client::WorkerOutbound {
+                        client: crate::hbone::HboneClient::new(identity),
+                        routes,
+                    }));
+                    Box::pin(async {})
+                })
+            });
+        }
         let entry = match cfg.entry_address {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)
@@ -192,6 +224,9 @@ impl DataPlane {
                 .filter_map(|key| {
                     let bound = listeners.remove(&key)?;
                     tracing::info!(gateway = %key.gateway, listener = %key.name, address = %bound.addr, "closing listener");
+                    if let Some(h) = &self.shared.hbone {
+                        h.waypoints.remove(&key.gateway, bound.addr);
+                    }
                     Some(bound)
                 })
                 .collect()
@@ -298,6 +333,11 @@ impl DataPlane {
                 };
                 let bound = spawn_accept(self.shared.clone(), l, entry);
                 tracing::info!(gateway = %gateway, listener = %key.name, address = %bound.addr, "listening");
+                if let Some(h) = &self.shared.hbone
+                    && ports.iter().any(|(n, _, p)| n == &key.name && p == "HBONE")
+                {
+                    h.waypoints.set(key.gateway.clone(), bound.addr);
+                }
                 listeners.insert(key, bound);
             }
             self.addresses
@@ -440,12 +480,33 @@ async fn serve_connection(
         }
     };
     let _ = socket.set_nodelay(true);
+    if let Some((inbound, waypoint)) = hbone_listener(&shared, &entry) {
+        let (handle_shared, config_shared) = (shared.clone(), shared.clone());
+        let handle: crate::hbone::server::HandleFn = std::rc::Rc::new(move |req| {
+            let (shared, entry) = (handle_shared.clone(), entry.clone());
+            Box::pin(async move {
+                let rt = shared.config.load_full();
+                handler::handle(req, &entry, conn, rt, &shared.settings).await
+            })
+        });
+        let config = std::rc::Rc::new(move || config_shared.config.load_full());
+        let drain = shared.drain.subscribe();
+        crate::hbone::server::serve(socket, conn, inbound, waypoint, config, handle, drain).await;
+        return;
+    }
     let service_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = service_shared.clone();
         let entry = entry.clone();
         async move {
             let rt = shared.config.load_full();
+            if let (Entry::Mesh, Some(h)) = (&*entry, &shared.hbone)
+                && h.entry
+                && let Some((tunnel, dest)) =
+                    crate::hbone::entry::tunnel_target(&rt, &h.waypoints, &req)
+            {
+                return Ok(crate::hbone::entry::forward(req, conn, tunnel, dest).await);
+            }
             Ok::<_, std::convert::Infallible>(
                 handler::handle(req, &entry, conn, rt, &shared.settings).await,
             )
@@ -480,6 +541,28 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// The HBONE server and waypoint for a connection on a waypoint listener of protocol HBONE,
+/// when the data plane terminates HBONE; `None` serves plain HTTP/h2c.
+fn hbone_listener(
+    shared: &Shared,
+    entry: &Entry,
+) -> Option<(Arc<crate::hbone::server::Inbound>, ObjectKey)> {
+    let inbound = shared.hbone.as_ref()?.inbound.clone()?;
+    let Entry::Gateway { gateway, listener } = entry else {
+        return None;
+    };
+    let rt = shared.config.load();
+    let gw = rt.snapshot.gateway(gateway)?;
+    let is_hbone = matches!(
+        gw.role,
+        waystone_model::snapshot::GatewayRole::Waypoint { .. }
+    ) && gw
+        .listeners
+        .iter()
+        .any(|l| &l.name == listener && l.protocol == "HBONE");
+    is_hbone.then(|| (inbound, gateway.clone()))
 }
 
 /// Runs hyper's connection tasks (h2 streams) on the worker's own thread.

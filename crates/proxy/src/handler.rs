@@ -65,11 +65,11 @@ static PICKS: AtomicUsize = AtomicUsize::new(0);
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    static CLIENT: Client<HttpConnector, Body> = {
+    static CLIENT: Client<crate::hbone::client::Connector, Body> = {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new()).build(connector)
+        Client::builder(TokioExecutor::new()).build(crate::hbone::client::Connector::new(connector))
     };
 }
 
@@ -89,7 +89,9 @@ pub async fn handle(
     settings: &HandlerSettings,
 ) -> Response<Body> {
     let authority = request_authority(&req);
-    let target = match select_target(&req, &authority, entry, &rt) {
+    // Through HBONE the CONNECT authority, not the inner Host, names the destination.
+    let destination = crate::hbone::tunnel_destination();
+    let target = match select_target(&req, destination.as_ref().unwrap_or(&authority), entry, &rt) {
         Ok(t) => t,
         Err(reply) => return reply_response(reply),
     };
@@ -278,7 +280,7 @@ async fn proxy(
         };
     }
 
-    let properties = StreamProperties {
+    let mut properties = StreamProperties {
         source: Some(conn.peer),
         destination: Some(conn.local),
         connection_id: conn.id,
@@ -294,6 +296,7 @@ async fn proxy(
         node_id: settings.node_id.clone(),
         ..Default::default()
     };
+    crate::hbone::annotate(&mut properties);
     let stream = HttpStream {
         request_headers: request_to_wasm(&parts, &authority),
         properties,

@@ -11,6 +11,7 @@
 mod chain;
 mod dataplane;
 mod handler;
+pub mod hbone;
 mod routing;
 mod runtime;
 mod worker;

@@ -29,6 +29,6 @@ pub use error::HostError;
 pub use instance::PluginInstance;
 pub use shared::{MetricKind, MetricSample, MetricValue};
 pub use types::{
-    AbiVersion, Action, HeaderMap, HttpStream, LocalResponse, PluginSpec, StreamProperties,
-    StreamType,
+    AbiVersion, Action, HeaderMap, HttpStream, LocalResponse, MtlsProperties, PluginSpec,
+    StreamProperties, StreamType,
 };

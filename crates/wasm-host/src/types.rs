@@ -160,6 +160,18 @@ pub struct LocalResponse {
     pub grpc_status: i32,
 }
 
+/// A mutual-TLS downstream connection as plugins see it (`connection.mtls`,
+/// `source.principal`, `connection.uri_san_peer_certificate`, ...).
+#[derive(Debug, Default, Clone)]
+pub struct MtlsProperties {
+    /// The peer's SPIFFE URI (Istio's `source.principal`).
+    pub peer_principal: String,
+    /// Our own SPIFFE URI (`destination.principal`).
+    pub local_principal: String,
+    /// "TLSv1.3".
+    pub tls_version: String,
+}
+
 /// Connection and request facts behind `proxy_get_property`.
 #[derive(Debug, Default, Clone)]
 pub struct StreamProperties {
@@ -174,6 +186,8 @@ pub struct StreamProperties {
     pub cluster_name: String,
     pub response_code: Option<u16>,
     pub node_id: String,
+    /// The downstream mutual-TLS facts (HBONE), `None` on plaintext connections.
+    pub mtls: Option<MtlsProperties>,
     /// Values written by plugins with `proxy_set_property` (and readable by later plugins of the
     /// chain); key = the NUL-separated path as given.
     pub extra: BTreeMap<Vec<u8>, Vec<u8>>,

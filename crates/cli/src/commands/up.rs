@@ -46,6 +46,21 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
         entry_address: args.entry_address,
         api_address: args.api_address,
         workers,
+        hbone: waystone_control::hbone::HboneOptions {
+            local: args.hbone,
+            files: match (args.hbone_cert, args.hbone_key, args.hbone_roots) {
+                (Some(cert_chain), Some(key), Some(roots)) => {
+                    Some(waystone_proxy::hbone::IdentityFiles {
+                        cert_chain,
+                        key,
+                        roots,
+                    })
+                }
+                _ => None,
+            },
+            trust_domain: Some(args.trust_domain),
+            endpoints: args.hbone_endpoints,
+        },
     }
 }
 

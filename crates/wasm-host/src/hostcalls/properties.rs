@@ -123,6 +123,19 @@ fn builtin(state: &HostState, seg: &[&[u8]]) -> Option<Vec<u8>> {
             .map(int),
         [b"response", b"headers", rest @ ..] => headers_or_one(&stream.response_headers, rest),
         [b"response", b"trailers", rest @ ..] => headers_or_one(&stream.response_trailers, rest),
+        // Envoy serializes booleans as one byte.
+        [b"connection", b"mtls"] => Some(vec![u8::from(props.mtls.is_some())]),
+        [b"connection", b"tls_version"] => {
+            props.mtls.as_ref().and_then(|m| non_empty(&m.tls_version))
+        }
+        [b"source", b"principal"] | [b"connection", b"uri_san_peer_certificate"] => props
+            .mtls
+            .as_ref()
+            .and_then(|m| non_empty(&m.peer_principal)),
+        [b"destination", b"principal"] | [b"connection", b"uri_san_local_certificate"] => props
+            .mtls
+            .as_ref()
+            .and_then(|m| non_empty(&m.local_principal)),
         [b"source", what] => address(props.source, what),
         [b"destination", what] => address(props.destination, what),
         [b"connection", b"id"] => Some(props.connection_id.to_le_bytes().to_vec()),
