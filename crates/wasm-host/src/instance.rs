@@ -27,6 +27,7 @@ type Cb2 = Option<TypedFunc<(i32, i32), i32>>;
 type Cb2Void = Option<TypedFunc<(i32, i32), ()>>;
 type Cb3 = Option<TypedFunc<(i32, i32, i32), i32>>;
 type Cb3Void = Option<TypedFunc<(i32, i32, i32), ()>>;
+type Cb5Void = Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>;
 
 /// Header callbacks: ABI 0.1.0 has no end_of_stream parameter.
 #[derive(Clone)]
@@ -48,7 +49,7 @@ struct Callbacks {
     on_response_headers: Option<HeadersCb>,
     on_response_body: Cb3,
     on_response_trailers: Cb2,
-    on_http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    on_http_call_response: Cb5Void,
     on_grpc_initial_metadata: Cb3Void,
     on_grpc_receive: Cb3Void,
     on_grpc_trailing_metadata: Cb3Void,
