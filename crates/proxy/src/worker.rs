@@ -47,9 +47,11 @@ impl Workers {
                         }
                     });
                     // The channel closed: let in-flight connections finish (the
-                    // caller bounds the drain by closing them).
-                    rt.block_on(local);
+                    // caller bounds the drain by closing them). Root drivers stop now, so
+                    // they do not keep the worker alive.
+                    STOPPING.with(|s| s.set(true));
                     INSTANCES.with(|c| c.borrow_mut().clear());
+                    rt.block_on(local);
                 })?;
             senders.push(tx);
             threads.push(handle);
@@ -101,6 +103,8 @@ thread_local! {
     /// The snapshot the latest request on this worker ran with: what callouts of root contexts
     /// (ticks, queues) and `proxy_http_call`'s upstream check resolve names against.
     static RESOLVER: RefCell<Option<Resolver>> = const { RefCell::new(None) };
+    /// Set when the worker drains: root drivers end.
+    static STOPPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Per instance (by address), where its driver takes root-context callouts.
     static ROOT_CALLOUTS: RefCell<HashMap<usize, mpsc::UnboundedSender<PendingCallout>>> =
         RefCell::new(HashMap::new());
@@ -174,6 +178,9 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
         let mut in_flight: JoinSet<Done> = JoinSet::new();
         let mut next_tick: Option<Instant> = None;
         loop {
+            if STOPPING.with(|s| s.get()) {
+                break;
+            }
             let Some(inst) = weak.upgrade() else {
                 break;
             };
