@@ -250,10 +250,10 @@ pub async fn grpc_call(
     let mut headers = to_http_headers(&call.initial_metadata);
     headers.insert("content-type", HeaderValue::from_static("application/grpc"));
     headers.insert("te", HeaderValue::from_static("trailers"));
-    if !timeout.is_zero() {
-        if let Ok(v) = HeaderValue::from_str(&format!("{}m", timeout.as_millis())) {
-            headers.insert("grpc-timeout", v);
-        }
+    if !timeout.is_zero()
+        && let Ok(v) = HeaderValue::from_str(&format!("{}m", timeout.as_millis()))
+    {
+        headers.insert("grpc-timeout", v);
     }
     *req.headers_mut() = headers;
     let exchange = async move {
@@ -290,7 +290,11 @@ pub async fn grpc_call(
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(if parts.status.is_success() { GRPC_INTERNAL } else { GRPC_UNAVAILABLE });
+            .unwrap_or(if parts.status.is_success() {
+                GRPC_INTERNAL
+            } else {
+                GRPC_UNAVAILABLE
+            });
         let message = status_from
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
@@ -349,7 +353,12 @@ mod tests {
         ] {
             assert_eq!(r.resolve(name), Some(vec![endpoint]), "{name}");
         }
-        for name in ["reviews:9999", "ratings:9080", "outbound|9080", "outbound|x||reviews"] {
+        for name in [
+            "reviews:9999",
+            "ratings:9080",
+            "outbound|9080",
+            "outbound|x||reviews",
+        ] {
             assert!(!r.knows(name), "{name}");
         }
     }

@@ -301,7 +301,10 @@ impl ChainRun {
             let resolver = resolver.clone();
             self.callouts.spawn_local(async move {
                 let token = call.token;
-                (idx, Answer::Http(token, callout::http_call(&resolver, call).await))
+                (
+                    idx,
+                    Answer::Http(token, callout::http_call(&resolver, call).await),
+                )
             });
         }
         for cmd in grpc {

@@ -215,10 +215,7 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                     }
                 }
             }
-            next_tick = match period {
-                Some(p) => Some(next_tick.unwrap_or_else(|| Instant::now() + p)),
-                None => None,
-            };
+            next_tick = period.map(|p| next_tick.unwrap_or_else(|| Instant::now() + p));
             // Without a tick period, look again now and then: a later callback may set one.
             let wake_at = next_tick.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             let result: Result<(), HostError> = tokio::select! {

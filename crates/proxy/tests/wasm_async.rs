@@ -26,31 +26,33 @@ async fn backend(ip: IpAddr, kind: &'static str) -> SocketAddr {
         loop {
             let (s, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
-                    let h = |n: &str| {
-                        req.headers()
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_string()
-                    };
-                    let body = match kind {
-                        "main" => format!(
-                            "{}|{}|{}",
-                            h("x-callout-status"),
-                            h("x-callout-body"),
-                            h("x-call-status")
-                        ),
-                        "slow" => {
-                            tokio::time::sleep(Duration::from_secs(30)).await;
-                            String::new()
-                        }
-                        _ => format!("rating 5 for {}", req.uri().path()),
-                    };
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                        Bytes::from(body),
-                    )))
-                });
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_string()
+                        };
+                        let body = match kind {
+                            "main" => format!(
+                                "{}|{}|{}",
+                                h("x-callout-status"),
+                                h("x-callout-body"),
+                                h("x-call-status")
+                            ),
+                            "slow" => {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                String::new()
+                            }
+                            _ => format!("rating 5 for {}", req.uri().path()),
+                        };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -153,7 +155,11 @@ fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
 /// answer's `:status` and body into request headers before resuming; ticks every 20 ms; owns
 /// queue "q" and counts what it dequeues; `/enqueue` puts an item on it.
 fn plugin() -> Vec<u8> {
-    let headers = serialize(&[(":method", "GET"), (":path", "/ratings"), (":authority", "reviews")]);
+    let headers = serialize(&[
+        (":method", "GET"),
+        (":path", "/ratings"),
+        (":authority", "reviews"),
+    ]);
     let hex: String = headers.iter().map(|b| format!("\\{b:02x}")).collect();
     let wat = format!(
         r#"(module
@@ -310,10 +316,16 @@ async fn callouts_ticks_and_queues_through_the_data_plane() {
         .unwrap();
 
     // The request waits for the callout, then goes on with what it returned.
-    for upstream in ["reviews:9080", "outbound|9080||reviews.default.svc.cluster.local"] {
+    for upstream in [
+        "reviews:9080",
+        "outbound|9080||reviews.default.svc.cluster.local",
+    ] {
         let (status, text) = get(addr, "/p", &format!("x-upstream: {upstream}\r\n")).await;
         assert_eq!(status, 200, "{text}");
-        assert!(text.ends_with("200|rating 5 for /ratings|-"), "{upstream}: {text}");
+        assert!(
+            text.ends_with("200|rating 5 for /ratings|-"),
+            "{upstream}: {text}"
+        );
     }
     // Unknown upstream: proxy_http_call answers BadArgument (2) at once.
     let (status, text) = get(addr, "/p", "x-upstream: nope:1\r\n").await;
