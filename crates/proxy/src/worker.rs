@@ -284,7 +284,26 @@ pub fn discard_instance(revision: u64) {
     INSTANCES.with(|c| c.borrow_mut().remove(&revision));
 }
 
-/// Drops instances of revisions no longer in use.
+/// Drops instances of revisions no longer in use, after telling their root context
+/// (`proxy_on_done`, then `proxy_on_delete` when it agrees). Requests still running on such an
+/// instance finish with it.
 pub fn retain_instances(live: &std::collections::HashSet<u64>) {
-    INSTANCES.with(|c| c.borrow_mut().retain(|rev, _| live.contains(rev)));
+    let removed: Vec<SharedInstance> = INSTANCES.with(|c| {
+        let mut c = c.borrow_mut();
+        let gone = c
+            .iter()
+            .filter(|(rev, _)| !live.contains(rev))
+            .map(|(_, i)| i.clone())
+            .collect();
+        c.retain(|rev, _| live.contains(rev));
+        gone
+    });
+    for inst in removed {
+        if let Ok(mut i) = inst.try_borrow_mut()
+            && !i.is_poisoned()
+            && let Err(err) = i.shutdown()
+        {
+            tracing::warn!(plugin = %i.spec().name, error = %err, "plugin failed while shutting down");
+        }
+    }
 }
