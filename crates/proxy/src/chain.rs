@@ -5,11 +5,16 @@
 //! by its fail strategy; a plugin that could not be loaded denies the chain
 //! unless it is FAIL_OPEN.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio::task::{AbortHandle, JoinSet};
 use waystone_model::snapshot::{FailStrategy, PluginId};
-use waystone_wasm::{Action, HostError, HttpStream, LocalResponse};
+use waystone_wasm::{
+    Action, GrpcCommand, HostError, HttpCallResponse, HttpStream, LocalResponse, StreamType,
+};
 
+use crate::callout::{self, GrpcOutcome, Resolver};
 use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
 use crate::worker::{self, SharedInstance};
 
@@ -48,10 +53,21 @@ struct ActiveFilter {
     bypassed: bool,
 }
 
+/// An answered callout of one filter's context, waiting to be delivered.
+enum Answer {
+    Http(u32, Option<HttpCallResponse>),
+    Grpc(u32, GrpcOutcome),
+}
+
 /// The chain state of one request.
 pub struct ChainRun {
     filters: Vec<ActiveFilter>,
     pub stream: HttpStream,
+    resolver: Option<Resolver>,
+    /// Callouts of this request's contexts in flight on the worker, with the filter index.
+    /// Dropped (aborted) with the run: Envoy cancels a context's callouts when it ends.
+    callouts: JoinSet<(usize, Answer)>,
+    grpc_calls: HashMap<u32, AbortHandle>,
 }
 
 impl ChainRun {
@@ -59,6 +75,9 @@ impl ChainRun {
         Self {
             filters: Vec::new(),
             stream,
+            resolver: None,
+            callouts: JoinSet::new(),
+            grpc_calls: HashMap::new(),
         }
     }
 
@@ -79,13 +98,21 @@ impl ChainRun {
         self.filters.is_empty()
     }
 
-    /// Creates a context in each plugin of `chain` and runs its request-headers callback.
-    pub fn request_headers(
+    /// Creates a context in each plugin of `chain` and runs its request-headers callback. A
+    /// plugin that pauses while it has callouts in flight holds the request until it resumes
+    /// it (`proxy_continue_stream`) or answers it (`proxy_send_local_response`).
+    pub async fn request_headers(
         &mut self,
         chain: &[PluginId],
         rt: &RuntimeConfig,
         end_of_stream: bool,
     ) -> Outcome {
+        let resolver = Resolver {
+            snapshot: rt.snapshot.clone(),
+            default_namespace: rt.default_namespace.clone(),
+        };
+        worker::set_resolver(&resolver);
+        self.resolver = Some(resolver);
         for id in chain {
             let plugin = match rt.plugins.get(id) {
                 Some(PluginSlot::Ready(p)) => p.clone(),
@@ -129,7 +156,7 @@ impl ChainRun {
                     .borrow_mut()
                     .on_request_headers(f.ctx, &mut self.stream, end_of_stream)
             };
-            if let Some(out) = self.settle(idx, result, end_of_stream) {
+            if let Some(out) = self.settle(idx, result, end_of_stream).await {
                 return out;
             }
         }
@@ -137,7 +164,7 @@ impl ChainRun {
     }
 
     /// Runs the request-body callbacks over the whole (buffered) body.
-    pub fn request_body(&mut self) -> Outcome {
+    pub async fn request_body(&mut self) -> Outcome {
         for idx in 0..self.filters.len() {
             if self.filters[idx].bypassed {
                 continue;
@@ -148,7 +175,7 @@ impl ChainRun {
                     .borrow_mut()
                     .on_request_body(f.ctx, &mut self.stream, true)
             };
-            if let Some(out) = self.settle(idx, result, true) {
+            if let Some(out) = self.settle(idx, result, true).await {
                 return out;
             }
         }
@@ -214,7 +241,7 @@ impl ChainRun {
     }
 
     /// Interprets a request-path callback result.
-    fn settle(
+    async fn settle(
         &mut self,
         idx: usize,
         result: Result<Action, HostError>,
@@ -222,16 +249,24 @@ impl ChainRun {
     ) -> Option<Outcome> {
         match result {
             Ok(action) => {
+                self.dispatch(idx);
                 if let Some(local) = self.stream.local_response.take() {
                     return Some(Outcome::Respond(plugin_reply(
                         &self.filters[idx].plugin,
                         local,
                     )));
                 }
-                let continued = self.stream.continue_requested.take().is_some();
+                let mut continued = self.stream.continue_requested.take().is_some();
+                if action == Action::Pause && !continued {
+                    match self.wait_for_resume(idx).await {
+                        Resume::Continued => continued = true,
+                        Resume::Respond(out) => return Some(out),
+                        Resume::NothingToWaitFor => {}
+                    }
+                }
                 if action == Action::Pause && end_of_stream && !continued {
-                    // Nothing could resume this stream yet (no timers or callouts in
-                    // this host version): answer rather than hang the client.
+                    // Nothing in flight can resume this stream: answer rather than hang the
+                    // client.
                     let name = &self.filters[idx].plugin.spec.name;
                     tracing::warn!(plugin = %name, "plugin paused the request with nothing left to resume it");
                     return Some(Outcome::Respond(LocalReply::text(
@@ -244,6 +279,106 @@ impl ChainRun {
             }
             Err(err) => self.runtime_fault(idx, &err),
         }
+    }
+
+    /// Starts the callouts the filter's plugin queued during its last callback. Callouts of
+    /// this request's context run in the run's join set; the root context's go to the worker's
+    /// driver of that instance.
+    fn dispatch(&mut self, idx: usize) {
+        let f = &self.filters[idx];
+        let (calls, grpc) = {
+            let mut inst = f.instance.borrow_mut();
+            (inst.take_callouts(), inst.take_grpc_commands())
+        };
+        let Some(resolver) = self.resolver.clone() else {
+            return;
+        };
+        for call in calls {
+            if call.context_id != f.ctx {
+                worker::spawn_root_callout(&f.instance, call, resolver.clone());
+                continue;
+            }
+            let resolver = resolver.clone();
+            self.callouts.spawn_local(async move {
+                let token = call.token;
+                (
+                    idx,
+                    Answer::Http(token, callout::http_call(&resolver, call).await),
+                )
+            });
+        }
+        for cmd in grpc {
+            match cmd {
+                GrpcCommand::Call {
+                    token,
+                    call,
+                    message,
+                    timeout,
+                    ..
+                } => {
+                    let resolver = resolver.clone();
+                    let handle = self.callouts.spawn_local(async move {
+                        let outcome = callout::grpc_call(&resolver, call, message, timeout).await;
+                        (idx, Answer::Grpc(token, outcome))
+                    });
+                    self.grpc_calls.insert(token, handle);
+                }
+                GrpcCommand::OpenStream { token, .. } => {
+                    // Streams are not carried by this proxy yet: the plugin is told at once.
+                    self.callouts.spawn_local(async move {
+                        let outcome = GrpcOutcome {
+                            initial_metadata: None,
+                            messages: Vec::new(),
+                            trailing_metadata: None,
+                            status: 12,
+                            message: "gRPC streams are not supported by this proxy yet".into(),
+                        };
+                        (idx, Answer::Grpc(token, outcome))
+                    });
+                }
+                GrpcCommand::Cancel { token } => {
+                    if let Some(h) = self.grpc_calls.remove(&token) {
+                        h.abort();
+                    }
+                }
+                GrpcCommand::Send { .. } | GrpcCommand::Close { .. } => {}
+            }
+        }
+    }
+
+    /// Delivers callout answers while the plugin at `idx` holds the request, until it resumes
+    /// or answers it, or nothing is left in flight.
+    async fn wait_for_resume(&mut self, idx: usize) -> Resume {
+        while let Some(joined) = self.callouts.join_next().await {
+            let Ok((owner, answer)) = joined else {
+                continue; // aborted (cancelled) call
+            };
+            let result = {
+                let f = &self.filters[owner];
+                let mut inst = f.instance.borrow_mut();
+                deliver(&mut inst, answer, &mut self.stream)
+            };
+            if let Err(err) = result {
+                if let Some(out) = self.runtime_fault(owner, &err) {
+                    return Resume::Respond(out);
+                }
+                if owner == idx {
+                    return Resume::Continued;
+                }
+                continue;
+            }
+            self.dispatch(owner);
+            if let Some(local) = self.stream.local_response.take() {
+                return Resume::Respond(Outcome::Respond(plugin_reply(
+                    &self.filters[owner].plugin,
+                    local,
+                )));
+            }
+            if self.stream.continue_requested.take() == Some(StreamType::Request) {
+                return Resume::Continued;
+            }
+        }
+        Resume::NothingToWaitFor
     }
 
     fn settle_response(
@@ -271,6 +406,46 @@ impl ChainRun {
         f.bypassed = true;
         fault(&f.plugin, err).map(Outcome::Respond)
     }
+}
+
+enum Resume {
+    Continued,
+    Respond(Outcome),
+    NothingToWaitFor,
+}
+
+fn deliver(
+    inst: &mut waystone_wasm::PluginInstance,
+    answer: Answer,
+    stream: &mut HttpStream,
+) -> Result<(), HostError> {
+    match answer {
+        Answer::Http(token, response) => {
+            inst.on_http_call_response(token, response, Some(stream))?;
+        }
+        Answer::Grpc(token, outcome) => deliver_grpc(inst, token, outcome, Some(stream))?,
+    }
+    Ok(())
+}
+
+/// Tells the plugin what a unary gRPC call produced, in gRPC order.
+pub(crate) fn deliver_grpc(
+    inst: &mut waystone_wasm::PluginInstance,
+    token: u32,
+    outcome: GrpcOutcome,
+    mut stream: Option<&mut HttpStream>,
+) -> Result<(), HostError> {
+    if let Some(md) = outcome.initial_metadata {
+        inst.on_grpc_receive_initial_metadata(token, md, stream.as_deref_mut())?;
+    }
+    for message in outcome.messages {
+        inst.on_grpc_receive(token, message, stream.as_deref_mut())?;
+    }
+    if let Some(md) = outcome.trailing_metadata {
+        inst.on_grpc_receive_trailing_metadata(token, md, stream.as_deref_mut())?;
+    }
+    inst.on_grpc_close(token, outcome.status, &outcome.message, stream)?;
+    Ok(())
 }
 
 /// Applies a plugin's fail strategy to a runtime fault: `None` means bypass it.

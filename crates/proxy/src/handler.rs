@@ -304,7 +304,7 @@ async fn proxy(
     };
     let mut run = ChainRun::new(stream);
     let request_eos = body.is_end_stream();
-    if let Outcome::Respond(reply) = run.request_headers(target.chain, rt, request_eos) {
+    if let Outcome::Respond(reply) = run.request_headers(target.chain, rt, request_eos).await {
         return local_reply_through_chain(run, reply);
     }
 
@@ -315,7 +315,9 @@ async fn proxy(
         {
             Ok(collected) => {
                 run.stream.request_body = collected.to_bytes().to_vec();
-                if let Outcome::Respond(reply) = run.request_body() {
+                run.stream.request_body_bytes = run.stream.request_body.len() as u64;
+                run.stream.request_complete = true;
+                if let Outcome::Respond(reply) = run.request_body().await {
                     return local_reply_through_chain(run, reply);
                 }
                 full(std::mem::take(&mut run.stream.request_body))

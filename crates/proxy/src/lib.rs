@@ -8,6 +8,7 @@
 //! its whole life, so a request's plugin contexts live in that worker's plugin
 //! instances (one instance per plugin per worker, as Envoy does per thread).
 
+mod callout;
 mod chain;
 mod dataplane;
 mod handler;

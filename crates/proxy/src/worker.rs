@@ -4,12 +4,17 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
-use waystone_wasm::{HostError, PluginInstance};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use waystone_wasm::{GrpcCommand, HostError, HttpCallResponse, PendingCallout, PluginInstance};
 
+use crate::callout::{self, GrpcOutcome, Resolver};
+use crate::chain::deliver_grpc;
 use crate::runtime::LoadedPlugin;
 
 /// Work sent to a worker: a future factory run on its local task set.
@@ -42,9 +47,11 @@ impl Workers {
                         }
                     });
                     // The channel closed: let in-flight connections finish (the
-                    // caller bounds the drain by closing them).
-                    rt.block_on(local);
+                    // caller bounds the drain by closing them). Root drivers stop now, so
+                    // they do not keep the worker alive.
+                    STOPPING.with(|s| s.set(true));
                     INSTANCES.with(|c| c.borrow_mut().clear());
+                    rt.block_on(local);
                 })?;
             senders.push(tx);
             threads.push(handle);
@@ -93,19 +100,182 @@ pub type SharedInstance = Rc<RefCell<PluginInstance>>;
 thread_local! {
     /// This worker's instances, by plugin revision.
     static INSTANCES: RefCell<HashMap<u64, SharedInstance>> = RefCell::new(HashMap::new());
+    /// The snapshot the latest request on this worker ran with: what callouts of root contexts
+    /// (ticks, queues) and `proxy_http_call`'s upstream check resolve names against.
+    static RESOLVER: RefCell<Option<Resolver>> = const { RefCell::new(None) };
+    /// Set when the worker drains: root drivers end.
+    static STOPPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Per instance (by address), where its driver takes root-context callouts.
+    static ROOT_CALLOUTS: RefCell<HashMap<usize, mpsc::UnboundedSender<PendingCallout>>> =
+        RefCell::new(HashMap::new());
 }
 
-/// This worker's instance of `plugin`, started on first use.
+/// Remembers the snapshot of the request being handled (cheap when unchanged).
+pub fn set_resolver(r: &Resolver) {
+    RESOLVER.with(|c| {
+        let mut c = c.borrow_mut();
+        let same = c
+            .as_ref()
+            .is_some_and(|old| Arc::ptr_eq(&old.snapshot, &r.snapshot));
+        if !same {
+            *c = Some(r.clone());
+        }
+    });
+}
+
+fn current_resolver() -> Option<Resolver> {
+    RESOLVER.with(|c| c.borrow().clone())
+}
+
+/// This worker's instance of `plugin`, started on first use, with its root driver.
 pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostError> {
     if let Some(i) = INSTANCES.with(|c| c.borrow().get(&plugin.revision).cloned()) {
         return Ok(i);
     }
-    let instance = Rc::new(RefCell::new(PluginInstance::start(
-        &plugin.module,
-        plugin.spec.clone(),
-    )?));
+    let mut started = PluginInstance::start(&plugin.module, plugin.spec.clone())?;
+    // Unknown upstreams are refused at call time (BadArgument), as Envoy refuses unknown
+    // clusters. The check runs on this worker, during a guest call.
+    started.set_upstream_check(Arc::new(|upstream: &str| {
+        current_resolver().is_some_and(|r| r.knows(upstream))
+    }));
+    let instance = Rc::new(RefCell::new(started));
+    spawn_root_driver(plugin, &instance);
     INSTANCES.with(|c| c.borrow_mut().insert(plugin.revision, instance.clone()));
     Ok(instance)
+}
+
+/// Hands a callout of `instance`'s root context to that instance's driver.
+pub fn spawn_root_callout(instance: &SharedInstance, call: PendingCallout, _resolver: Resolver) {
+    let key = Rc::as_ptr(instance) as usize;
+    ROOT_CALLOUTS.with(|c| {
+        if let Some(tx) = c.borrow().get(&key) {
+            let _ = tx.send(call);
+        }
+    });
+}
+
+/// Runs, on this worker, everything an instance's root context asked for: `proxy_on_tick`
+/// every tick period, `proxy_on_queue_ready` when a queue it registered gets an item (the
+/// enqueuing thread wakes this task), and the answers of its callouts. It lives as long as the
+/// instance does (it holds it weakly), so ticks and queue callbacks always reach the same
+/// instance as the root context that asked for them.
+fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
+    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<()>();
+    instance.borrow().set_queue_waker(Arc::new(move || {
+        let _ = wake_tx.send(());
+    }));
+    let (call_tx, mut call_rx) = mpsc::unbounded_channel::<PendingCallout>();
+    let key = Rc::as_ptr(instance) as usize;
+    ROOT_CALLOUTS.with(|c| c.borrow_mut().insert(key, call_tx));
+    let weak: Weak<RefCell<PluginInstance>> = Rc::downgrade(instance);
+    let revision = plugin.revision;
+    let name = plugin.spec.name.clone();
+    tokio::task::spawn_local(async move {
+        enum Done {
+            Http(u32, Option<HttpCallResponse>),
+            Grpc(u32, GrpcOutcome),
+        }
+        let mut in_flight: JoinSet<Done> = JoinSet::new();
+        let mut next_tick: Option<Instant> = None;
+        loop {
+            if STOPPING.with(|s| s.get()) {
+                break;
+            }
+            let Some(inst) = weak.upgrade() else {
+                break;
+            };
+            // Root callouts queued by the last callback (tick, queue, answer, configure).
+            let (calls, grpc) = {
+                let mut i = inst.borrow_mut();
+                (i.take_callouts(), i.take_grpc_commands())
+            };
+            let period = inst.borrow().tick_period();
+            drop(inst);
+            if let Some(resolver) = current_resolver() {
+                for call in calls {
+                    let r = resolver.clone();
+                    in_flight.spawn_local(async move {
+                        let token = call.token;
+                        Done::Http(token, callout::http_call(&r, call).await)
+                    });
+                }
+                for cmd in grpc {
+                    if let GrpcCommand::Call {
+                        token,
+                        call,
+                        message,
+                        timeout,
+                        ..
+                    } = cmd
+                    {
+                        let r = resolver.clone();
+                        in_flight.spawn_local(async move {
+                            Done::Grpc(token, callout::grpc_call(&r, call, message, timeout).await)
+                        });
+                    }
+                }
+            }
+            next_tick = period.map(|p| next_tick.unwrap_or_else(|| Instant::now() + p));
+            // Without a tick period, look again now and then: a later callback may set one.
+            let wake_at = next_tick.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let result: Result<(), HostError> = tokio::select! {
+                _ = tokio::time::sleep_until(wake_at) => {
+                    match (next_tick, period) {
+                        (Some(due), Some(p)) if Instant::now() >= due => {
+                            // Skip missed ticks rather than firing a burst.
+                            next_tick = Some((due + p).max(Instant::now()));
+                            with_instance(&weak, |i| i.on_tick())
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                woke = wake_rx.recv() => {
+                    if woke.is_none() {
+                        break;
+                    }
+                    with_instance(&weak, |i| i.deliver_queue_ready().map(|_| ()))
+                }
+                Some(call) = call_rx.recv() => {
+                    if let Some(r) = current_resolver() {
+                        in_flight.spawn_local(async move {
+                            let token = call.token;
+                            Done::Http(token, callout::http_call(&r, call).await)
+                        });
+                    }
+                    Ok(())
+                }
+                Some(Ok(done)) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    with_instance(&weak, |i| match done {
+                        Done::Http(token, response) => {
+                            i.on_http_call_response(token, response, None).map(|_| ())
+                        }
+                        Done::Grpc(token, outcome) => deliver_grpc(i, token, outcome, None),
+                    })
+                }
+            };
+            if let Err(err) = result {
+                tracing::warn!(plugin = %name, error = %err, "plugin failed in a root-context callback");
+                if weak.upgrade().is_some_and(|i| i.borrow().is_poisoned()) {
+                    discard_instance(revision);
+                    break;
+                }
+            }
+        }
+        ROOT_CALLOUTS.with(|c| c.borrow_mut().remove(&key));
+    });
+}
+
+/// Runs `f` on the instance if it still exists and no request is using it right now (a
+/// request holds the borrow only within a callback, never across an await).
+fn with_instance(
+    weak: &Weak<RefCell<PluginInstance>>,
+    f: impl FnOnce(&mut PluginInstance) -> Result<(), HostError>,
+) -> Result<(), HostError> {
+    let Some(inst) = weak.upgrade() else {
+        return Ok(());
+    };
+    let mut guard = inst.borrow_mut();
+    f(&mut guard)
 }
 
 /// Drops this worker's instance of `revision` (after a fault), so the next
@@ -114,7 +284,26 @@ pub fn discard_instance(revision: u64) {
     INSTANCES.with(|c| c.borrow_mut().remove(&revision));
 }
 
-/// Drops instances of revisions no longer in use.
+/// Drops instances of revisions no longer in use, after telling their root context
+/// (`proxy_on_done`, then `proxy_on_delete` when it agrees). Requests still running on such an
+/// instance finish with it.
 pub fn retain_instances(live: &std::collections::HashSet<u64>) {
-    INSTANCES.with(|c| c.borrow_mut().retain(|rev, _| live.contains(rev)));
+    let removed: Vec<SharedInstance> = INSTANCES.with(|c| {
+        let mut c = c.borrow_mut();
+        let gone = c
+            .iter()
+            .filter(|(rev, _)| !live.contains(rev))
+            .map(|(_, i)| i.clone())
+            .collect();
+        c.retain(|rev, _| live.contains(rev));
+        gone
+    });
+    for inst in removed {
+        if let Ok(mut i) = inst.try_borrow_mut()
+            && !i.is_poisoned()
+            && let Err(err) = i.shutdown()
+        {
+            tracing::warn!(plugin = %i.spec().name, error = %err, "plugin failed while shutting down");
+        }
+    }
 }

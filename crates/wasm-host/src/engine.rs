@@ -129,8 +129,9 @@ impl WasmEngine {
             reason: format!("{e:#}"),
         })?;
         let abi = detect_abi(&module)?;
-        check_exports(&module)?;
+        check_exports(&module, abi)?;
         self.check_imports(&module)?;
+        check_abi_imports(&module, abi)?;
         let pre =
             self.inner
                 .linker
@@ -200,7 +201,7 @@ impl WasmEngine {
         // Resolving through a throwaway store is the only public way to read a linker
         // definition's type; it runs once per import at compile time.
         let spec = Arc::new(crate::types::PluginSpec::default());
-        let state = HostState::new(spec, self.inner.shared.clone(), 0);
+        let state = HostState::new(spec, AbiVersion::V0_2_1, self.inner.shared.clone(), 0);
         let mut store = wasmtime::Store::new(&self.inner.engine, state);
         match self.inner.linker.get(&mut store, module, name).ok()? {
             wasmtime::Extern::Func(f) => Some(f.ty(&store)),
@@ -234,42 +235,82 @@ impl CompiledModule {
 
 fn detect_abi(module: &Module) -> Result<AbiVersion, HostError> {
     let has = |name: &str| module.get_export(name).is_some();
-    if has(AbiVersion::V0_2_1.export_name()) {
-        return Ok(AbiVersion::V0_2_1);
-    }
-    if has(AbiVersion::V0_2_0.export_name()) {
-        return Ok(AbiVersion::V0_2_0);
-    }
-    if has("proxy_abi_version_0_1_0") {
-        return Err(HostError::UnsupportedAbi {
-            version: "0.1.0",
-            export: "proxy_abi_version_0_1_0",
-        });
+    // Newest first: a module announcing several versions gets the newest this host runs.
+    for abi in [AbiVersion::V0_2_1, AbiVersion::V0_2_0, AbiVersion::V0_1_0] {
+        if has(abi.export_name()) {
+            return Ok(abi);
+        }
     }
     Err(HostError::UnknownAbi {
         exports: module.exports().map(|e| e.name().to_owned()).collect(),
     })
 }
 
-/// Callbacks the host calls: (name, number of i32 params, number of i32 results).
-pub(crate) const CALLBACKS: &[(&str, usize, usize)] = &[
-    ("_initialize", 0, 0),
-    ("_start", 0, 0),
-    ("proxy_on_memory_allocate", 1, 1),
-    ("malloc", 1, 1),
-    ("proxy_on_context_create", 2, 0),
-    ("proxy_on_vm_start", 2, 1),
-    ("proxy_on_configure", 2, 1),
-    ("proxy_on_request_headers", 3, 1),
-    ("proxy_on_request_body", 3, 1),
-    ("proxy_on_request_trailers", 2, 1),
-    ("proxy_on_response_headers", 3, 1),
-    ("proxy_on_response_body", 3, 1),
-    ("proxy_on_response_trailers", 2, 1),
-    ("proxy_on_done", 1, 1),
-    ("proxy_on_log", 1, 0),
-    ("proxy_on_delete", 1, 0),
-];
+/// Host functions that exist in some ABI versions only (Envoy links them per version, so a
+/// module importing one from another version fails to load there too).
+fn import_available(abi: AbiVersion, name: &str) -> bool {
+    const ONLY_0_1_0: &[&str] = &[
+        "proxy_continue_request",
+        "proxy_continue_response",
+        "proxy_clear_route_cache",
+        "proxy_get_configuration",
+    ];
+    const ONLY_0_2_X: &[&str] = &["proxy_continue_stream", "proxy_close_stream"];
+    match abi {
+        AbiVersion::V0_1_0 => !ONLY_0_2_X.contains(&name) && name != "proxy_get_log_level",
+        // proxy_get_log_level is 0.2.1's addition; 0.2.0 modules may use it here (Envoy would
+        // refuse them: see docs/conformance.md).
+        AbiVersion::V0_2_0 | AbiVersion::V0_2_1 => !ONLY_0_1_0.contains(&name),
+    }
+}
+
+fn check_abi_imports(module: &Module, abi: AbiVersion) -> Result<(), HostError> {
+    for import in module.imports() {
+        if import.module() == "env" && !import_available(abi, import.name()) {
+            return Err(HostError::ImportNotInAbi {
+                name: import.name().to_owned(),
+                abi,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Callbacks the host calls: (name, number of i32 params, number of i32 results). ABI 0.1.0
+/// differs only in the header callbacks, which have no end_of_stream parameter.
+pub(crate) fn callbacks(abi: AbiVersion) -> Vec<(&'static str, usize, usize)> {
+    let headers_params = if abi == AbiVersion::V0_1_0 { 2 } else { 3 };
+    vec![
+        ("_initialize", 0, 0),
+        ("_start", 0, 0),
+        ("proxy_on_memory_allocate", 1, 1),
+        ("malloc", 1, 1),
+        ("proxy_on_context_create", 2, 0),
+        ("proxy_on_vm_start", 2, 1),
+        ("proxy_on_configure", 2, 1),
+        ("proxy_on_tick", 1, 0),
+        ("proxy_on_queue_ready", 2, 0),
+        ("proxy_on_request_headers", headers_params, 1),
+        ("proxy_on_request_body", 3, 1),
+        ("proxy_on_request_trailers", 2, 1),
+        ("proxy_on_response_headers", headers_params, 1),
+        ("proxy_on_response_body", 3, 1),
+        ("proxy_on_response_trailers", 2, 1),
+        ("proxy_on_http_call_response", 5, 0),
+        ("proxy_on_grpc_receive_initial_metadata", 3, 0),
+        ("proxy_on_grpc_receive", 3, 0),
+        ("proxy_on_grpc_receive_trailing_metadata", 3, 0),
+        ("proxy_on_grpc_close", 3, 0),
+        ("proxy_on_new_connection", 1, 1),
+        ("proxy_on_downstream_data", 3, 1),
+        ("proxy_on_upstream_data", 3, 1),
+        ("proxy_on_downstream_connection_close", 2, 0),
+        ("proxy_on_upstream_connection_close", 2, 0),
+        ("proxy_on_done", 1, 1),
+        ("proxy_on_log", 1, 0),
+        ("proxy_on_delete", 1, 0),
+    ]
+}
 
 fn describe(params: usize, results: usize) -> String {
     format!(
@@ -288,31 +329,35 @@ fn describe_func(f: &FuncType) -> String {
     )
 }
 
-fn check_exports(module: &Module) -> Result<(), HostError> {
+fn check_exports(module: &Module, abi: AbiVersion) -> Result<(), HostError> {
     match module.get_export("memory") {
         Some(ExternType::Memory(_)) => {}
         _ => {
             return Err(HostError::MissingExport {
                 export: "memory".into(),
                 why: "host functions read and write the guest's linear memory",
+                exports: module.exports().map(|e| e.name().to_owned()).collect(),
             });
         }
     }
+    let exports = || module.exports().map(|e| e.name().to_owned()).collect();
     if module.get_export("proxy_on_memory_allocate").is_none()
         && module.get_export("malloc").is_none()
     {
         return Err(HostError::MissingExport {
             export: "proxy_on_memory_allocate".into(),
             why: "the host copies headers, bodies and properties into memory the guest allocates (malloc is accepted too)",
+            exports: exports(),
         });
     }
     if module.get_export("proxy_on_context_create").is_none() {
         return Err(HostError::MissingExport {
             export: "proxy_on_context_create".into(),
             why: "the host creates the root and HTTP contexts through it",
+            exports: exports(),
         });
     }
-    for &(name, params, results) in CALLBACKS {
+    for (name, params, results) in callbacks(abi) {
         let Some(ty) = module.get_export(name) else {
             continue;
         };

@@ -14,24 +14,31 @@ pub enum HostError {
 
     /// The module announces no Proxy-Wasm ABI version this host knows.
     #[error(
-        "the module exports no supported Proxy-Wasm ABI marker (proxy_abi_version_0_2_1 or \
-         proxy_abi_version_0_2_0); its exports are: [{}]",
+        "the module exports no supported Proxy-Wasm ABI marker (proxy_abi_version_0_2_1, \
+         proxy_abi_version_0_2_0 or proxy_abi_version_0_1_0); its exports are: [{}]",
         exports.join(", ")
     )]
     UnknownAbi { exports: Vec<String> },
 
-    /// The module announces an ABI version this host recognises but does not run yet.
+    /// The module imports a host function its announced ABI version does not have.
     #[error(
-        "the module uses Proxy-Wasm ABI {version} ({export}), which this host does not support yet; rebuild it with an SDK targeting ABI 0.2.x"
+        "the module announces Proxy-Wasm ABI {abi} but imports `env::{name}`, which ABI {abi} does not define"
     )]
-    UnsupportedAbi {
-        version: &'static str,
-        export: &'static str,
+    ImportNotInAbi {
+        name: String,
+        abi: crate::types::AbiVersion,
     },
 
     /// An export the host needs to drive the plugin is absent.
-    #[error("the module does not export `{export}`, which the host needs: {why}")]
-    MissingExport { export: String, why: &'static str },
+    #[error(
+        "the module does not export `{export}`, which the host needs: {why}; its exports are: [{}]",
+        exports.join(", ")
+    )]
+    MissingExport {
+        export: String,
+        why: &'static str,
+        exports: Vec<String>,
+    },
 
     /// A known callback is exported with a signature the ABI does not define.
     #[error(

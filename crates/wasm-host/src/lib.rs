@@ -1,4 +1,4 @@
-//! The Proxy-Wasm host of Waystone (ABI 0.2.1 and 0.2.0) on wasmtime.
+//! The Proxy-Wasm host of Waystone (ABI 0.2.1, 0.2.0 and 0.1.0) on wasmtime.
 //!
 //! It knows no HTTP server, Kubernetes or OCI: the data plane hands it plain data
 //! ([`HttpStream`]) and drives the plugin callbacks one phase at a time.
@@ -14,6 +14,12 @@
 //!
 //! Shared data, shared queues and plugin metrics live in the engine, hence are process-wide
 //! (keyed by `vm_id` for data and queues).
+//!
+//! Work the host cannot do itself is queued on the instance for the embedder: HTTP and gRPC
+//! callouts (`take_callouts`, `take_grpc_commands`, answered with `on_http_call_response` /
+//! `on_grpc_*`), tick timers (`tick_period`, `on_tick`), queue notifications
+//! (`set_queue_waker`, `deliver_queue_ready`) and actions aimed at other contexts
+//! (`take_context_actions`). All of them run on the thread that owns the instance.
 
 mod engine;
 mod error;
@@ -26,9 +32,11 @@ mod types;
 
 pub use engine::{CompiledModule, EngineConfig, WasmEngine};
 pub use error::HostError;
-pub use instance::PluginInstance;
-pub use shared::{MetricKind, MetricSample, MetricValue};
+pub use instance::{PluginInstance, ROOT_CONTEXT};
+pub use shared::{MetricKind, MetricSample, MetricValue, QueueWaker};
+pub use state::{ContextAction, UpstreamCheck};
 pub use types::{
-    AbiVersion, Action, HeaderMap, HttpStream, LocalResponse, MtlsProperties, PluginSpec,
-    StreamProperties, StreamType,
+    AbiVersion, Action, GrpcCommand, GrpcTarget, HeaderMap, HttpCallResponse, HttpStream,
+    LocalResponse, MtlsProperties, NetworkStream, PeerType, PendingCallout, PluginSpec, StreamProperties,
+    StreamType,
 };

@@ -2,7 +2,7 @@
 //! per process): shared data, shared queues and plugin-defined metrics.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::status::Status;
 
@@ -33,7 +33,48 @@ struct SharedData {
 struct SharedQueues {
     by_name: HashMap<(String, Vec<u8>), u32>,
     items: HashMap<u32, VecDeque<Vec<u8>>>,
+    /// The instance whose root context registered the queue last (Envoy: the last registration
+    /// wins); weak so a dropped instance stops being notified.
+    owners: HashMap<u32, Weak<QueueSignal>>,
     next_id: u32,
+}
+
+/// Called (on the enqueuing thread) when a queue registered by the instance gets an item.
+pub type QueueWaker = Arc<dyn Fn() + Send + Sync>;
+
+/// An instance's inbox of `proxy_on_queue_ready` notifications: one entry per enqueue, in order,
+/// drained on the instance's own thread.
+#[derive(Default)]
+pub struct QueueSignal {
+    pending: Mutex<VecDeque<u32>>,
+    waker: Mutex<Option<QueueWaker>>,
+}
+
+impl QueueSignal {
+    fn notify(&self, id: u32) {
+        lock(&self.pending).push_back(id);
+        let waker = lock(&self.waker).clone();
+        if let Some(w) = waker {
+            w();
+        }
+    }
+
+    pub(crate) fn set_waker(&self, waker: QueueWaker) {
+        let has_pending = !lock(&self.pending).is_empty();
+        *lock(&self.waker) = Some(waker.clone());
+        // Items enqueued before the waker was installed must not be lost.
+        if has_pending {
+            waker();
+        }
+    }
+
+    pub(crate) fn pop(&self) -> Option<u32> {
+        lock(&self.pending).pop_front()
+    }
+
+    pub(crate) fn has_pending(&self) -> bool {
+        !lock(&self.pending).is_empty()
+    }
 }
 
 /// Kind of a plugin-defined metric (`proxy_define_metric` type 0, 1, 2).
@@ -107,15 +148,26 @@ impl SharedState {
         Ok(())
     }
 
-    pub(crate) fn register_queue(&self, vm_id: &str, name: &[u8]) -> u32 {
+    pub(crate) fn register_queue(
+        &self,
+        vm_id: &str,
+        name: &[u8],
+        owner: Option<&Arc<QueueSignal>>,
+    ) -> u32 {
         let mut q = lock(&self.queues);
-        if let Some(id) = q.by_name.get(&(vm_id.to_owned(), name.to_vec())) {
-            return *id;
+        let id = match q.by_name.get(&(vm_id.to_owned(), name.to_vec())) {
+            Some(id) => *id,
+            None => {
+                q.next_id += 1;
+                let id = q.next_id;
+                q.by_name.insert((vm_id.to_owned(), name.to_vec()), id);
+                q.items.insert(id, VecDeque::new());
+                id
+            }
+        };
+        if let Some(owner) = owner {
+            q.owners.insert(id, Arc::downgrade(owner));
         }
-        q.next_id += 1;
-        let id = q.next_id;
-        q.by_name.insert((vm_id.to_owned(), name.to_vec()), id);
-        q.items.insert(id, VecDeque::new());
         id
     }
 
@@ -127,9 +179,16 @@ impl SharedState {
     }
 
     pub(crate) fn enqueue(&self, id: u32, value: Vec<u8>) -> Result<(), Status> {
-        let mut q = lock(&self.queues);
-        let queue = q.items.get_mut(&id).ok_or(Status::NotFound)?;
-        queue.push_back(value);
+        let owner = {
+            let mut q = lock(&self.queues);
+            let queue = q.items.get_mut(&id).ok_or(Status::NotFound)?;
+            queue.push_back(value);
+            q.owners.get(&id).and_then(Weak::upgrade)
+        };
+        // Outside the lock: the waker may wake another thread that dequeues at once.
+        if let Some(owner) = owner {
+            owner.notify(id);
+        }
         Ok(())
     }
 
@@ -241,8 +300,8 @@ mod tests {
     #[test]
     fn queues() {
         let s = SharedState::default();
-        let id = s.register_queue("vm", b"q");
-        assert_eq!(s.register_queue("vm", b"q"), id);
+        let id = s.register_queue("vm", b"q", None);
+        assert_eq!(s.register_queue("vm", b"q", None), id);
         assert_eq!(s.resolve_queue("vm", b"q"), Some(id));
         assert_eq!(s.resolve_queue("vm2", b"q"), None);
         assert_eq!(s.dequeue(id), Err(Status::Empty));
@@ -251,6 +310,34 @@ mod tests {
         assert_eq!(s.dequeue(id).unwrap(), b"a");
         assert_eq!(s.dequeue(id).unwrap(), b"b");
         assert_eq!(s.enqueue(999, vec![]), Err(Status::NotFound));
+    }
+
+    #[test]
+    fn queue_ready_goes_to_the_last_registration_while_it_lives() {
+        let s = SharedState::default();
+        let first = Arc::new(QueueSignal::default());
+        let second = Arc::new(QueueSignal::default());
+        let id = s.register_queue("vm", b"q", Some(&first));
+        s.enqueue(id, b"1".to_vec()).unwrap();
+        assert_eq!(first.pop(), Some(id));
+        assert_eq!(s.register_queue("vm", b"q", Some(&second)), id);
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        second.set_waker(Arc::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        s.enqueue(id, b"2".to_vec()).unwrap();
+        s.enqueue(id, b"3".to_vec()).unwrap();
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(!first.has_pending());
+        assert_eq!(
+            (second.pop(), second.pop(), second.pop()),
+            (Some(id), Some(id), None)
+        );
+        drop(second);
+        // The owner is gone: enqueue still works, nobody is notified.
+        s.enqueue(id, b"4".to_vec()).unwrap();
+        assert_eq!(s.dequeue(id).unwrap(), b"1");
     }
 
     #[test]

@@ -1,12 +1,62 @@
 //! The data of one wasmtime `Store`: everything host functions may reach during a guest call.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
 
-use crate::shared::SharedState;
-use crate::types::{HttpStream, PluginSpec, StreamType};
+use crate::shared::{QueueSignal, SharedState};
+use crate::types::{
+    AbiVersion, GrpcCommand, HeaderMap, HttpCallResponse, HttpStream, LocalResponse, NetworkStream,
+    PendingCallout, PluginSpec, StreamType,
+};
+
+/// Answers whether `proxy_http_call` / `proxy_grpc_*` may name an upstream, at call time (Envoy
+/// answers BadArgument for an unknown cluster before queuing anything).
+pub type UpstreamCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Something a plugin asked of a context other than the one whose callback was running (after
+/// `proxy_set_effective_context`), e.g. a root context resuming a request it paused. The
+/// embedder applies it to that context's stream ([`crate::PluginInstance::take_context_actions`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContextAction {
+    Continue {
+        context_id: u32,
+        stream: StreamType,
+    },
+    Close {
+        context_id: u32,
+        stream: StreamType,
+    },
+    LocalResponse {
+        context_id: u32,
+        response: LocalResponse,
+    },
+}
+
+/// Callouts the guest started and the embedder has not answered yet.
+#[derive(Default)]
+pub(crate) struct Callouts {
+    pub(crate) next_http_token: u32,
+    pub(crate) queued_http: Vec<PendingCallout>,
+    /// token → issuing context, for every HTTP call not yet answered.
+    pub(crate) http_owner: HashMap<u32, u32>,
+    pub(crate) next_grpc_call: u32,
+    pub(crate) next_grpc_stream: u32,
+    pub(crate) queued_grpc: Vec<GrpcCommand>,
+    pub(crate) grpc_owner: HashMap<u32, u32>,
+}
+
+/// Data readable only while a callout's answer is being delivered (map types 4-7, buffers
+/// 4-5, `proxy_get_status`).
+#[derive(Default)]
+pub(crate) struct Delivery {
+    pub(crate) http_response: Option<HttpCallResponse>,
+    pub(crate) grpc_initial: Option<HeaderMap>,
+    pub(crate) grpc_trailing: Option<HeaderMap>,
+    pub(crate) grpc_message: Option<Vec<u8>>,
+    pub(crate) status: Option<(u32, Vec<u8>)>,
+}
 
 /// Caps linear memory per instance. A growth beyond the cap traps (rather than making
 /// `memory.grow` return -1) so the fault is reported and the instance replaced, and the flag
@@ -56,6 +106,7 @@ pub(crate) enum GuestExit {
 
 pub(crate) struct HostState {
     pub(crate) spec: Arc<PluginSpec>,
+    pub(crate) abi: AbiVersion,
     pub(crate) shared: Arc<SharedState>,
     pub(crate) limiter: MemoryLimiter,
     /// Set right after instantiation; `None` only while the start function of a module runs
@@ -69,16 +120,34 @@ pub(crate) struct HostState {
     pub(crate) tick_period_ms: u32,
     pub(crate) close_requested: Option<StreamType>,
     pub(crate) done_requested: bool,
+    /// The root context's `proxy_on_done` returned false: it finishes when it calls `proxy_done`.
+    pub(crate) root_closing: bool,
     pub(crate) contexts: HashSet<u32>,
+    /// The context whose callback is running (its stream, if any, is `stream`/`network`).
+    pub(crate) current_context: u32,
+    /// `proxy_set_effective_context` target; reset to `current_context` at every callback.
     pub(crate) effective_context: u32,
+    pub(crate) context_actions: Vec<ContextAction>,
+    /// The L4 connection of the callback in progress.
+    pub(crate) network: Option<NetworkStream>,
+    pub(crate) callouts: Callouts,
+    pub(crate) delivery: Delivery,
+    pub(crate) upstream_check: Option<UpstreamCheck>,
+    pub(crate) queue_signal: Arc<QueueSignal>,
     pub(crate) stdout: Vec<u8>,
     pub(crate) stderr: Vec<u8>,
 }
 
 impl HostState {
-    pub(crate) fn new(spec: Arc<PluginSpec>, shared: Arc<SharedState>, max_bytes: usize) -> Self {
+    pub(crate) fn new(
+        spec: Arc<PluginSpec>,
+        abi: AbiVersion,
+        shared: Arc<SharedState>,
+        max_bytes: usize,
+    ) -> Self {
         HostState {
             spec,
+            abi,
             shared,
             limiter: MemoryLimiter {
                 max_bytes,
@@ -91,10 +160,39 @@ impl HostState {
             tick_period_ms: 0,
             close_requested: None,
             done_requested: false,
+            root_closing: false,
             contexts: HashSet::new(),
+            current_context: 0,
             effective_context: 0,
+            context_actions: Vec::new(),
+            network: None,
+            callouts: Callouts {
+                next_http_token: 1,
+                next_grpc_call: 1,
+                next_grpc_stream: 2,
+                ..Callouts::default()
+            },
+            delivery: Delivery::default(),
+            upstream_check: None,
+            queue_signal: Arc::new(QueueSignal::default()),
             stdout: Vec::new(),
             stderr: Vec::new(),
         }
+    }
+}
+
+impl HostState {
+    /// The HTTP stream the host calls act on: the running callback's, unless the guest switched
+    /// to another context with `proxy_set_effective_context`.
+    pub(crate) fn effective_stream(&mut self) -> Option<&mut HttpStream> {
+        if self.effective_context != self.current_context {
+            return None;
+        }
+        self.stream.as_mut()
+    }
+
+    /// Whether the effective context is some context other than the running one.
+    pub(crate) fn switched_context(&self) -> bool {
+        self.effective_context != self.current_context
     }
 }

@@ -5,10 +5,12 @@ pub(crate) enum Status {
     Ok = 0,
     NotFound = 1,
     BadArgument = 2,
+    ParseFailure = 4,
     InvalidMemoryAccess = 6,
     Empty = 7,
     CasMismatch = 8,
     InternalFailure = 10,
+    BrokenConnection = 11,
 }
 
 impl Status {

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 /// The Proxy-Wasm ABI a module announces through its `proxy_abi_version_*` export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AbiVersion {
+    V0_1_0,
     V0_2_0,
     V0_2_1,
 }
@@ -16,6 +17,7 @@ impl AbiVersion {
     /// The name of the marker export announcing this version.
     pub fn export_name(self) -> &'static str {
         match self {
+            AbiVersion::V0_1_0 => "proxy_abi_version_0_1_0",
             AbiVersion::V0_2_0 => "proxy_abi_version_0_2_0",
             AbiVersion::V0_2_1 => "proxy_abi_version_0_2_1",
         }
@@ -25,6 +27,7 @@ impl AbiVersion {
 impl std::fmt::Display for AbiVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            AbiVersion::V0_1_0 => f.write_str("0.1.0"),
             AbiVersion::V0_2_0 => f.write_str("0.2.0"),
             AbiVersion::V0_2_1 => f.write_str("0.2.1"),
         }
@@ -57,6 +60,10 @@ pub enum Action {
 pub enum StreamType {
     Request,
     Response,
+    /// L4: the client side of a TCP connection.
+    Downstream,
+    /// L4: the server side of a TCP connection.
+    Upstream,
 }
 
 /// An ordered multimap of lowercase header names to raw values.
@@ -185,9 +192,19 @@ pub struct StreamProperties {
     pub route_name: String,
     pub cluster_name: String,
     pub response_code: Option<u16>,
+    /// Envoy's `response.code_details` (e.g. `via_upstream`, `wasm:<plugin>:<status>`).
+    pub response_code_details: String,
+    /// Envoy's `response.flags` bitset (0 when nothing went wrong).
+    pub response_flags: u64,
+    /// The upstream host the request was sent to, once picked.
+    pub upstream: Option<SocketAddr>,
+    /// The SNI the client asked for (TLS listeners only).
+    pub requested_server_name: String,
     pub node_id: String,
     /// The downstream mutual-TLS facts (HBONE), `None` on plaintext connections.
     pub mtls: Option<MtlsProperties>,
+    /// Envoy's `node.cluster` (the proxy's service cluster).
+    pub node_cluster: String,
     /// Values written by plugins with `proxy_set_property` (and readable by later plugins of the
     /// chain); key = the NUL-separated path as given.
     pub extra: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -207,5 +224,100 @@ pub struct HttpStream {
     /// Set when the guest called `proxy_continue_stream` (request or response); the data plane
     /// clears it.
     pub continue_requested: Option<StreamType>,
+    /// Whether the data plane has seen the end of the request / response body. Plugins read
+    /// the buffered part of a body through buffer types 0/1; the data plane appends each
+    /// chunk before calling the body callback and drains what a plugin lets through.
+    pub request_complete: bool,
+    pub response_complete: bool,
+    /// Bytes of request / response body seen so far (for `request.size` / `response.size`).
+    pub request_body_bytes: u64,
+    pub response_body_bytes: u64,
+    pub properties: StreamProperties,
+}
+
+/// An HTTP request a plugin asked for with `proxy_http_call`, queued on the instance until the
+/// embedder takes it ([`crate::PluginInstance::take_callouts`]) and later answers it with
+/// [`crate::PluginInstance::on_http_call_response`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingCallout {
+    pub token: u32,
+    /// The context that issued the call (root or HTTP); the response goes back to it.
+    pub context_id: u32,
+    /// As the plugin named it: a cluster name (`outbound|9080||reviews.default.svc.cluster.local`)
+    /// or a host and port (`reviews:9080`).
+    pub upstream: String,
+    /// Includes `:method`, `:path` and `:authority` (checked when queued).
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub trailers: Vec<(String, Vec<u8>)>,
+    pub timeout: std::time::Duration,
+}
+
+/// What came back for a callout. A transport failure is delivered as `None` (no headers,
+/// `proxy_get_status` = BrokenConnection), as Envoy does for a reset stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpCallResponse {
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    pub trailers: HeaderMap,
+}
+
+/// A gRPC operation a plugin asked for, queued on the instance for the embedder
+/// ([`crate::PluginInstance::take_grpc_commands`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrpcCommand {
+    /// `proxy_grpc_call`: one request message, one response.
+    Call {
+        token: u32,
+        context_id: u32,
+        call: GrpcTarget,
+        message: Vec<u8>,
+        timeout: std::time::Duration,
+    },
+    /// `proxy_grpc_stream`: opens a bidirectional stream; messages follow as `Send`.
+    OpenStream {
+        token: u32,
+        context_id: u32,
+        call: GrpcTarget,
+    },
+    /// `proxy_grpc_send`.
+    Send {
+        token: u32,
+        message: Vec<u8>,
+        end_of_stream: bool,
+    },
+    /// `proxy_grpc_cancel`: abandon without telling the plugin.
+    Cancel { token: u32 },
+    /// `proxy_grpc_close`: half-close the local side.
+    Close { token: u32 },
+}
+
+/// Where a gRPC call goes and what it calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcTarget {
+    /// A cluster name, or the `envoy_grpc.cluster_name` of a serialized `GrpcService`.
+    pub upstream: String,
+    pub service: String,
+    pub method: String,
+    pub initial_metadata: Vec<(String, Vec<u8>)>,
+}
+
+/// Which side of an L4 connection closed (`proxy_on_*_connection_close` peer type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerType {
+    Unknown = 0,
+    Local = 1,
+    Remote = 2,
+}
+
+/// One TCP connection as an L4 (`NETWORK`) plugin sees it: data not yet passed on in each
+/// direction (buffer types 2 and 3) and the connection facts.
+#[derive(Debug, Default)]
+pub struct NetworkStream {
+    pub downstream_data: Vec<u8>,
+    pub upstream_data: Vec<u8>,
+    /// Set when the guest called `proxy_close_stream(2|3)` during a callback; the data plane
+    /// closes that side.
+    pub close_requested: Option<StreamType>,
     pub properties: StreamProperties,
 }

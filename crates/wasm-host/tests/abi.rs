@@ -369,20 +369,19 @@ fn abi_detection_and_required_exports() {
     }
     assert!(err.to_string().contains("proxy_abi_version_9_9_9"));
 
+    // 0.1.0 header callbacks take (ctx, n): the 0.2 signature is refused for them.
     let err = engine
         .compile(&raw(
-            r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_1_0")))"#,
+            r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_1_0"))
+                (func (export "proxy_on_context_create") (param i32 i32))
+                (func (export "malloc") (param i32) (result i32) (i32.const 0))
+                (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))"#,
         ))
         .err()
         .unwrap();
     assert!(
-        matches!(
-            err,
-            HostError::UnsupportedAbi {
-                version: "0.1.0",
-                ..
-            }
-        ),
+        matches!(&err, HostError::ExportSignature { export, expected, .. }
+            if export == "proxy_on_request_headers" && expected == "(func (param i32 i32) (result i32))"),
         "{err}"
     );
 
@@ -395,6 +394,12 @@ fn abi_detection_and_required_exports() {
         .unwrap();
     assert!(
         matches!(&err, HostError::MissingExport { export, .. } if export == "proxy_on_memory_allocate"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(
+            "its exports are: [memory, proxy_abi_version_0_2_0, proxy_on_context_create]"
+        ),
         "{err}"
     );
 
@@ -688,7 +693,7 @@ fn shared_data_queues_metrics_and_unsupported_calls() {
     assert_eq!(
         statuses(&stream),
         vec![
-            1, 0, 0, 0, 8, 0, 0, 0, 1, 7, 0, 0, 2, 0, 0, 0, 3, 1, 10, 1, 1, 0, 0, 0
+            1, 0, 0, 0, 8, 0, 0, 0, 1, 7, 0, 0, 2, 0, 0, 0, 3, 1, 2, 1, 0, 0, 0, 0
         ]
     );
     assert_eq!(stream.response_headers.get("shared"), Some(&b"v1"[..]));

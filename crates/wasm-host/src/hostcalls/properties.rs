@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::UNIX_EPOCH;
 
 use crate::state::HostState;
-use crate::types::HeaderMap;
+use crate::types::{HeaderMap, StreamProperties};
 
 use super::serialize_map;
 
@@ -63,11 +63,25 @@ fn non_empty(s: &str) -> Option<Vec<u8>> {
     (!s.is_empty()).then(|| s.as_bytes().to_vec())
 }
 
+fn headers_size(map: &HeaderMap) -> u64 {
+    map.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+}
+
+fn uint(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
 pub(crate) fn get_property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
-    if let Some(v) = builtin(state, &segments(path)) {
+    let seg = segments(path);
+    if let Some(v) = builtin(state, &seg) {
         return Some(v);
     }
     let trimmed = path.strip_suffix(b"\0").unwrap_or(path);
+    // Envoy keeps plugin-set properties in the filter state under `wasm.<path>`.
+    let trimmed = match seg.as_slice() {
+        [b"filter_state", key] => key.strip_prefix(b"wasm.").unwrap_or(key),
+        _ => trimmed,
+    };
     let extra = state
         .stream
         .as_ref()
@@ -88,8 +102,15 @@ fn builtin(state: &HostState, seg: &[&[u8]]) -> Option<Vec<u8>> {
         [b"plugin_vm_id"] => return Some(spec.vm_id.as_bytes().to_vec()),
         _ => {}
     }
+    let props = match (&state.stream, &state.network) {
+        (Some(s), _) => &s.properties,
+        (None, Some(n)) => &n.properties,
+        (None, None) => return None,
+    };
+    if let Some(v) = connection_property(props, seg) {
+        return v;
+    }
     let stream = state.stream.as_ref()?;
-    let props = &stream.properties;
     let req = &stream.request_headers;
     match seg {
         [b"request", b"path"] => header(req, ":path"),
@@ -113,6 +134,30 @@ fn builtin(state: &HostState, seg: &[&[u8]]) -> Option<Vec<u8>> {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| int(d.as_nanos() as i64)),
         [b"request", b"headers", rest @ ..] => headers_or_one(req, rest),
+        [b"request", b"duration"] => props
+            .start_time
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| int(d.as_nanos() as i64)),
+        [b"request", b"size"] => Some(int(stream.request_body_bytes as i64)),
+        [b"request", b"total_size"] => Some(int((headers_size(req)
+            + stream.request_body_bytes
+            + headers_size(&stream.request_trailers))
+            as i64)),
+        [b"response", b"code_details"] => non_empty(&props.response_code_details),
+        [b"response", b"flags"] => Some(uint(props.response_flags)),
+        [b"response", b"grpc_status"] => header(&stream.response_trailers, "grpc-status")
+            .or_else(|| header(&stream.response_headers, "grpc-status"))
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok())
+            .map(int),
+        [b"response", b"size"] => stream
+            .response_headers
+            .get(":status")
+            .map(|_| int(stream.response_body_bytes as i64)),
+        [b"response", b"total_size"] => stream.response_headers.get(":status").map(|_| {
+            int((headers_size(&stream.response_headers)
+                + stream.response_body_bytes
+                + headers_size(&stream.response_trailers)) as i64)
+        }),
         [b"response", b"code"] => props
             .response_code
             .map(i64::from)
@@ -123,7 +168,15 @@ fn builtin(state: &HostState, seg: &[&[u8]]) -> Option<Vec<u8>> {
             .map(int),
         [b"response", b"headers", rest @ ..] => headers_or_one(&stream.response_headers, rest),
         [b"response", b"trailers", rest @ ..] => headers_or_one(&stream.response_trailers, rest),
-        // Envoy serializes booleans as one byte.
+        _ => None,
+    }
+}
+
+/// Properties HTTP and L4 contexts share; `Some(answer)` when `seg` names one of them.
+fn connection_property(props: &StreamProperties, seg: &[&[u8]]) -> Option<Option<Vec<u8>>> {
+    Some(match seg {
+        [b"connection", b"id"] => Some(uint(props.connection_id)),
+        // Envoy serializes booleans as one byte; plain-text connections have no mTLS.
         [b"connection", b"mtls"] => Some(vec![u8::from(props.mtls.is_some())]),
         [b"connection", b"tls_version"] => {
             props.mtls.as_ref().and_then(|m| non_empty(&m.tls_version))
@@ -136,14 +189,18 @@ fn builtin(state: &HostState, seg: &[&[u8]]) -> Option<Vec<u8>> {
             .mtls
             .as_ref()
             .and_then(|m| non_empty(&m.local_principal)),
+        [b"connection", b"requested_server_name"] => {
+            Some(props.requested_server_name.as_bytes().to_vec())
+        }
         [b"source", what] => address(props.source, what),
         [b"destination", what] => address(props.destination, what),
-        [b"connection", b"id"] => Some(props.connection_id.to_le_bytes().to_vec()),
+        [b"upstream", what] => address(props.upstream, what),
         [b"node", b"id"] => non_empty(&props.node_id),
-        [b"cluster_name"] => non_empty(&props.cluster_name),
-        [b"route_name"] => non_empty(&props.route_name),
-        _ => None,
-    }
+        [b"node", b"cluster"] => non_empty(&props.node_cluster),
+        [b"cluster_name"] | [b"xds", b"cluster_name"] => non_empty(&props.cluster_name),
+        [b"route_name"] | [b"xds", b"route_name"] => non_empty(&props.route_name),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

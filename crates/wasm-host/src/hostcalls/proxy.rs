@@ -1,7 +1,7 @@
 //! The Proxy-Wasm host functions (module `env`), plus the few `env` imports that SDK runtimes
 //! bring along (AssemblyScript's `abort`/`seed`/`trace`, Emscripten's memory-growth hook).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::Level;
 
@@ -10,45 +10,124 @@ use super::{
     properties, read, serialize_map, with_guest, with_guest2, write_u32, write_u64,
 };
 use crate::shared::MetricKind;
-use crate::state::{GuestExit, HostState};
+use crate::state::{ContextAction, GuestExit, HostState};
 use crate::status::{Status, status_of};
-use crate::types::{HeaderMap, LocalResponse, StreamType};
+use crate::types::{GrpcCommand, GrpcTarget, HeaderMap, LocalResponse, PendingCallout, StreamType};
 
 const ENV: &str = "env";
 
 fn header_map(state: &mut HostState, map_type: i32) -> Result<&mut HeaderMap, Status> {
-    let stream = match map_type {
-        0..=3 => state.stream.as_mut().ok_or(Status::NotFound)?,
-        // gRPC metadata and HTTP-call responses exist only during callouts, which come later.
-        4..=7 => return Err(Status::NotFound),
+    let found = match map_type {
+        0..=3 => {
+            let stream = state.effective_stream().ok_or(Status::NotFound)?;
+            match map_type {
+                0 => &mut stream.request_headers,
+                1 => &mut stream.request_trailers,
+                2 => &mut stream.response_headers,
+                _ => &mut stream.response_trailers,
+            }
+        }
+        // Readable only while the answer of a callout is being delivered.
+        4 => state
+            .delivery
+            .grpc_initial
+            .as_mut()
+            .ok_or(Status::NotFound)?,
+        5 => state
+            .delivery
+            .grpc_trailing
+            .as_mut()
+            .ok_or(Status::NotFound)?,
+        6 => {
+            &mut state
+                .delivery
+                .http_response
+                .as_mut()
+                .ok_or(Status::NotFound)?
+                .headers
+        }
+        7 => {
+            &mut state
+                .delivery
+                .http_response
+                .as_mut()
+                .ok_or(Status::NotFound)?
+                .trailers
+        }
         _ => return Err(Status::BadArgument),
     };
-    Ok(match map_type {
-        0 => &mut stream.request_headers,
-        1 => &mut stream.request_trailers,
-        2 => &mut stream.response_headers,
-        _ => &mut stream.response_trailers,
-    })
+    Ok(found)
 }
 
-fn buffer(state: &HostState, buffer_type: i32) -> Result<&[u8], Status> {
+fn buffer(state: &mut HostState, buffer_type: i32) -> Result<&[u8], Status> {
     match buffer_type {
-        0 => Ok(&state.stream.as_ref().ok_or(Status::NotFound)?.request_body),
-        1 => Ok(&state.stream.as_ref().ok_or(Status::NotFound)?.response_body),
+        0 => Ok(&state
+            .effective_stream()
+            .ok_or(Status::NotFound)?
+            .request_body),
+        1 => Ok(&state
+            .effective_stream()
+            .ok_or(Status::NotFound)?
+            .response_body),
+        2 => Ok(&state
+            .network
+            .as_ref()
+            .ok_or(Status::NotFound)?
+            .downstream_data),
+        3 => Ok(&state
+            .network
+            .as_ref()
+            .ok_or(Status::NotFound)?
+            .upstream_data),
+        4 => Ok(&state
+            .delivery
+            .http_response
+            .as_ref()
+            .ok_or(Status::NotFound)?
+            .body),
+        5 => Ok(state
+            .delivery
+            .grpc_message
+            .as_deref()
+            .ok_or(Status::NotFound)?),
         6 => Ok(&state.spec.vm_configuration),
         7 => Ok(&state.spec.plugin_configuration),
-        2..=5 | 8 => Err(Status::NotFound),
+        // Foreign-function call data: no foreign functions call into plugins.
+        8 => Err(Status::NotFound),
         _ => Err(Status::BadArgument),
     }
 }
 
 fn buffer_mut(state: &mut HostState, buffer_type: i32) -> Result<&mut Vec<u8>, Status> {
     match buffer_type {
-        0 => Ok(&mut state.stream.as_mut().ok_or(Status::NotFound)?.request_body),
-        1 => Ok(&mut state.stream.as_mut().ok_or(Status::NotFound)?.response_body),
+        0 => Ok(&mut state
+            .effective_stream()
+            .ok_or(Status::NotFound)?
+            .request_body),
+        1 => Ok(&mut state
+            .effective_stream()
+            .ok_or(Status::NotFound)?
+            .response_body),
+        2 => Ok(&mut state
+            .network
+            .as_mut()
+            .ok_or(Status::NotFound)?
+            .downstream_data),
+        3 => Ok(&mut state
+            .network
+            .as_mut()
+            .ok_or(Status::NotFound)?
+            .upstream_data),
+        4 => Ok(&mut state
+            .delivery
+            .http_response
+            .as_mut()
+            .ok_or(Status::NotFound)?
+            .body),
+        5 => state.delivery.grpc_message.as_mut().ok_or(Status::NotFound),
         // Configuration buffers are read-only.
         6 | 7 => Err(Status::BadArgument),
-        2..=5 | 8 => Err(Status::NotFound),
+        8 => Err(Status::NotFound),
         _ => Err(Status::BadArgument),
     }
 }
@@ -107,10 +186,6 @@ fn check_ranges(c: &Ctx<'_>, ranges: &[(i32, i32)]) -> Result<(), Status> {
         .try_for_each(|(p, l)| check_writable(c, *p, *l))
 }
 
-fn warn_unsupported(c: &Ctx<'_>, what: &str) {
-    tracing::warn!(target: LOG_TARGET, plugin = %c.data().spec.name, "{what} is not supported by this host yet");
-}
-
 pub(crate) fn register(r: &mut Registrar) -> wasmtime::Result<()> {
     register_basics(r)?;
     register_buffers(r)?;
@@ -162,7 +237,12 @@ fn register_basics(r: &mut Registrar) -> wasmtime::Result<()> {
             Status::Ok.code()
         },
     )?;
+    // Only a root context whose proxy_on_done answered false can be finished: Envoy answers
+    // NotFound otherwise.
     r.wrap(ENV, "proxy_done", |mut c: Ctx<'_>| {
+        if !c.data().root_closing {
+            return Status::NotFound.code();
+        }
         c.data_mut().done_requested = true;
         Status::Ok.code()
     })?;
@@ -174,7 +254,7 @@ fn register_buffers(r: &mut Registrar) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_buffer_bytes",
         |mut c: Ctx<'_>, t: i32, start: i32, max: i32, ptr_ptr: i32, size_ptr: i32| {
-            let bytes = match buffer(c.data(), t) {
+            let bytes = match buffer(c.data_mut(), t) {
                 Ok(buf) => {
                     let start = (start as u32 as usize).min(buf.len());
                     let end = start.saturating_add(max as u32 as usize).min(buf.len());
@@ -201,7 +281,7 @@ fn register_buffers(r: &mut Registrar) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_buffer_status",
         |mut c: Ctx<'_>, t: i32, len_ptr: i32, flags_ptr: i32| {
-            let len = match buffer(c.data(), t) {
+            let len = match buffer(c.data_mut(), t) {
                 Ok(b) => b.len() as u32,
                 Err(s) => return s.code(),
             };
@@ -323,45 +403,102 @@ fn stream_type(t: i32) -> Result<StreamType, Status> {
     match t {
         0 => Ok(StreamType::Request),
         1 => Ok(StreamType::Response),
-        // Downstream/upstream (L4) streams do not exist in an HTTP host.
-        2 | 3 => Err(Status::NotFound),
+        2 => Ok(StreamType::Downstream),
+        3 => Ok(StreamType::Upstream),
         _ => Err(Status::BadArgument),
     }
 }
 
-/// Records that the guest asked to resume `st`; only meaningful during an HTTP callback.
+/// Records that the guest asked to resume `st` of the effective context: on the running
+/// callback's stream directly, or as an action for the embedder when the guest switched to
+/// another context (e.g. a root context resuming a request it paused).
 fn request_continue(c: &mut Ctx<'_>, st: StreamType) -> Result<(), Status> {
-    let stream = c.data_mut().stream.as_mut().ok_or(Status::NotFound)?;
-    stream.continue_requested = Some(st);
+    let state = c.data_mut();
+    if state.switched_context() {
+        let context_id = state.effective_context;
+        state.context_actions.push(ContextAction::Continue {
+            context_id,
+            stream: st,
+        });
+        return Ok(());
+    }
+    match st {
+        StreamType::Request | StreamType::Response => {
+            state
+                .stream
+                .as_mut()
+                .ok_or(Status::NotFound)?
+                .continue_requested = Some(st);
+        }
+        // L4 data flows on as soon as the callback returns Continue: nothing is held back.
+        StreamType::Downstream | StreamType::Upstream => {
+            state.network.as_ref().ok_or(Status::NotFound)?;
+        }
+    }
+    Ok(())
+}
+
+fn request_close(c: &mut Ctx<'_>, st: StreamType) -> Result<(), Status> {
+    let state = c.data_mut();
+    if state.switched_context() {
+        let context_id = state.effective_context;
+        state.context_actions.push(ContextAction::Close {
+            context_id,
+            stream: st,
+        });
+        return Ok(());
+    }
+    match st {
+        StreamType::Request | StreamType::Response => {
+            state.stream.as_ref().ok_or(Status::NotFound)?;
+            state.close_requested = Some(st);
+        }
+        StreamType::Downstream | StreamType::Upstream => {
+            state
+                .network
+                .as_mut()
+                .ok_or(Status::NotFound)?
+                .close_requested = Some(st);
+        }
+    }
     Ok(())
 }
 
 fn register_stream(r: &mut Registrar) -> wasmtime::Result<()> {
+    // 0.2.x spellings; 0.1.0 modules may not import them (checked at compile time).
     r.wrap(ENV, "proxy_continue_stream", |mut c: Ctx<'_>, t: i32| {
         status_of(stream_type(t).and_then(|st| request_continue(&mut c, st)))
     })?;
     r.wrap(ENV, "proxy_close_stream", |mut c: Ctx<'_>, t: i32| {
-        let r = stream_type(t).map(|st| c.data_mut().close_requested = Some(st));
-        status_of(r)
+        status_of(stream_type(t).and_then(|st| request_close(&mut c, st)))
     })?;
-    // ABI 0.1.0 spellings of continue_stream, still imported by some C++ SDK builds.
+    // ABI 0.1.0 only.
     r.wrap(ENV, "proxy_continue_request", |mut c: Ctx<'_>| {
         status_of(request_continue(&mut c, StreamType::Request))
     })?;
     r.wrap(ENV, "proxy_continue_response", |mut c: Ctx<'_>| {
         status_of(request_continue(&mut c, StreamType::Response))
     })?;
-    // Routing is decided outside the host, so there is no cache to clear.
+    // Routing is decided before the chain runs and not re-evaluated, so there is no cache.
     r.wrap(ENV, "proxy_clear_route_cache", |_c: Ctx<'_>| {
         Status::Ok.code()
     })?;
+    // The status of the callout answer being delivered (gRPC close status and message, or
+    // BrokenConnection for a failed HTTP call); 0 and no message otherwise.
     r.wrap(
         ENV,
         "proxy_get_status",
-        |c: Ctx<'_>, code_ptr: i32, msg_ptr_ptr: i32, msg_size_ptr: i32| {
-            let r = check_ranges(&c, &[(code_ptr, 4), (msg_ptr_ptr, 4), (msg_size_ptr, 4)])
-                .and(Err(Status::NotFound));
-            status_of(r)
+        |mut c: Ctx<'_>, code_ptr: i32, msg_ptr_ptr: i32, msg_size_ptr: i32| {
+            if let Err(s) = check_ranges(&c, &[(code_ptr, 4), (msg_ptr_ptr, 4), (msg_size_ptr, 4)])
+            {
+                return Ok(s.code());
+            }
+            let (code, message) = c.data().delivery.status.clone().unwrap_or_default();
+            let status = copy_out(&mut c, &message, msg_ptr_ptr, msg_size_ptr, Empty::Null)?;
+            if status != Status::Ok.code() {
+                return Ok(status);
+            }
+            Ok(status_of(write_u32(&mut c, code_ptr, code)))
         },
     )?;
     r.wrap(
@@ -385,14 +522,24 @@ fn register_stream(r: &mut Registrar) -> wasmtime::Result<()> {
                     .ok()
                     .filter(|s| (100..1000).contains(s))
                     .ok_or(Status::BadArgument)?;
-                let stream = c.data_mut().stream.as_mut().ok_or(Status::NotFound)?;
-                stream.local_response = Some(LocalResponse {
+                let response = LocalResponse {
                     status,
                     details: str_lossy(&details),
                     body,
                     headers,
                     grpc_status,
-                });
+                };
+                let state = c.data_mut();
+                if state.switched_context() {
+                    let context_id = state.effective_context;
+                    state.context_actions.push(ContextAction::LocalResponse {
+                        context_id,
+                        response,
+                    });
+                    return Ok(());
+                }
+                let stream = state.stream.as_mut().ok_or(Status::NotFound)?;
+                stream.local_response = Some(response);
                 Ok(())
             })();
             status_of(r)
@@ -476,7 +623,11 @@ fn register_shared(r: &mut Registrar) -> wasmtime::Result<()> {
         |mut c: Ctx<'_>, nptr: i32, nlen: i32, id_ptr: i32| {
             let r = check_writable(&c, id_ptr, 4).and_then(|()| {
                 with_guest(&mut c, nptr, nlen, |name, state| {
-                    state.shared.register_queue(&state.spec.vm_id, name)
+                    // Ready notifications go to this instance's root context.
+                    let owner = state.queue_signal.clone();
+                    state
+                        .shared
+                        .register_queue(&state.spec.vm_id, name, Some(&owner))
                 })
             });
             status_of(r.and_then(|id| write_u32(&mut c, id_ptr, id)))
@@ -570,14 +721,109 @@ fn register_metrics(r: &mut Registrar) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// Callouts need the data plane to run work on the guest's behalf and call back later; until
-/// that lands they fail with the statuses the SDKs treat as recoverable errors (the Rust SDK
-/// panics on Unimplemented for `dispatch_http_call`, which would poison the instance).
+/// Most callouts one instance may have queued or in flight: a guest looping on
+/// `proxy_http_call` must not grow host memory without bound.
+const MAX_OUTSTANDING_CALLOUTS: usize = 10_000;
+
+fn read_map(c: &mut Ctx<'_>, ptr: i32, len: i32) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    let bytes = read(c, ptr, len)?;
+    deserialize_map(&bytes).ok_or(Status::ParseFailure)
+}
+
+fn check_upstream(state: &HostState, upstream: &str) -> Result<(), Status> {
+    match &state.upstream_check {
+        Some(known) if !known(upstream) => Err(Status::BadArgument),
+        _ => Ok(()),
+    }
+}
+
+fn outstanding(state: &HostState) -> usize {
+    let co = &state.callouts;
+    co.http_owner.len() + co.grpc_owner.len() + co.queued_grpc.len()
+}
+
+fn timeout(ms: i32) -> Duration {
+    // 0 means no timeout, as for Envoy's async client.
+    Duration::from_millis(u64::from(ms as u32))
+}
+
+/// The upstream of a gRPC call: Envoy accepts either a cluster name or a serialized
+/// `envoy.config.core.v3.GrpcService`, from which the `envoy_grpc.cluster_name` is taken.
+fn grpc_upstream(bytes: &[u8]) -> Result<String, Status> {
+    if let Ok(name) = std::str::from_utf8(bytes)
+        && !name.is_empty()
+        && name.chars().all(|ch| !ch.is_control())
+    {
+        return Ok(name.to_owned());
+    }
+    // GrpcService { envoy_grpc (1): EnvoyGrpc { cluster_name (1): string } }
+    let envoy_grpc = proto_field(bytes, 1).ok_or(Status::ParseFailure)?;
+    let cluster = proto_field(envoy_grpc, 1).ok_or(Status::ParseFailure)?;
+    String::from_utf8(cluster.to_vec()).map_err(|_| Status::ParseFailure)
+}
+
+/// The first length-delimited field `number` of a protobuf message, skipping other fields.
+fn proto_field(mut msg: &[u8], number: u64) -> Option<&[u8]> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (first, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(first & 0x7f) << shift;
+            if first & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    while !msg.is_empty() {
+        let key = varint(&mut msg)?;
+        match key & 7 {
+            0 => {
+                varint(&mut msg)?;
+            }
+            1 => msg = msg.get(8..)?,
+            5 => msg = msg.get(4..)?,
+            2 => {
+                let len = usize::try_from(varint(&mut msg)?).ok()?;
+                let value = msg.get(..len)?;
+                msg = &msg[len..];
+                if key >> 3 == number {
+                    return Some(value);
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn grpc_target(
+    c: &mut Ctx<'_>,
+    upstream: (i32, i32),
+    service: (i32, i32),
+    method: (i32, i32),
+    metadata: (i32, i32),
+) -> Result<GrpcTarget, Status> {
+    let upstream = read(c, upstream.0, upstream.1)?;
+    let service = read(c, service.0, service.1)?;
+    let method = read(c, method.0, method.1)?;
+    let initial_metadata = read_map(c, metadata.0, metadata.1)?;
+    let upstream = grpc_upstream(&upstream)?;
+    check_upstream(c.data(), &upstream)?;
+    Ok(GrpcTarget {
+        upstream,
+        service: str_lossy(&service),
+        method: str_lossy(&method),
+        initial_metadata,
+    })
+}
+
 fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
     r.wrap(
         ENV,
         "proxy_http_call",
-        |c: Ctx<'_>,
+        |mut c: Ctx<'_>,
          uptr: i32,
          ulen: i32,
          hptr: i32,
@@ -586,28 +832,49 @@ fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
          blen: i32,
          tptr: i32,
          tlen: i32,
-         _timeout_ms: i32,
+         timeout_ms: i32,
          token_ptr: i32| {
-            let r = check_ranges(
-                &c,
-                &[
-                    (uptr, ulen),
-                    (hptr, hlen),
-                    (bptr, blen),
-                    (tptr, tlen),
-                    (token_ptr, 4),
-                ],
-            );
-            if r.is_ok() {
-                warn_unsupported(&c, "proxy_http_call");
-            }
-            status_of(r.and(Err(Status::InternalFailure)))
+            let r = (|| {
+                check_writable(&c, token_ptr, 4)?;
+                let upstream = read(&mut c, uptr, ulen)?;
+                let headers = read_map(&mut c, hptr, hlen)?;
+                let body = read(&mut c, bptr, blen)?;
+                let trailers = read_map(&mut c, tptr, tlen)?;
+                let upstream = String::from_utf8(upstream).map_err(|_| Status::BadArgument)?;
+                // Envoy refuses a call it could not turn into a request.
+                for required in [":method", ":path", ":authority"] {
+                    if !headers.iter().any(|(k, _)| k == required) {
+                        return Err(Status::BadArgument);
+                    }
+                }
+                let state = c.data_mut();
+                check_upstream(state, &upstream)?;
+                if outstanding(state) >= MAX_OUTSTANDING_CALLOUTS {
+                    return Err(Status::InternalFailure);
+                }
+                let co = &mut state.callouts;
+                let token = co.next_http_token;
+                co.next_http_token = token.wrapping_add(1).max(1);
+                let context_id = state.effective_context;
+                co.http_owner.insert(token, context_id);
+                co.queued_http.push(PendingCallout {
+                    token,
+                    context_id,
+                    upstream,
+                    headers,
+                    body,
+                    trailers,
+                    timeout: timeout(timeout_ms),
+                });
+                write_u32(&mut c, token_ptr, token)
+            })();
+            status_of(r)
         },
     )?;
     r.wrap(
         ENV,
         "proxy_grpc_call",
-        |c: Ctx<'_>,
+        |mut c: Ctx<'_>,
          uptr: i32,
          ulen: i32,
          sptr: i32,
@@ -618,29 +885,45 @@ fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
          ilen: i32,
          msgptr: i32,
          msglen: i32,
-         _timeout_ms: i32,
+         timeout_ms: i32,
          token_ptr: i32| {
-            let r = check_ranges(
-                &c,
-                &[
+            let r = (|| {
+                check_writable(&c, token_ptr, 4)?;
+                let call = grpc_target(
+                    &mut c,
                     (uptr, ulen),
                     (sptr, slen),
                     (mptr, mlen),
                     (iptr, ilen),
-                    (msgptr, msglen),
-                    (token_ptr, 4),
-                ],
-            );
-            if r.is_ok() {
-                warn_unsupported(&c, "proxy_grpc_call");
-            }
-            status_of(r.and(Err(Status::InternalFailure)))
+                )?;
+                let message = read(&mut c, msgptr, msglen)?;
+                let state = c.data_mut();
+                if outstanding(state) >= MAX_OUTSTANDING_CALLOUTS {
+                    return Err(Status::InternalFailure);
+                }
+                let context_id = state.effective_context;
+                let co = &mut state.callouts;
+                // Unary calls get odd tokens, streams even ones (as in Envoy), so a token says
+                // which kind it names.
+                let token = co.next_grpc_call;
+                co.next_grpc_call = token.wrapping_add(2).max(1);
+                co.grpc_owner.insert(token, context_id);
+                co.queued_grpc.push(GrpcCommand::Call {
+                    token,
+                    context_id,
+                    call,
+                    message,
+                    timeout: timeout(timeout_ms),
+                });
+                write_u32(&mut c, token_ptr, token)
+            })();
+            status_of(r)
         },
     )?;
     r.wrap(
         ENV,
         "proxy_grpc_stream",
-        |c: Ctx<'_>,
+        |mut c: Ctx<'_>,
          uptr: i32,
          ulen: i32,
          sptr: i32,
@@ -650,35 +933,82 @@ fn register_callouts(r: &mut Registrar) -> wasmtime::Result<()> {
          iptr: i32,
          ilen: i32,
          token_ptr: i32| {
-            let r = check_ranges(
-                &c,
-                &[
+            let r = (|| {
+                check_writable(&c, token_ptr, 4)?;
+                let call = grpc_target(
+                    &mut c,
                     (uptr, ulen),
                     (sptr, slen),
                     (mptr, mlen),
                     (iptr, ilen),
-                    (token_ptr, 4),
-                ],
-            );
-            if r.is_ok() {
-                warn_unsupported(&c, "proxy_grpc_stream");
-            }
-            status_of(r.and(Err(Status::InternalFailure)))
+                )?;
+                let state = c.data_mut();
+                if outstanding(state) >= MAX_OUTSTANDING_CALLOUTS {
+                    return Err(Status::InternalFailure);
+                }
+                let context_id = state.effective_context;
+                let co = &mut state.callouts;
+                let token = co.next_grpc_stream;
+                co.next_grpc_stream = token.wrapping_add(2).max(2);
+                co.grpc_owner.insert(token, context_id);
+                co.queued_grpc.push(GrpcCommand::OpenStream {
+                    token,
+                    context_id,
+                    call,
+                });
+                write_u32(&mut c, token_ptr, token)
+            })();
+            status_of(r)
         },
     )?;
-    // No call or stream can exist yet, so every token is unknown.
     r.wrap(
         ENV,
         "proxy_grpc_send",
-        |c: Ctx<'_>, _token: i32, ptr: i32, len: i32, _end: i32| {
-            status_of(check_ranges(&c, &[(ptr, len)]).and(Err(Status::NotFound)))
+        |mut c: Ctx<'_>, token: i32, ptr: i32, len: i32, end: i32| {
+            let token = token as u32;
+            let r = (|| {
+                let message = read(&mut c, ptr, len)?;
+                let co = &mut c.data_mut().callouts;
+                if !co.grpc_owner.contains_key(&token) {
+                    return Err(Status::NotFound);
+                }
+                if token % 2 == 1 {
+                    // A unary call's only message was given with proxy_grpc_call.
+                    return Err(Status::BadArgument);
+                }
+                co.queued_grpc.push(GrpcCommand::Send {
+                    token,
+                    message,
+                    end_of_stream: end != 0,
+                });
+                Ok(())
+            })();
+            status_of(r)
         },
     )?;
-    r.wrap(ENV, "proxy_grpc_cancel", |_c: Ctx<'_>, _token: i32| {
-        Status::NotFound.code()
+    r.wrap(ENV, "proxy_grpc_cancel", |mut c: Ctx<'_>, token: i32| {
+        let token = token as u32;
+        let co = &mut c.data_mut().callouts;
+        if co.grpc_owner.remove(&token).is_none() {
+            return Status::NotFound.code();
+        }
+        co.queued_grpc.push(GrpcCommand::Cancel { token });
+        Status::Ok.code()
     })?;
-    r.wrap(ENV, "proxy_grpc_close", |_c: Ctx<'_>, _token: i32| {
-        Status::NotFound.code()
+    r.wrap(ENV, "proxy_grpc_close", |mut c: Ctx<'_>, token: i32| {
+        let token = token as u32;
+        let co = &mut c.data_mut().callouts;
+        if !co.grpc_owner.contains_key(&token) {
+            return Status::NotFound.code();
+        }
+        if token % 2 == 1 {
+            // Closing a unary call abandons it, as Envoy does.
+            co.grpc_owner.remove(&token);
+            co.queued_grpc.push(GrpcCommand::Cancel { token });
+        } else {
+            co.queued_grpc.push(GrpcCommand::Close { token });
+        }
+        Status::Ok.code()
     })?;
     r.wrap(
         ENV,
@@ -749,7 +1079,22 @@ fn register_runtime_extras(r: &mut Registrar) -> wasmtime::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::splice_buffer;
+    use super::{grpc_upstream, splice_buffer};
+
+    #[test]
+    fn grpc_upstream_from_name_or_grpc_service() {
+        assert_eq!(
+            grpc_upstream(b"outbound|9090||grpc.default.svc.cluster.local").unwrap(),
+            "outbound|9090||grpc.default.svc.cluster.local"
+        );
+        // GrpcService { envoy_grpc: { cluster_name: "ext" } }, with a timeout field (3) first.
+        let proto = [
+            0x1a, 0x02, 0x08, 0x01, 0x0a, 0x05, 0x0a, 0x03, b'e', b'x', b't',
+        ];
+        assert_eq!(grpc_upstream(&proto).unwrap(), "ext");
+        assert!(grpc_upstream(&[0x0a, 0x09, 0x0a]).is_err());
+        assert!(grpc_upstream(b"").is_err());
+    }
 
     fn spliced(start: u32, size: u32, data: &[u8]) -> Vec<u8> {
         let mut b = b"hello".to_vec();

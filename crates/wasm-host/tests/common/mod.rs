@@ -163,3 +163,52 @@ impl Captured {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 }
+
+/// Host functions the newer tests use besides [`PRELUDE`], and metric helpers:
+/// `$count(name_ptr, name_len)` adds 1 to the counter named so, `$add(.., i64)` adds a value.
+pub const EXTRA: &str = r#"
+  (import "env" "proxy_set_effective_context" (func $set_effective (param i32) (result i32)))
+  (import "env" "proxy_done" (func $done (result i32)))
+  (import "env" "proxy_grpc_call" (func $grpc_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_stream" (func $grpc_stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $grpc_send (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_cancel" (func $grpc_cancel (param i32) (result i32)))
+  (import "env" "proxy_grpc_close" (func $grpc_close (param i32) (result i32)))
+"#;
+
+/// Helpers over [`EXTRA`] (functions must follow every import).
+pub const EXTRA_FUNCS: &str = r#"
+  (func $add (param $p i32) (param $l i32) (param $v i64)
+    (drop (call $def_metric (i32.const 0) (local.get $p) (local.get $l) (i32.const 1996)))
+    (drop (call $inc_metric (i32.load (i32.const 1996)) (local.get $v))))
+  (func $count (param $p i32) (param $l i32)
+    (call $add (local.get $p) (local.get $l) (i64.const 1)))
+"#;
+
+/// `(module PRELUDE EXTRA <0.2.1 marker> body)`.
+pub fn wat_module2(body: &str) -> Vec<u8> {
+    let text = format!(
+        "(module {EXTRA}\n{PRELUDE}\n{EXTRA_FUNCS}\n (func (export \"proxy_abi_version_0_2_1\"))\n {body})"
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("bad test WAT: {e}\n{text}"))
+}
+
+/// The value of a plugin-defined counter or gauge (0 when never defined).
+pub fn metric(engine: &WasmEngine, name: &str) -> u64 {
+    engine
+        .metrics_snapshot()
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| match m.value {
+            waystone_wasm::MetricValue::Counter(c) => c,
+            waystone_wasm::MetricValue::Gauge(g) => g as u64,
+            waystone_wasm::MetricValue::Histogram { count, .. } => count,
+        })
+        .unwrap_or(0)
+}
+
+pub fn spec_with(name: &str, config: &[u8]) -> Arc<PluginSpec> {
+    let mut s = (*spec(name)).clone();
+    s.plugin_configuration = config.to_vec();
+    Arc::new(s)
+}

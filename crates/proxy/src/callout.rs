@@ -1,0 +1,365 @@
+//! The embedder side of Proxy-Wasm callouts: resolve the upstream a plugin named against the
+//! snapshot, send the request from the worker, honour the timeout, and hand back what came
+//! back in the host's plain types.
+//!
+//! Upstream names, as Envoy/Istio plugins write them: `outbound|9080||reviews.default.svc.cluster.local`
+//! (Istio's cluster name; the subset is ignored), or a service host and port (`reviews:9080`,
+//! `reviews.default:9080`, `reviews.default.svc.cluster.local:9080`).
+//!
+//! Failures are answered as Envoy's async client does: an unreachable upstream gets a local
+//! `503` (body `upstream connect error or disconnect/reset before headers. reset reason:
+//! connection failure`), a timeout a local `504` (body `upstream request timeout`); only a
+//! stream broken after its headers arrived is delivered as a failure (no headers).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use waystone_model::snapshot::Snapshot;
+use waystone_wasm::{GrpcTarget, HeaderMap, HttpCallResponse, PendingCallout};
+
+use crate::routing;
+
+static PICKS: AtomicUsize = AtomicUsize::new(0);
+
+/// Largest callout response body kept (larger ones are a failure, as Envoy's buffer limit).
+const MAX_CALLOUT_BODY: usize = 16 << 20;
+
+type CalloutBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+thread_local! {
+    static H1: Client<HttpConnector, CalloutBody> = client(false);
+    static H2: Client<HttpConnector, CalloutBody> = client(true);
+}
+
+fn client(h2: bool) -> Client<HttpConnector, CalloutBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_nodelay(true);
+    let mut b = Client::builder(TokioExecutor::new());
+    b.http2_only(h2);
+    b.build(connector)
+}
+
+/// What callouts resolve their upstream names against: the snapshot the request runs with.
+#[derive(Clone)]
+pub struct Resolver {
+    pub snapshot: Arc<Snapshot>,
+    pub default_namespace: String,
+}
+
+impl Resolver {
+    /// The endpoints behind `upstream`, `None` when it names no service port.
+    pub fn resolve(&self, upstream: &str) -> Option<Vec<SocketAddr>> {
+        let authority = match upstream.strip_prefix("outbound|") {
+            // outbound|PORT|SUBSET|FQDN
+            Some(rest) => {
+                let mut parts = rest.splitn(3, '|');
+                let port = parts.next()?;
+                let _subset = parts.next()?;
+                let fqdn = parts.next()?;
+                format!("{fqdn}:{port}")
+            }
+            None => upstream.to_string(),
+        };
+        let (_, port) =
+            routing::resolve_service(&self.snapshot, &authority, &self.default_namespace)?;
+        Some(port.endpoints.clone())
+    }
+
+    pub fn knows(&self, upstream: &str) -> bool {
+        self.resolve(upstream).is_some()
+    }
+
+    fn pick(&self, upstream: &str) -> Option<SocketAddr> {
+        let endpoints = self.resolve(upstream)?;
+        if endpoints.is_empty() {
+            return None;
+        }
+        let n = PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(endpoints[n % endpoints.len()])
+    }
+}
+
+fn local(status: u16, body: &str) -> HttpCallResponse {
+    let mut headers = HeaderMap::new();
+    headers.add(":status", status.to_string());
+    headers.add("content-length", body.len().to_string());
+    headers.add("content-type", "text/plain");
+    HttpCallResponse {
+        headers,
+        body: body.as_bytes().to_vec(),
+        trailers: HeaderMap::new(),
+    }
+}
+
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+fn to_http_headers(pairs: &[(String, Vec<u8>)]) -> http::HeaderMap {
+    let mut out = http::HeaderMap::new();
+    for (k, v) in pairs {
+        if k.starts_with(':') {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            out.append(name, value);
+        }
+    }
+    out
+}
+
+fn from_http_headers(status: Option<http::StatusCode>, h: &http::HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(s) = status {
+        out.add(":status", s.as_str());
+    }
+    for (k, v) in h {
+        out.add(k.as_str(), v.as_bytes().to_vec());
+    }
+    out
+}
+
+fn pseudo<'a>(pairs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// Sends one `proxy_http_call` over HTTP/1.1 and waits for the whole answer (bounded by the
+/// plugin's timeout; 0 = none). `None` = the stream broke after its headers.
+pub async fn http_call(resolver: &Resolver, call: PendingCallout) -> Option<HttpCallResponse> {
+    let Some(endpoint) = resolver.pick(&call.upstream) else {
+        // The upstream was known when the call was made (else BadArgument), but the config
+        // changed or it has no endpoints: what Envoy answers for no healthy upstream.
+        return Some(local(503, "no healthy upstream"));
+    };
+    let method = pseudo(&call.headers, ":method").unwrap_or("GET");
+    let path = pseudo(&call.headers, ":path").unwrap_or("/");
+    let authority = pseudo(&call.headers, ":authority").unwrap_or("");
+    let mut req = Request::new(
+        Full::new(Bytes::from(call.body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *req.method_mut() = http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::GET);
+    *req.uri_mut() = match format!("http://{endpoint}{path}").parse() {
+        Ok(u) => u,
+        Err(_) => return Some(local(400, "bad request path")),
+    };
+    *req.headers_mut() = to_http_headers(&call.headers);
+    if let Ok(v) = HeaderValue::from_str(authority) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    let exchange = async move {
+        let fut = H1.with(|c| c.request(req));
+        let resp = match fut.await {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::debug!(error = %err, upstream = %call.upstream, "callout failed to connect");
+                return Some(local(503, CONNECT_FAILURE));
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let collected = http_body_util::Limited::new(body, MAX_CALLOUT_BODY)
+            .collect()
+            .await
+            .ok()?;
+        let trailers = collected
+            .trailers()
+            .map(|t| from_http_headers(None, t))
+            .unwrap_or_default();
+        Some(HttpCallResponse {
+            headers: from_http_headers(Some(parts.status), &parts.headers),
+            body: collected.to_bytes().to_vec(),
+            trailers,
+        })
+    };
+    if call.timeout.is_zero() {
+        return exchange.await;
+    }
+    match tokio::time::timeout(call.timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Some(local(504, "upstream request timeout")),
+    }
+}
+
+/// What a unary gRPC call produced, in the order the plugin is told.
+pub struct GrpcOutcome {
+    pub initial_metadata: Option<HeaderMap>,
+    pub messages: Vec<Vec<u8>>,
+    pub trailing_metadata: Option<HeaderMap>,
+    pub status: u32,
+    pub message: String,
+}
+
+impl GrpcOutcome {
+    fn failed(status: u32, message: &str) -> Self {
+        GrpcOutcome {
+            initial_metadata: None,
+            messages: Vec::new(),
+            trailing_metadata: None,
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+const GRPC_UNAVAILABLE: u32 = 14;
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+const GRPC_INTERNAL: u32 = 13;
+
+/// Sends one unary `proxy_grpc_call` over h2 (prior knowledge) and splits the answer into
+/// metadata, length-prefixed messages and status.
+pub async fn grpc_call(
+    resolver: &Resolver,
+    call: GrpcTarget,
+    message: Vec<u8>,
+    timeout: Duration,
+) -> GrpcOutcome {
+    let Some(endpoint) = resolver.pick(&call.upstream) else {
+        return GrpcOutcome::failed(GRPC_UNAVAILABLE, "no healthy upstream");
+    };
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut req = Request::new(
+        Full::new(Bytes::from(framed))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *req.method_mut() = http::Method::POST;
+    let uri = format!("http://{endpoint}/{}/{}", call.service, call.method);
+    *req.uri_mut() = match uri.parse() {
+        Ok(u) => u,
+        Err(_) => return GrpcOutcome::failed(GRPC_INTERNAL, "bad service or method name"),
+    };
+    *req.version_mut() = http::Version::HTTP_2;
+    let mut headers = to_http_headers(&call.initial_metadata);
+    headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+    headers.insert("te", HeaderValue::from_static("trailers"));
+    if !timeout.is_zero()
+        && let Ok(v) = HeaderValue::from_str(&format!("{}m", timeout.as_millis()))
+    {
+        headers.insert("grpc-timeout", v);
+    }
+    *req.headers_mut() = headers;
+    let exchange = async move {
+        let fut = H2.with(|c| c.request(req));
+        let resp = match fut.await {
+            Ok(r) => r,
+            Err(err) => {
+                return GrpcOutcome::failed(GRPC_UNAVAILABLE, &format!("connect failed: {err}"));
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let initial = from_http_headers(None, &parts.headers);
+        let Ok(collected) = http_body_util::Limited::new(body, MAX_CALLOUT_BODY)
+            .collect()
+            .await
+        else {
+            return GrpcOutcome::failed(GRPC_INTERNAL, "response stream broke");
+        };
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes();
+        let mut messages = Vec::new();
+        let mut rest = &data[..];
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            let Some(msg) = rest.get(5..5 + len) else {
+                break;
+            };
+            messages.push(msg.to_vec());
+            rest = &rest[5 + len..];
+        }
+        // A trailers-only answer carries the status in its headers.
+        let status_from = trailers.as_ref().unwrap_or(&parts.headers);
+        let status = status_from
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if parts.status.is_success() {
+                GRPC_INTERNAL
+            } else {
+                GRPC_UNAVAILABLE
+            });
+        let message = status_from
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        GrpcOutcome {
+            initial_metadata: Some(initial),
+            messages,
+            trailing_metadata: trailers.map(|t| from_http_headers(None, &t)),
+            status,
+            message,
+        }
+    };
+    if timeout.is_zero() {
+        return exchange.await;
+    }
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => GrpcOutcome::failed(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use waystone_model::snapshot::{ObjectKey, ServiceConfig, ServicePortConfig};
+
+    #[test]
+    fn upstream_name_forms() {
+        let endpoint: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let mut snapshot = Snapshot::empty();
+        snapshot.services.push(ServiceConfig {
+            key: ObjectKey::new("default", "reviews"),
+            cluster_ip: None,
+            ports: vec![ServicePortConfig {
+                name: Some("http".into()),
+                port: 9080,
+                protocol: "TCP".into(),
+                app_protocol: None,
+                endpoints: vec![endpoint],
+            }],
+            waypoint: None,
+            labels: BTreeMap::new(),
+        });
+        let r = Resolver {
+            snapshot: Arc::new(snapshot),
+            default_namespace: "default".into(),
+        };
+        for name in [
+            "reviews:9080",
+            "reviews.default:9080",
+            "reviews.default.svc.cluster.local:9080",
+            "outbound|9080||reviews.default.svc.cluster.local",
+            "outbound|9080|v1|reviews.default.svc.cluster.local",
+        ] {
+            assert_eq!(r.resolve(name), Some(vec![endpoint]), "{name}");
+        }
+        for name in [
+            "reviews:9999",
+            "ratings:9080",
+            "outbound|9080",
+            "outbound|x||reviews",
+        ] {
+            assert!(!r.knows(name), "{name}");
+        }
+    }
+}
