@@ -15,6 +15,7 @@
 //! Shared data, shared queues and plugin metrics live in the engine, hence are process-wide
 //! (keyed by `vm_id` for data and queues).
 
+mod compiled_cache;
 mod engine;
 mod error;
 mod hostcalls;
@@ -24,6 +25,7 @@ mod state;
 mod status;
 mod types;
 
+pub use compiled_cache::{CompiledCache, CompiledCacheError, CompiledEntry, CompiledSource};
 pub use engine::{CompiledModule, EngineConfig, WasmEngine};
 pub use error::HostError;
 pub use instance::PluginInstance;
