@@ -50,16 +50,17 @@ pub enum Command {
     /// Run demo applications
     #[command(subcommand)]
     Demo(DemoCommand),
-    /// Inspect or prune the on-disk Wasm module cache under <data-dir>/cache
+    /// Inspect or prune the on-disk Wasm module cache (fetched and compiled modules) under
+    /// <data-dir>/cache
     #[command(subcommand)]
     Cache(CacheCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// List cached modules with their size, last use and the urls that resolve to them
+    /// List cached modules and compiled modules with their size, last use and sources
     List,
-    /// Remove modules that were neither fetched nor served from the cache for a while
+    /// Remove modules and compiled modules that were not used for a while
     Prune(CachePruneArgs),
 }
 
@@ -92,6 +93,15 @@ pub struct UpArgs {
     /// Data-plane worker threads [default: the number of cores]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+
+    /// A PEM file of CA certificates to trust for https registries and module servers,
+    /// besides the system's roots
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+
+    /// Purge cached modules and compiled modules unused this long (checked hourly)
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub cache_max_unused: Duration,
 }
 
 #[derive(Debug, Args)]
