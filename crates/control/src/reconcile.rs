@@ -59,7 +59,6 @@ impl Reconciler {
         dataplane: Arc<DataPlane>,
         engine: WasmEngine,
         fetcher: Fetcher,
-        compiled_cache: Option<CompiledCache>,
         opts: TranslateOptions,
     ) -> Self {
         Self {
@@ -69,7 +68,7 @@ impl Reconciler {
             dataplane,
             engine,
             fetcher,
-            compiled_cache,
+            compiled_cache: None,
             opts,
             plugins: HashMap::new(),
             compiled: HashMap::new(),

@@ -110,16 +110,16 @@ pub async fn run_up(
         host_env: std::env::vars().collect(),
         ..Default::default()
     };
-    let reconciler = Reconciler::new(
+    let mut reconciler = Reconciler::new(
         store.clone(),
         changed.clone(),
         applied_tx,
         dataplane.clone(),
         engine,
         fetcher.clone(),
-        compiled_cache.clone(),
         translate_opts.clone(),
     );
+    reconciler.compiled_cache = compiled_cache.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
     let prune_task = tokio::spawn(prune_periodically(

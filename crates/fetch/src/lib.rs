@@ -99,7 +99,8 @@ pub enum PullPolicy {
     /// Use the cache when it holds the tag or pinned digest; no network then.
     #[default]
     IfNotPresent,
-    /// Always resolve the manifest; the module blob is still reused from the cache.
+    /// Always resolve the manifest (unless the request pins a digest already cached); the
+    /// module blob is still reused from the cache.
     Always,
 }
 
@@ -330,7 +331,8 @@ impl Fetcher {
         let key = format!("{}{target}", cache::HTTP_KEY_PREFIX);
         let _inflight = self.lock_url(&key).await;
 
-        if req.pull_policy == PullPolicy::IfNotPresent {
+        // With a sha256 the cached module is either the expected content or not used.
+        if req.pull_policy == PullPolicy::IfNotPresent || expected.is_some() {
             // The url's last download, unless it is not the module the caller now expects.
             let hit = match cache.lookup(&key).await {
                 Some(entry)
@@ -494,7 +496,9 @@ impl Fetcher {
         let cache = &self.inner.cache;
         let _inflight = self.lock_url(&oci.to_string()).await;
 
-        if req.pull_policy == PullPolicy::IfNotPresent {
+        // A pinned digest names content that cannot change: whatever the policy, a module
+        // cached for it is the one a re-pull would get.
+        if req.pull_policy == PullPolicy::IfNotPresent || expected.is_some() {
             let key = match &expected {
                 Some(d) => Some(oci.digest_key(d)),
                 None => oci.tag_key(),
