@@ -182,7 +182,13 @@ async fn skopeo_copied_images_are_fetched_in_docker_and_oci_formats() {
         ),
     ] {
         run(Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false", "--format", format])
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--format",
+                format,
+            ])
             // No policy.json on a fresh machine: accept anything, this is a local test.
             .args(["--insecure-policy"])
             .arg(format!("oci:{}:v1", layout.display()))
