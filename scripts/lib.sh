@@ -122,3 +122,17 @@ SRC
     [[ -n $stored ]] || die "could not store the kube-apiserver binary in ${KUBE_CACHE_DIRS[*]}"
     echo "$stored"
 }
+
+# Third-party push tools for the interop tests: Debian skopeo, and the ORAS Python SDK
+# (PyPI `oras`) in a venv under target/py-tools, so the system Python stays untouched.
+# The tests find that venv themselves; WAYSTONE_ORAS_PYTHON overrides it.
+ensure_interop_tools() {
+    ensure_packages skopeo python3-venv
+    local venv="$REPO/target/py-tools"
+    if ! "$venv/bin/python" -c 'import oras.client' >/dev/null 2>&1; then
+        log "creating $venv with PyPI oras"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check oras
+    fi
+    export WAYSTONE_ORAS_PYTHON="$venv/bin/python"
+}

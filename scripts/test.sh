@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 
 ensure_runtime_packages
+ensure_interop_tools
 scripts/build-plugins.sh
 # The SDK test plugins and Envoy, for the differential tests (docs/differential.md).
 scripts/build-sdk-plugins.sh

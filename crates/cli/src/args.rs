@@ -59,16 +59,17 @@ pub enum Command {
     /// Run demo applications
     #[command(subcommand)]
     Demo(DemoCommand),
-    /// Inspect or prune the on-disk Wasm module cache under <data-dir>/cache
+    /// Inspect or prune the on-disk Wasm module cache (fetched and compiled modules) under
+    /// <data-dir>/cache
     #[command(subcommand)]
     Cache(CacheCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// List cached modules with their size, last use and the urls that resolve to them
+    /// List cached modules and compiled modules with their size, last use and sources
     List,
-    /// Remove modules that were neither fetched nor served from the cache for a while
+    /// Remove modules and compiled modules that were not used for a while
     Prune(CachePruneArgs),
 }
 
@@ -128,6 +129,15 @@ pub struct UpArgs {
     /// (both IP:PORT); repeatable
     #[arg(long = "hbone-endpoint", value_name = "IP|ENDPOINT=TUNNEL")]
     pub hbone_endpoints: Vec<String>,
+
+    /// A PEM file of CA certificates to trust for https registries and module servers,
+    /// besides the system's roots
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+
+    /// Purge cached modules and compiled modules unused this long (checked hourly)
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub cache_max_unused: Duration,
 }
 
 #[derive(Debug, Args)]

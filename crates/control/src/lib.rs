@@ -11,6 +11,6 @@ pub mod status;
 mod store;
 mod up;
 
-pub use up::{UpOptions, run_up};
+pub use up::{DEFAULT_CACHE_MAX_UNUSED, DEFAULT_CACHE_PRUNE_INTERVAL, UpOptions, run_up};
 
 pub use objects::now_rfc3339;

@@ -1,6 +1,16 @@
 //! Where Waystone keeps its state.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Fetched modules (and their index), as `waystone-fetch` lays them out.
+pub fn cache_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("cache")
+}
+
+/// Compiled modules (wasmtime serialization), as `waystone-wasm` lays them out.
+pub fn compiled_cache_dir(data_dir: &Path) -> PathBuf {
+    cache_dir(data_dir).join("compiled")
+}
 
 /// The data directory: the flag, else `WAYSTONE_DATA_DIR`, else
 /// `$XDG_DATA_HOME/waystone`, else `~/.local/share/waystone`.

@@ -6,16 +6,19 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{Value, json};
-use waystone_fetch::{FetchRequest, Fetcher};
+use waystone_fetch::{ConversionResult, FetchRequest, Fetcher, record_conversion};
 use waystone_model::snapshot::{
     ExtensionKind, FailStrategy, GatewayRole, ObjectKey, PluginConfig, PluginId, PullPolicy,
     Snapshot,
 };
 use waystone_model::{ObjectError, Resource, TranslateOptions, Translation, translate};
 use waystone_proxy::{GatewayBinding, LoadedPlugin, PluginSlot, RuntimeConfig};
-use waystone_wasm::{CompiledModule, PluginInstance, PluginSpec, WasmEngine};
+use waystone_wasm::{
+    CompiledCache, CompiledModule, CompiledSource, PluginInstance, PluginSpec, WasmEngine,
+};
 
 pub use crate::status::{Condition, conditions};
 
@@ -36,6 +39,8 @@ pub struct Pipeline {
     pub engine: WasmEngine,
     pub fetcher: Fetcher,
     pub opts: TranslateOptions,
+    /// Compiled modules on disk, so a restart does not recompile; None when unusable.
+    pub compiled_cache: Option<CompiledCache>,
     plugins: HashMap<PluginId, PluginState>,
     compiled: HashMap<String, CompiledModule>,
     revisions: u64,
@@ -64,6 +69,7 @@ impl Pipeline {
             engine,
             fetcher,
             opts,
+            compiled_cache: None,
             plugins: HashMap::new(),
             compiled: HashMap::new(),
             revisions: 0,
@@ -204,14 +210,31 @@ impl Pipeline {
         }
     }
 
+    /// `load_module` timed and counted in Istio's conversion metrics.
     async fn try_load(
         &mut self,
         cfg: &PluginConfig,
     ) -> Result<(LoadedPlugin, Option<String>), String> {
+        let started = Instant::now();
+        let result = self.load_module(cfg).await;
+        let outcome = match &result {
+            Ok(_) => ConversionResult::Success,
+            Err((stage, _)) => *stage,
+        };
+        record_conversion(outcome, started.elapsed());
+        result.map_err(|(_, reason)| reason)
+    }
+
+    async fn load_module(
+        &mut self,
+        cfg: &PluginConfig,
+    ) -> Result<(LoadedPlugin, Option<String>), (ConversionResult, String)> {
+        let fetch_failed = |reason: String| (ConversionResult::FetchFailure, reason);
+        let compile_failed = |reason: String| (ConversionResult::CompileFailure, reason);
         let pull_secret = match &cfg.pull_secret {
             None => None,
             Some(Ok(bytes)) => Some(bytes.clone()),
-            Some(Err(e)) => return Err(format!("image pull secret: {e}")),
+            Some(Err(e)) => return Err(fetch_failed(format!("image pull secret: {e}"))),
         };
         let request = FetchRequest {
             url: cfg.url.clone(),
@@ -226,16 +249,23 @@ impl Pipeline {
             .fetcher
             .fetch(&request)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| fetch_failed(e.to_string()))?;
         let module = match self.compiled.get(&fetched.module_digest) {
             Some(m) => m.clone(),
             None => {
                 let engine = self.engine.clone();
                 let bytes = fetched.bytes.clone();
-                let m = tokio::task::spawn_blocking(move || engine.compile(&bytes))
-                    .await
-                    .map_err(|e| format!("compiling: {e}"))?
-                    .map_err(|e| format!("compiling {}: {e}", fetched.module_digest))?;
+                let disk = self.compiled_cache.clone();
+                let (m, source) = tokio::task::spawn_blocking(move || match disk {
+                    Some(disk) => disk.load_or_compile(&engine, &bytes),
+                    None => engine
+                        .compile(&bytes)
+                        .map(|m| (m, CompiledSource::Compiled)),
+                })
+                .await
+                .map_err(|e| compile_failed(format!("compiling: {e}")))?
+                .map_err(|e| compile_failed(format!("compiling {}: {e}", fetched.module_digest)))?;
+                tracing::debug!(digest = %fetched.module_digest, ?source, "module compiled");
                 self.compiled
                     .insert(fetched.module_digest.clone(), m.clone());
                 m
@@ -256,8 +286,8 @@ impl Pipeline {
             let spec = spec.clone();
             tokio::task::spawn_blocking(move || PluginInstance::start(&module, spec).map(drop))
                 .await
-                .map_err(|e| format!("starting: {e}"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| compile_failed(format!("starting: {e}")))?
+                .map_err(|e| compile_failed(e.to_string()))?;
         }
         self.revisions += 1;
         Ok((

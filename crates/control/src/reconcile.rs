@@ -44,6 +44,11 @@ impl Reconciler {
         }
     }
 
+    /// Keeps compiled modules on disk so a restart does not recompile.
+    pub fn set_compiled_cache(&mut self, cache: Option<waystone_wasm::CompiledCache>) {
+        self.pipeline.compiled_cache = cache;
+    }
+
     /// Runs passes until `stop` fires: on every change, and with backoff while a plugin is failing.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         loop {

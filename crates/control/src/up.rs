@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, Notify, watch};
 use waystone_fetch::{FetchConfig, Fetcher};
 use waystone_model::TranslateOptions;
 use waystone_proxy::{DataPlane, DataPlaneConfig};
-use waystone_wasm::{EngineConfig, WasmEngine};
+use waystone_wasm::{CompiledCache, EngineConfig, WasmEngine};
 
 use crate::api::{ADDR_FILE, TOKEN_FILE};
 use crate::reconcile::Reconciler;
@@ -33,6 +33,34 @@ pub struct UpOptions {
     pub workers: usize,
     /// HBONE on waypoints, the mesh entry and to endpoints (default: off).
     pub hbone: crate::hbone::HboneOptions,
+    /// A PEM file of CA certificates trusted for https registries and module servers, besides
+    /// the system's roots.
+    pub registry_ca: Option<PathBuf>,
+    /// Cached modules and compiled modules unused this long are purged (default 24 h).
+    pub cache_max_unused: Duration,
+    /// How often the purge runs (default hourly, as Istio's agent).
+    pub cache_prune_interval: Duration,
+}
+
+pub const DEFAULT_CACHE_MAX_UNUSED: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_CACHE_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+impl UpOptions {
+    /// The defaults of `waystone up` for everything but the data directory.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            insecure_registries: Vec::new(),
+            gateway_address: IpAddr::from([127, 0, 0, 1]),
+            entry_address: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            api_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            registry_ca: None,
+            cache_max_unused: DEFAULT_CACHE_MAX_UNUSED,
+            cache_prune_interval: DEFAULT_CACHE_PRUNE_INTERVAL,
+            hbone: crate::hbone::HboneOptions::default(),
+        }
+    }
 }
 
 /// Runs until `shutdown` resolves (the CLI passes Ctrl-C/SIGTERM), then drains and returns.
@@ -54,9 +82,20 @@ pub async fn run_up(
     let store = Arc::new(Mutex::new(store));
 
     let engine = WasmEngine::new(EngineConfig::default()).context("starting the Wasm engine")?;
-    let mut fetch_cfg = FetchConfig::new(opts.data_dir.join("cache"));
+    let cache_dir = crate::paths::cache_dir(&opts.data_dir);
+    let mut fetch_cfg = FetchConfig::new(cache_dir.clone());
     fetch_cfg.insecure_registries = opts.insecure_registries.clone();
+    fetch_cfg.ca_file = opts.registry_ca.clone();
     let fetcher = Fetcher::new(fetch_cfg).context("starting the module fetcher")?;
+    // Without a usable disk cache every start compiles again; slower, not wrong.
+    let compiled_cache =
+        match CompiledCache::open(&crate::paths::compiled_cache_dir(&opts.data_dir)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "compiled modules will not be cached on disk");
+                None
+            }
+        };
 
     let dataplane = Arc::new(
         DataPlane::start(DataPlaneConfig {
@@ -75,17 +114,25 @@ pub async fn run_up(
         host_env: std::env::vars().collect(),
         ..Default::default()
     };
-    let reconciler = Reconciler::new(
+    let mut reconciler = Reconciler::new(
         store.clone(),
         changed.clone(),
         applied_tx,
         dataplane.clone(),
         engine,
-        fetcher,
+        fetcher.clone(),
         translate_opts.clone(),
     );
+    reconciler.set_compiled_cache(compiled_cache.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
+    let prune_task = tokio::spawn(prune_periodically(
+        fetcher,
+        compiled_cache,
+        opts.cache_prune_interval,
+        opts.cache_max_unused,
+        stop_rx.clone(),
+    ));
 
     // The first pass restores the stored configuration before the API opens.
     {
@@ -132,8 +179,63 @@ pub async fn run_up(
     dataplane.shutdown(Duration::from_secs(10)).await;
     let _ = api.await;
     let _ = reconcile_task.await;
+    let _ = prune_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Purges modules and compiled modules unused for `max_unused`, every `interval` (the first
+/// purge one interval after start), until `stop` fires.
+async fn prune_periodically(
+    fetcher: Fetcher,
+    compiled: Option<CompiledCache>,
+    interval: Duration,
+    max_unused: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let fetcher = fetcher.clone();
+        let compiled = compiled.clone();
+        let pruned = tokio::task::spawn_blocking(move || {
+            let modules = fetcher.prune_cache(max_unused);
+            let compiled = compiled.map(|c| c.prune(max_unused));
+            (modules, compiled)
+        })
+        .await;
+        match pruned {
+            Ok((modules, compiled)) => {
+                match modules {
+                    Ok(removed) if !removed.is_empty() => {
+                        tracing::info!(
+                            removed = removed.len(),
+                            ?max_unused,
+                            "purged unused modules from the cache"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "purging the module cache failed"),
+                }
+                match compiled {
+                    Some(Ok(removed)) if !removed.is_empty() => {
+                        tracing::info!(
+                            removed = removed.len(),
+                            ?max_unused,
+                            "purged unused compiled modules"
+                        )
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "purging compiled modules failed"),
+                    _ => {}
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cache purge task failed"),
+        }
+    }
 }
 
 /// A fresh store looks like a new cluster: `default` and `istio-system` exist.

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -58,15 +59,25 @@ pub(crate) fn credentials_for(
         )
     })?;
     let wanted = aliases(registry);
-    for (key, entry) in &config.auths {
-        if !wanted.iter().any(|w| *w == normalize_key(key)) {
-            continue;
-        }
-        return entry_credentials(entry)
-            .map(Some)
-            .map_err(|reason| format!("entry for {key}: {reason}"));
+    // Docker's order: the key exactly as the registry is named, then any key that names the
+    // same host once its scheme and path are dropped (`https://host:port/v1/`).
+    let exact = wanted.iter().find_map(|w| config.auths.get_key_value(*w));
+    let normalized = || {
+        config.auths.iter().find(|(key, _)| {
+            let host = normalize_key(key);
+            wanted.iter().any(|w| w.eq_ignore_ascii_case(host))
+        })
+    };
+    let Some((key, entry)) = exact.or_else(normalized) else {
+        return Ok(None);
+    };
+    // `{}` is what `docker login` leaves in `auths` when a credential helper holds the secret.
+    if entry.auth.is_none() && entry.username.is_none() && entry.password.is_none() {
+        return Ok(None);
     }
-    Ok(None)
+    entry_credentials(entry)
+        .map(Some)
+        .map_err(|reason| format!("entry for {key}: {reason}"))
 }
 
 fn entry_credentials(entry: &AuthEntry) -> Result<Credentials, String> {
@@ -93,6 +104,17 @@ fn entry_credentials(entry: &AuthEntry) -> Result<Credentials, String> {
     })
 }
 
+/// Where the user's docker config is: `$DOCKER_CONFIG/config.json`, else
+/// `$HOME/.docker/config.json`, as the docker CLI looks for it.
+pub(crate) fn default_docker_config() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|home| PathBuf::from(home).join(".docker").join("config.json"))
+}
+
 /// `https://host:port/v1/` → `host:port`.
 fn normalize_key(key: &str) -> &str {
     let key = key
@@ -104,7 +126,13 @@ fn normalize_key(key: &str) -> &str {
 
 fn aliases(registry: &str) -> Vec<&str> {
     if registry == "docker.io" {
-        vec!["docker.io", "index.docker.io", "registry-1.docker.io"]
+        // `docker login` writes Docker Hub as `https://index.docker.io/v1/`.
+        vec![
+            "https://index.docker.io/v1/",
+            "docker.io",
+            "index.docker.io",
+            "registry-1.docker.io",
+        ]
     } else {
         vec![registry]
     }
@@ -216,6 +244,34 @@ mod tests {
             .unwrap();
         assert_eq!((c.username.as_str(), c.password.as_str()), ("bob", "pw"));
         assert_eq!(credentials_for(secret.as_bytes(), "nope:1").unwrap(), None);
+    }
+
+    #[test]
+    fn docker_style_keys() {
+        let auth = STANDARD.encode("hub:pw");
+        let hub = format!(r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{auth}"}}}}}}"#);
+        let c = credentials_for(hub.as_bytes(), "docker.io")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username, "hub");
+        // An exact key wins over one that only normalizes to the host; hosts ignore case.
+        let both = r#"{"auths":{"http://Reg.Example:5000/v2/":{"username":"a","password":"1"},
+                                "reg.example:5000":{"username":"b","password":"2"}}}"#;
+        let c = credentials_for(both.as_bytes(), "reg.example:5000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username, "b");
+        let one = r#"{"auths":{"http://Reg.Example:5000/v2/":{"username":"a","password":"1"}}}"#;
+        let c = credentials_for(one.as_bytes(), "reg.example:5000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username, "a");
+        // A credential-helper placeholder is no credentials, not an error.
+        let helper = r#"{"auths":{"reg.example:5000":{}},"credsStore":"desktop"}"#;
+        assert_eq!(
+            credentials_for(helper.as_bytes(), "reg.example:5000").unwrap(),
+            None
+        );
     }
 
     #[test]

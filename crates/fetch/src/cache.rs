@@ -66,11 +66,20 @@ impl Cache {
                 source,
             })?;
         }
-        Ok(Self {
+        let cache = Self {
             modules,
             index,
             max_module_bytes,
-        })
+        };
+        cache.update_entries_gauge();
+        Ok(cache)
+    }
+
+    /// Sets `wasm_cache_entries` to the number of modules on disk now.
+    fn update_entries_gauge(&self) {
+        if let Ok(files) = self.module_files() {
+            crate::metrics::set_cache_entries(files.len() as u64);
+        }
     }
 
     pub fn module_path(&self, module_digest: &str) -> Option<PathBuf> {
@@ -105,7 +114,7 @@ impl Cache {
         let Some(path) = self.module_path(module_digest) else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             write_atomic(&path, &bytes).map_err(|source| FetchError::Cache { path, source })
         })
         .await
@@ -114,7 +123,9 @@ impl Cache {
                 path: self.modules.clone(),
                 source: io::Error::other(e.to_string()),
             })
-        })
+        });
+        self.update_entries_gauge();
+        result
     }
 
     pub async fn lookup(&self, key: &str) -> Option<IndexEntry> {
@@ -231,6 +242,7 @@ impl Cache {
                 }
             }
         }
+        self.update_entries_gauge();
         Ok(removed)
     }
 

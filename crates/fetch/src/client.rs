@@ -82,13 +82,19 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
+    /// `extra_roots` are trusted besides the system's (and the bundled Mozilla) roots.
     pub fn new(
         insecure: Vec<String>,
         connect_timeout: Duration,
         policy: NetPolicy,
+        extra_roots: &[reqwest::Certificate],
     ) -> Result<Self, FetchError> {
         let build = |accept_invalid: bool| {
-            reqwest::Client::builder()
+            let mut builder = reqwest::Client::builder();
+            for root in extra_roots {
+                builder = builder.add_root_certificate(root.clone());
+            }
+            builder
                 .user_agent(concat!("waystone-fetch/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(connect_timeout)
                 .redirect(reqwest::redirect::Policy::custom(|attempt| {
@@ -434,8 +440,10 @@ impl Session {
                 reason: format!("timed out ({reason})"),
             };
         }
-        // An HTTPS attempt that fails while plain HTTP works means a registry that should have
-        // been listed as insecure: say so instead of reporting a TLS error.
+        // An HTTPS attempt that fails while a registry answers plain HTTP means one that should
+        // have been listed as insecure: say so instead of reporting a TLS error. A TLS server
+        // answers a plain request too (Go's says 400 "HTTP request to an HTTPS server"); that
+        // is a certificate problem, reported as such below.
         if self.scheme == Scheme::Https && !self.insecure && e.is_connect() {
             let host = self.base.trim_start_matches("https://");
             let probe = self
@@ -444,7 +452,9 @@ impl Session {
                 .timeout(PROBE_TIMEOUT)
                 .send()
                 .await;
-            if probe.is_ok() {
+            let registry_answered = probe
+                .is_ok_and(|r| r.status().is_success() || r.status() == StatusCode::UNAUTHORIZED);
+            if registry_answered {
                 return FetchError::InsecureRefused {
                     op: self.op,
                     url: self.url.clone(),
@@ -456,7 +466,7 @@ impl Session {
             op: self.op,
             url: self.url.clone(),
             endpoint: self.base.clone(),
-            reason,
+            reason: tls_hint(reason),
         }
     }
 
@@ -669,6 +679,18 @@ pub(crate) async fn read_limited(mut resp: Response, limit: u64) -> Result<Vec<u
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// Names a certificate failure as a TLS problem and says what fixes it.
+pub(crate) fn tls_hint(reason: String) -> String {
+    if reason.contains("certificate") {
+        format!(
+            "TLS handshake failed: {reason} (trust the server's CA with --registry-ca, or list \
+             the registry as insecure)"
+        )
+    } else {
+        reason
+    }
 }
 
 pub(crate) fn status_line(s: StatusCode) -> String {

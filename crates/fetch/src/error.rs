@@ -126,6 +126,9 @@ pub enum FetchError {
         source: std::io::Error,
     },
 
+    #[error("registry CA file {}: {reason}", .path.display())]
+    CaFile { path: PathBuf, reason: String },
+
     #[error("building the HTTP client: {reason}")]
     Client { reason: String },
 }

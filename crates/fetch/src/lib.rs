@@ -9,6 +9,7 @@ mod client;
 mod error;
 mod guard;
 mod manifest;
+mod metrics;
 mod push;
 mod reference;
 pub mod testing;
@@ -24,6 +25,10 @@ use tokio::io::AsyncReadExt;
 
 pub use cache::CacheEntry;
 pub use error::{FetchError, Op};
+pub use metrics::{
+    CONVERSION_BUCKETS_MS, ConversionResult, MetricsSnapshot, RemoteFetchResult, metrics,
+    record_conversion, render_prometheus,
+};
 pub use push::{PushLayout, PushOptions, PushResult, push};
 
 use cache::{Cache, IndexEntry};
@@ -56,6 +61,21 @@ pub struct FetchConfig {
     /// Let an OCI registry send us to a token realm on a private or loopback address. Off by
     /// default: a hostile registry could otherwise use us to reach internal services.
     pub allow_private_realms: bool,
+    /// Where registry credentials come from when a request carries no pull secret.
+    pub docker_config: DockerConfig,
+    /// A PEM file of CA certificates trusted for https, besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The docker config file consulted for credentials when a request names no pull secret.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DockerConfig {
+    /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`, read at each fetch (as
+    /// the docker CLI does), so a later `docker login` takes effect without a restart.
+    #[default]
+    FromEnv,
+    File(PathBuf),
+    Disabled,
 }
 
 impl FetchConfig {
@@ -68,6 +88,8 @@ impl FetchConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry_base: DEFAULT_RETRY_BASE,
             allow_private_realms: false,
+            docker_config: DockerConfig::FromEnv,
+            ca_file: None,
         }
     }
 }
@@ -77,7 +99,8 @@ pub enum PullPolicy {
     /// Use the cache when it holds the tag or pinned digest; no network then.
     #[default]
     IfNotPresent,
-    /// Always resolve the manifest; the module blob is still reused from the cache.
+    /// Always resolve the manifest (unless the request pins a digest already cached); the
+    /// module blob is still reused from the cache.
     Always,
 }
 
@@ -170,7 +193,12 @@ impl Fetcher {
             request_timeout: cfg.request_timeout,
             allow_private_realms: cfg.allow_private_realms,
         };
-        let transport = Transport::new(cfg.insecure_registries.clone(), cfg.timeout, policy)?;
+        let roots = match &cfg.ca_file {
+            Some(path) => load_ca_file(path)?,
+            None => Vec::new(),
+        };
+        let transport =
+            Transport::new(cfg.insecure_registries.clone(), cfg.timeout, policy, &roots)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -200,14 +228,16 @@ impl Fetcher {
 
     pub async fn fetch(&self, req: &FetchRequest) -> Result<FetchedModule, FetchError> {
         let timeout = self.inner.cfg.timeout;
-        match tokio::time::timeout(timeout, self.fetch_inner(req)).await {
+        let result = match tokio::time::timeout(timeout, self.fetch_inner(req)).await {
             Ok(result) => result,
             Err(_) => Err(FetchError::Timeout {
                 op: Op::Fetch,
                 url: req.url.clone(),
                 after: timeout,
             }),
-        }
+        };
+        count_fetch(req, &result);
+        result
     }
 
     async fn fetch_inner(&self, req: &FetchRequest) -> Result<FetchedModule, FetchError> {
@@ -301,7 +331,8 @@ impl Fetcher {
         let key = format!("{}{target}", cache::HTTP_KEY_PREFIX);
         let _inflight = self.lock_url(&key).await;
 
-        if req.pull_policy == PullPolicy::IfNotPresent {
+        // With a sha256 the cached module is either the expected content or not used.
+        if req.pull_policy == PullPolicy::IfNotPresent || expected.is_some() {
             // The url's last download, unless it is not the module the caller now expects.
             let hit = match cache.lookup(&key).await {
                 Some(entry)
@@ -400,7 +431,7 @@ impl Fetcher {
                     connect_err(if e.is_timeout() {
                         format!("timed out ({reason})")
                     } else {
-                        reason
+                        client::tls_hint(reason)
                     })
                 })?;
         if !resp.status().is_success() {
@@ -465,7 +496,9 @@ impl Fetcher {
         let cache = &self.inner.cache;
         let _inflight = self.lock_url(&oci.to_string()).await;
 
-        if req.pull_policy == PullPolicy::IfNotPresent {
+        // A pinned digest names content that cannot change: whatever the policy, a module
+        // cached for it is the one a re-pull would get.
+        if req.pull_policy == PullPolicy::IfNotPresent || expected.is_some() {
             let key = match &expected {
                 Some(d) => Some(oci.digest_key(d)),
                 None => oci.tag_key(),
@@ -486,7 +519,7 @@ impl Fetcher {
                     reason,
                 }
             })?,
-            None => None,
+            None => self.docker_config_credentials(&oci.registry).await,
         };
         let mut session =
             Session::open(Op::Fetch, url, &self.inner.transport, &oci, creds, "pull").await?;
@@ -540,6 +573,36 @@ impl Fetcher {
             cache_hit: false,
             source: url.to_string(),
         })
+    }
+
+    /// The user's docker config entry for `registry`, if any. An unreadable or malformed file
+    /// is logged (by path and reason, never content) and treated as holding no credentials:
+    /// the registry may well be public.
+    async fn docker_config_credentials(&self, registry: &str) -> Option<auth::Credentials> {
+        let path = match &self.inner.cfg.docker_config {
+            DockerConfig::Disabled => return None,
+            DockerConfig::File(p) => p.clone(),
+            DockerConfig::FromEnv => auth::default_docker_config()?,
+        };
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read docker config");
+                return None;
+            }
+        };
+        match auth::credentials_for(&bytes, registry) {
+            Ok(Some(creds)) => {
+                tracing::debug!(path = %path.display(), registry, "using credentials from docker config");
+                Some(creds)
+            }
+            Ok(None) => None,
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "ignoring docker config");
+                None
+            }
+        }
     }
 
     async fn cached(&self, url: &str, key: &str) -> Option<FetchedModule> {
@@ -678,6 +741,48 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// Counts one fetch in Istio's metrics: a cache lookup for every remote module, and a remote
+/// fetch (with its result) for every one that was not served from the cache. `file://` is
+/// neither, and a request refused before any lookup (a malformed url or sha256) counts nothing.
+fn count_fetch(req: &FetchRequest, result: &Result<FetchedModule, FetchError>) {
+    let http = match reference::parse(&req.url) {
+        Ok(Source::Oci(_)) => false,
+        Ok(Source::Http(_)) => true,
+        Ok(Source::File(_)) | Err(_) => return,
+    };
+    match result {
+        Ok(m) if m.cache_hit => metrics::record_lookup(true),
+        Ok(_) => {
+            metrics::record_lookup(false);
+            metrics::record_remote_fetch(RemoteFetchResult::Success);
+        }
+        Err(FetchError::InvalidUrl { .. }) => {}
+        Err(e) => {
+            metrics::record_lookup(false);
+            let r = match RemoteFetchResult::of_error(e) {
+                // A plain download has no manifest: Istio counts its failures as downloads.
+                RemoteFetchResult::ManifestFailure if http => RemoteFetchResult::DownloadFailure,
+                r => r,
+            };
+            metrics::record_remote_fetch(r);
+        }
+    }
+}
+
+fn load_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
+    let bad = |reason: String| FetchError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| bad(format!("not PEM certificates: {}", error::root_cause(&e))))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(certs)
 }
 
 /// The part of an error line after `<op> <url>: `, for composing summaries.

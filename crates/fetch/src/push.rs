@@ -108,7 +108,7 @@ pub async fn push(wasm: &[u8], target: &str, opts: &PushOptions) -> Result<PushR
         request_timeout: PUSH_REQUEST_TIMEOUT,
         allow_private_realms: true,
     };
-    let transport = Transport::new(insecure, PUSH_CONNECT_TIMEOUT, policy)?;
+    let transport = Transport::new(insecure, PUSH_CONNECT_TIMEOUT, policy, &[])?;
     let mut session = Session::open(Op::Push, target, &transport, &oci, creds, "pull,push").await?;
     for (digest, bytes) in [
         (&image.config_digest, &image.config),

@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const PORT_ATTEMPTS: usize = 5;
 
+/// How to start a [`Registry`].
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Every request needs these Basic credentials (bcrypt htpasswd).
+    pub htpasswd: Option<(String, String)>,
+    /// Serve HTTPS with this certificate chain and key (PEM) instead of plain HTTP.
+    pub tls: Option<(String, String)>,
+}
+
 /// A running registry; dropping it kills the process and removes its storage.
 pub struct Registry {
     pub addr: SocketAddr,
@@ -20,12 +29,34 @@ pub struct Registry {
 impl Registry {
     /// Anonymous pull and push.
     pub fn start() -> io::Result<Registry> {
-        Self::spawn(None)
+        Self::start_with(RegistryOptions::default())
     }
 
     /// Every request needs Basic credentials `user:password` (bcrypt htpasswd).
     pub fn start_with_htpasswd(user: &str, password: &str) -> io::Result<Registry> {
-        Self::spawn(Some((user, password)))
+        Self::start_with(RegistryOptions {
+            htpasswd: Some((user.to_string(), password.to_string())),
+            ..Default::default()
+        })
+    }
+
+    pub fn start_with(opts: RegistryOptions) -> io::Result<Registry> {
+        Self::spawn(&opts)
+    }
+
+    /// How many requests the registry answered whose request line starts with `method` and
+    /// whose path contains `path_part` (from its access log), e.g. `("GET", "/manifests/")`.
+    pub fn requests(&self, method: &str, path_part: &str) -> usize {
+        let prefix = format!("\"{method} /");
+        self.log()
+            .lines()
+            .filter_map(|l| l.find(&prefix).map(|i| &l[i + 1..]))
+            .filter(|req| {
+                req.split(' ')
+                    .nth(1)
+                    .is_some_and(|path| path.contains(path_part))
+            })
+            .count()
     }
 
     /// `127.0.0.1:PORT`
@@ -51,13 +82,22 @@ impl Registry {
         }
     }
 
-    fn spawn(htpasswd: Option<(&str, &str)>) -> io::Result<Registry> {
+    fn spawn(opts: &RegistryOptions) -> io::Result<Registry> {
         let binary = find_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("waystone-registry-")
             .tempdir()?;
-        let htpasswd_path = match htpasswd {
+        let htpasswd_path = match &opts.htpasswd {
             Some((user, password)) => Some(write_htpasswd(dir.path(), user, password)?),
+            None => None,
+        };
+        let tls_paths = match &opts.tls {
+            Some((cert, key)) => {
+                let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+                std::fs::write(&c, cert)?;
+                std::fs::write(&k, key)?;
+                Some((c, k))
+            }
             None => None,
         };
         let mut last_log = String::new();
@@ -67,7 +107,12 @@ impl Registry {
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,
-                config_yaml(dir.path(), addr, htpasswd_path.as_deref()),
+                config_yaml(
+                    dir.path(),
+                    addr,
+                    htpasswd_path.as_deref(),
+                    tls_paths.as_ref(),
+                ),
             )?;
             let log_path = dir.path().join("registry.log");
             let log = std::fs::File::create(&log_path)?;
@@ -160,14 +205,27 @@ fn write_htpasswd(dir: &Path, user: &str, password: &str) -> io::Result<PathBuf>
     Ok(path)
 }
 
-fn config_yaml(dir: &Path, addr: SocketAddr, htpasswd: Option<&Path>) -> String {
+fn config_yaml(
+    dir: &Path,
+    addr: SocketAddr,
+    htpasswd: Option<&Path>,
+    tls: Option<&(PathBuf, PathBuf)>,
+) -> String {
+    // The access log (one line per request) is what `requests` counts.
     let mut yaml = format!(
         "version: 0.1\n\
-         log:\n  level: info\n  accesslog:\n    disabled: true\n\
+         log:\n  level: warn\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
          http:\n  addr: {addr}\n  secret: waystone-test-registry\n",
         dir.join("data").display()
     );
+    if let Some((cert, key)) = tls {
+        yaml.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        ));
+    }
     if let Some(path) = htpasswd {
         yaml.push_str(&format!(
             "auth:\n  htpasswd:\n    realm: waystone-test\n    path: {}\n",
@@ -201,7 +259,8 @@ fn wait_ready(child: &mut Child, addr: SocketAddr) -> io::Result<()> {
     }
 }
 
-/// Any HTTP answer to GET /v2/ (200, or 401 with htpasswd) means it is serving.
+/// Any HTTP answer to GET /v2/ (200, or 401 with htpasswd; a TLS listener answers a plain
+/// request with 400) means it is serving.
 fn answers_http(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
         return false;

@@ -128,6 +128,12 @@ impl WasmEngine {
         let module = Module::new(&self.inner.engine, wasm).map_err(|e| HostError::Compile {
             reason: format!("{e:#}"),
         })?;
+        self.link(module)
+    }
+
+    /// The ABI checks and linking of `compile`, for a module compiled now or loaded from the
+    /// compiled-module cache.
+    pub(crate) fn link(&self, module: Module) -> Result<CompiledModule, HostError> {
         let abi = detect_abi(&module)?;
         check_exports(&module, abi)?;
         self.check_imports(&module)?;

@@ -21,6 +21,7 @@
 //! (`set_queue_waker`, `deliver_queue_ready`) and actions aimed at other contexts
 //! (`take_context_actions`). All of them run on the thread that owns the instance.
 
+mod compiled_cache;
 mod engine;
 mod error;
 mod hostcalls;
@@ -30,6 +31,7 @@ mod state;
 mod status;
 mod types;
 
+pub use compiled_cache::{CompiledCache, CompiledCacheError, CompiledEntry, CompiledSource};
 pub use engine::{CompiledModule, EngineConfig, WasmEngine};
 pub use error::HostError;
 pub use instance::{PluginInstance, ROOT_CONTEXT};

@@ -40,7 +40,6 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     UpOptions {
-        data_dir: data_dir.to_path_buf(),
         insecure_registries: insecure,
         gateway_address: args.gateway_address,
         entry_address: args.entry_address,
@@ -61,6 +60,9 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
             trust_domain: Some(args.trust_domain),
             endpoints: args.hbone_endpoints,
         },
+        registry_ca: args.registry_ca,
+        cache_max_unused: args.cache_max_unused,
+        ..UpOptions::new(data_dir.to_path_buf())
     }
 }
 
@@ -95,5 +97,17 @@ mod tests {
             options(up_args(&["--workers", "2"]), Path::new("/d"), None).workers,
             2
         );
+        assert_eq!(o.registry_ca, None);
+        assert_eq!(
+            o.cache_max_unused,
+            std::time::Duration::from_secs(24 * 3600)
+        );
+        let o = options(
+            up_args(&["--registry-ca", "/etc/ca.pem", "--cache-max-unused", "90m"]),
+            Path::new("/d"),
+            None,
+        );
+        assert_eq!(o.registry_ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(o.cache_max_unused, std::time::Duration::from_secs(5400));
     }
 }

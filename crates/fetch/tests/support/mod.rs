@@ -48,6 +48,8 @@ pub fn digest(bytes: &[u8]) -> String {
 pub fn fetcher(cache: &Path, insecure: &[String]) -> Fetcher {
     let mut cfg = FetchConfig::new(cache.to_path_buf());
     cfg.insecure_registries = insecure.to_vec();
+    // Hermetic: the developer's own docker login must not change what tests see.
+    cfg.docker_config = waystone_fetch::DockerConfig::Disabled;
     Fetcher::new(cfg).expect("fetcher")
 }
 
