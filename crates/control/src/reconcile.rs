@@ -45,6 +45,8 @@ pub struct Reconciler {
     compiled: HashMap<String, CompiledModule>,
     revisions: u64,
     retry_delay: Duration,
+    /// Each plugin's module state after the latest pass, for the config dump.
+    pub reports: Arc<std::sync::Mutex<crate::dump::PluginReports>>,
 }
 
 impl Reconciler {
@@ -69,6 +71,7 @@ impl Reconciler {
             compiled: HashMap::new(),
             revisions: 0,
             retry_delay: Duration::from_secs(2),
+            reports: Default::default(),
         }
     }
 
@@ -139,6 +142,7 @@ impl Reconciler {
             default_namespace: "default".into(),
         };
         let bindings = self.dataplane.apply(rt).await;
+        self.publish_reports(&snapshot);
         self.write_status(&objects, &snapshot, &bindings, &translation.errors)
             .await?;
         self.applied.send_replace(version);
@@ -266,6 +270,36 @@ impl Reconciler {
             },
             fetched.manifest_digest.clone(),
         ))
+    }
+
+    fn publish_reports(&self, snapshot: &Snapshot) {
+        let reports = snapshot
+            .plugins
+            .keys()
+            .map(|id| {
+                let report = match self.plugins.get(id) {
+                    Some(state) => crate::dump::PluginReport {
+                        url: state.url.clone(),
+                        digest: state.ready.as_ref().map(|(_, p)| p.module_digest.clone()),
+                        manifest_digest: state.manifest_digest.clone(),
+                        state: match (&state.error, &state.ready) {
+                            (None, Some(_)) => "Loaded",
+                            (Some(_), Some(_)) => "UpdateFailed",
+                            (Some(_), None) => "LoadFailed",
+                            (None, None) => "Pending",
+                        }
+                        .to_string(),
+                        last_error: state.error.clone(),
+                    },
+                    None => crate::dump::PluginReport {
+                        state: "Pending".into(),
+                        ..Default::default()
+                    },
+                };
+                (id.clone(), report)
+            })
+            .collect();
+        *self.reports.lock().unwrap_or_else(|p| p.into_inner()) = reports;
     }
 
     async fn write_status(

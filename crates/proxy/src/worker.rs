@@ -100,10 +100,16 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostEr
     if let Some(i) = INSTANCES.with(|c| c.borrow().get(&plugin.revision).cloned()) {
         return Ok(i);
     }
-    let instance = Rc::new(RefCell::new(PluginInstance::start(
-        &plugin.module,
-        plugin.spec.clone(),
-    )?));
+    let started = std::time::Instant::now();
+    let result = PluginInstance::start(&plugin.module, plugin.spec.clone());
+    crate::metrics::record_plugin_call(
+        plugin.revision,
+        &plugin.spec.name,
+        crate::metrics::Callback::Start,
+        crate::metrics::CallOutcome::of(&result.as_ref().map(|_| ()), false, None),
+        started.elapsed(),
+    );
+    let instance = Rc::new(RefCell::new(result?));
     INSTANCES.with(|c| c.borrow_mut().insert(plugin.revision, instance.clone()));
     Ok(instance)
 }
@@ -112,6 +118,23 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostEr
 /// request starts a fresh one. Requests still holding it finish with it.
 pub fn discard_instance(revision: u64) {
     INSTANCES.with(|c| c.borrow_mut().remove(&revision));
+}
+
+/// This worker's live instances: plugin name, memory size.
+pub fn instance_stats() -> Vec<crate::metrics::InstanceStats> {
+    INSTANCES.with(|c| {
+        c.borrow()
+            .values()
+            // An instance is never borrowed across an await, so this only skips in theory.
+            .filter_map(|i| {
+                i.try_borrow().ok().map(|i| crate::metrics::InstanceStats {
+                    plugin: i.spec().name.clone(),
+                    instances: 1,
+                    memory_bytes: i.memory_bytes() as u64,
+                })
+            })
+            .collect()
+    })
 }
 
 /// Drops instances of revisions no longer in use.

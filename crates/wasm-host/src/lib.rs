@@ -19,6 +19,7 @@ mod engine;
 mod error;
 mod hostcalls;
 mod instance;
+mod log_level;
 mod shared;
 mod state;
 mod status;
@@ -27,6 +28,9 @@ mod types;
 pub use engine::{CompiledModule, EngineConfig, WasmEngine};
 pub use error::HostError;
 pub use instance::PluginInstance;
+pub use log_level::{
+    LogLevel, plugin_log_levels, set_default_plugin_log_level, set_plugin_log_level,
+};
 pub use shared::{MetricKind, MetricSample, MetricValue};
 pub use types::{
     AbiVersion, Action, HeaderMap, HttpStream, LocalResponse, PluginSpec, StreamProperties,

@@ -4,8 +4,10 @@ mod apply;
 mod cache;
 mod delete;
 mod demo;
+mod describe;
 mod get;
 mod label;
+mod proxy_config;
 mod push;
 mod up;
 mod waypoint;
@@ -66,6 +68,12 @@ pub fn run(command: Command, data_dir: &Path) -> CliResult {
         }
         Command::Label(a) => {
             block_on(async { label::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+        }
+        Command::ProxyConfig(a) => {
+            block_on(async { proxy_config::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+        }
+        Command::Describe(a) => {
+            block_on(async { describe::run(&ApiClient::from_data_dir(data_dir)?, a).await })
         }
         Command::Waypoint(w) => block_on(async {
             let client = ApiClient::from_data_dir(data_dir)?;

@@ -46,6 +46,14 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
         entry_address: args.entry_address,
         api_address: args.api_address,
         workers,
+        admin_address: Some(args.admin_address),
+        observability: waystone_proxy::ObservabilityConfig {
+            access_log: waystone_model::snapshot::AccessLogFormat::parse(&args.access_log)
+                .unwrap_or_default(),
+            access_log_file: args.access_log_file,
+            otlp_endpoint: args.otlp_endpoint,
+        },
+        log_control: crate::log_control(),
     }
 }
 
