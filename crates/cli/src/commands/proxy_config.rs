@@ -442,7 +442,7 @@ mod tests {
         );
         assert_eq!(
             table(ProxyConfigSection::Routes),
-            "LISTENER     ADDRESS          ROUTE                RULE     HOSTNAMES     MATCHES                                       BACKENDS\n\
+            "LISTENER     ADDRESS          ROUTE                RULE     HOSTNAMES     MATCHES                                    BACKENDS\n\
              http         127.0.0.1:80     default/bookinfo     0        *             Exact /productpage, PathPrefix /static     default/productpage:9080\n"
         );
         assert_eq!(
