@@ -797,7 +797,7 @@ mod tests {
 
     #[test]
     fn unknown_command_is_an_error() {
-        assert_eq!(err(&["describe", "svc"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(err(&["exec", "svc"]), ErrorKind::InvalidSubcommand);
     }
 
     #[test]

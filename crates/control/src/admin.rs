@@ -32,9 +32,12 @@ pub const ADMIN_ADDR_FILE: &str = "admin.addr";
 pub type MetricSource = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 /// Replaces the process's `tracing` filter with the given directives (`EnvFilter` syntax).
+pub type SetLogFilter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// How `/logging` changes the process's log levels.
 #[derive(Clone)]
 pub struct LogControl {
-    pub set_filter: Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub set_filter: SetLogFilter,
     /// The directives in force at start (`RUST_LOG`, or the CLI's default level).
     pub initial: String,
 }

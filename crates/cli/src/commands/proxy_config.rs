@@ -353,7 +353,7 @@ fn service_port<'a>(dump: &'a Value, svc: &str, port: &str) -> Option<&'a Value>
     let (ns, name) = svc.split_once('/')?;
     arr(&dump["services"])
         .find(|s| s["name"] == name && s["namespace"] == ns)
-        .and_then(|s| arr(&s["ports"]).find(|p| p["port"].to_string() == port))
+        .and_then(|s| arr(&s["ports"]).find(|p| p["port"].as_u64() == port.parse().ok()))
 }
 
 fn cluster_name(svc: &str, port: &str) -> String {
@@ -447,7 +447,7 @@ mod tests {
         );
         assert_eq!(
             table(ProxyConfigSection::Plugins),
-            "NAME                              KIND           PHASE     PRIORITY     URL                       DIGEST                  STATE      LAST ERROR\n\
+            "NAME                              KIND           PHASE     PRIORITY     URL                      DIGEST                  STATE      LAST ERROR\n\
              default.basic-auth-at-gateway     WasmPlugin     AUTHN     -            oci://r/basic_auth:1     sha256:0123456789ab     Loaded     -\n"
         );
         assert_eq!(
