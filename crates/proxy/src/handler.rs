@@ -194,16 +194,18 @@ pub async fn handle(
     let req = Request::from_parts(parts, body);
     let mut facts = Facts {
         spans: trace.is_some().then(Default::default),
+        detailed: access.is_some() || trace.is_some(),
         ..Default::default()
     };
     let response = match target {
         Ok(t) => proxy(req, authority, t, conn, &rt, settings, &mut facts).await,
         Err(reply) => reply_response(reply),
     };
+    let mut response = response;
     let details = response
-        .extensions()
-        .get::<LocalDetails>()
-        .map(|d| d.0.clone());
+        .extensions_mut()
+        .remove::<LocalDetails>()
+        .map(|d| d.0);
     let flags = details
         .as_deref()
         .map_or(ResponseFlags::None, ResponseFlags::from_details);
@@ -219,13 +221,25 @@ pub async fn handle(
         .unwrap_or_default();
     let pending = Box::new(Pending {
         observer: observer.clone(),
-        gateway: gw.key.to_string(),
-        service_name: format!("{}.{}", gw.key.name, gw.key.namespace),
+        // Names only the access log and spans print: no allocation when both are off.
+        gateway: if access.is_some() {
+            gw.key.to_string()
+        } else {
+            String::new()
+        },
+        service_name: if trace.is_some() {
+            format!("{}.{}", gw.key.name, gw.key.namespace)
+        } else {
+            String::new()
+        },
         labels,
         format,
         code: response.status().as_u16(),
         flags,
-        details: details.unwrap_or_else(|| "via_upstream".to_string()),
+        details: details.map_or(
+            std::borrow::Cow::Borrowed("via_upstream"),
+            std::borrow::Cow::Owned,
+        ),
         grpc,
         grpc_status,
         started,
@@ -420,7 +434,7 @@ async fn proxy(
         "outbound|{}||{}.{}.svc.cluster.local",
         target.port.port, target.service.key.name, target.service.key.namespace
     );
-    if target.gateway.is_some() {
+    if facts.detailed {
         facts.cluster = Some(cluster_name.clone());
         if !target.route_name.is_empty() {
             facts.route_name = Some(target.route_name.clone());

@@ -91,6 +91,8 @@ pub(crate) struct Facts {
     pub upstream_host: Option<SocketAddr>,
     pub cluster: Option<String>,
     pub route_name: Option<String>,
+    /// Whether the access log or a span will print names (cluster, route).
+    pub detailed: bool,
     /// Plugin callbacks timed for child spans (tracing only).
     pub spans: Option<Rc<RefCell<Vec<PluginSpan>>>>,
 }
@@ -125,7 +127,7 @@ pub(crate) struct Pending {
     pub format: AccessLogFormat,
     pub code: u16,
     pub flags: ResponseFlags,
-    pub details: String,
+    pub details: std::borrow::Cow<'static, str>,
     pub grpc: bool,
     pub grpc_status: Option<u16>,
     pub started: Instant,
@@ -183,7 +185,7 @@ impl Pending {
                 protocol: a.protocol.to_string(),
                 response_code: self.code,
                 response_flags: flags.as_str(),
-                response_code_details: self.details.clone(),
+                response_code_details: self.details.to_string(),
                 connection_termination_details: None,
                 upstream_transport_failure_reason: None,
                 bytes_received: request_bytes,
@@ -228,7 +230,7 @@ impl Pending {
                     ("response_flags", AttrValue::Str(flags.as_str().into())),
                     (
                         "response_code_details",
-                        AttrValue::Str(self.details.clone()),
+                        AttrValue::Str(self.details.to_string()),
                     ),
                     (
                         "upstream_cluster",
