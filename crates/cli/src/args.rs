@@ -63,6 +63,72 @@ pub enum Command {
     /// <data-dir>/cache
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Show what a gateway or waypoint runs: chains, routes, plugins, endpoints
+    /// (like istioctl proxy-config)
+    ProxyConfig(ProxyConfigArgs),
+    /// Show one object in detail (like kubectl describe)
+    Describe(DescribeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProxyConfigSection {
+    /// Plugin chains in execution order, per listener (gateways) or service port (waypoints)
+    Chains,
+    /// Routes of each listener
+    Routes,
+    /// Every plugin the gateway runs, with its module and load state
+    Plugins,
+    /// Endpoints of the services the gateway sends to
+    Endpoints,
+    /// Everything
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProxyConfigOutput {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyConfigArgs {
+    /// The gateway or waypoint (a Gateway's name)
+    #[arg(value_name = "GATEWAY")]
+    pub gateway: String,
+
+    /// What to show
+    #[arg(value_enum, value_name = "SECTION", default_value = "all")]
+    pub section: ProxyConfigSection,
+
+    /// The namespace [default: default]
+    #[arg(short, long, value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// Output format
+    #[arg(
+        short,
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        default_value = "table"
+    )]
+    pub output: ProxyConfigOutput,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// The kind (wasmplugin, trafficextension)
+    #[arg(value_name = "KIND")]
+    pub kind: String,
+
+    /// The object's name
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// The namespace [default: default]
+    #[arg(short, long, value_name = "NS")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +204,23 @@ pub struct UpArgs {
     /// Purge cached modules and compiled modules unused this long (checked hourly)
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub cache_max_unused: Duration,
+
+    /// The admin endpoint (/ready, /config_dump, /stats/prometheus, /logging); port 0 picks a
+    /// free one; the bound address is written to <data-dir>/admin.addr
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_address: SocketAddr,
+
+    /// Access log format of gateways and waypoints without a waystone.io/access-log annotation
+    #[arg(long, value_name = "FORMAT", default_value = "off", value_parser = ["off", "text", "json"])]
+    pub access_log: String,
+
+    /// Write access logs to this file (appending) instead of stdout
+    #[arg(long, value_name = "FILE")]
+    pub access_log_file: Option<PathBuf>,
+
+    /// Trace requests: export spans as OTLP/HTTP JSON to this collector (http://HOST:PORT)
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -807,7 +890,7 @@ mod tests {
 
     #[test]
     fn unknown_command_is_an_error() {
-        assert_eq!(err(&["describe", "svc"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(err(&["exec", "svc"]), ErrorKind::InvalidSubcommand);
     }
 
     #[test]

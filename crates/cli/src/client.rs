@@ -243,6 +243,11 @@ impl ApiClient {
             .await
     }
 
+    /// What the data plane runs now (`GET /v1/config_dump`; see `waystone_control::dump`).
+    pub async fn config_dump(&self) -> Result<Value, ClientError> {
+        self.send(self.http.get(self.url("/v1/config_dump"))).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

@@ -105,18 +105,48 @@ pub fn clap_error_line(e: &clap::Error) -> String {
     line
 }
 
+/// How the admin endpoint's `/logging` replaces the filter, set once logging is up.
+static LOG_CONTROL: std::sync::OnceLock<waystone_control::admin::LogControl> =
+    std::sync::OnceLock::new();
+
+pub(crate) fn log_control() -> Option<waystone_control::admin::LogControl> {
+    LOG_CONTROL.get().cloned()
+}
+
 fn init_logging(cli: &Cli) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let default = match (&cli.command, cli.verbose) {
         (_, true) => "debug",
         (Command::Up(_) | Command::Controller(_) | Command::Proxy(_), false) => "info",
         (_, false) => "warn",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| EnvFilter::try_new(v).is_ok())
+        .unwrap_or_else(|| default.to_string());
+    // A reloadable filter, so the admin endpoint can change levels while `up` runs.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&initial));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal());
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_CONTROL.set(waystone_control::admin::LogControl {
+            set_filter: std::sync::Arc::new(move |directives: &str| {
+                let filter = EnvFilter::try_new(directives)
+                    .map_err(|e| format!("invalid log filter {directives:?}: {e}"))?;
+                handle
+                    .reload(filter)
+                    .map_err(|e| format!("cannot change the log filter: {e}"))
+            }),
+            initial,
+        });
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! | `GET /v1/objects/{Kind}?namespace=NS&name=N` | | [`ListResponse`] (404 when `name` is given and missing) |
 //! | `DELETE /v1/objects/{Kind}?namespace=NS&name=N` | | [`DeleteResponse`] (404 when missing) |
 //! | `POST /v1/label` | [`LabelRequest`] | [`LabelResponse`] |
+//! | `GET /v1/config_dump` | | the running configuration (`crate::dump`), as the admin endpoint's `/config_dump` |
 //!
 //! `{Kind}` is the canonical kind (`WasmPlugin`, `Gateway`, `Service`, ...).
 //! Errors are any non-2xx status with an [`ErrorResponse`] body whose message

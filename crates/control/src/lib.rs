@@ -1,6 +1,8 @@
 //! The embedded control plane: store, local API, reconciliation. See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod api;
+pub mod dump;
 pub mod hbone;
 mod objects;
 pub mod paths;

@@ -156,6 +156,36 @@ impl Pipeline {
         updates
     }
 
+    /// Each plugin's module state after the latest pass, for the config dump.
+    pub fn plugin_reports(&self, snapshot: &Snapshot) -> crate::dump::PluginReports {
+        snapshot
+            .plugins
+            .keys()
+            .map(|id| {
+                let report = match self.plugins.get(id) {
+                    Some(state) => crate::dump::PluginReport {
+                        url: state.url.clone(),
+                        digest: state.ready.as_ref().map(|(_, p)| p.module_digest.clone()),
+                        manifest_digest: state.manifest_digest.clone(),
+                        state: match (&state.error, &state.ready) {
+                            (None, Some(_)) => "Loaded",
+                            (Some(_), Some(_)) => "UpdateFailed",
+                            (Some(_), None) => "LoadFailed",
+                            (None, None) => "Pending",
+                        }
+                        .to_string(),
+                        last_error: state.error.clone(),
+                    },
+                    None => crate::dump::PluginReport {
+                        state: "Pending".into(),
+                        ..Default::default()
+                    },
+                };
+                (id.clone(), report)
+            })
+            .collect()
+    }
+
     /// Loads a plugin, reusing what is already loaded when nothing relevant changed.
     async fn load(&mut self, cfg: &PluginConfig) -> PluginSlot {
         let fingerprint = fingerprint(cfg);

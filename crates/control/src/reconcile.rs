@@ -21,6 +21,8 @@ pub struct Reconciler {
     pub applied: watch::Sender<u64>,
     pub dataplane: Arc<DataPlane>,
     pipeline: Pipeline,
+    /// Each plugin's module state after the latest pass, for the config dump.
+    pub reports: Arc<std::sync::Mutex<crate::dump::PluginReports>>,
     retry_delay: Duration,
 }
 
@@ -41,6 +43,7 @@ impl Reconciler {
             dataplane,
             pipeline: Pipeline::new(engine, fetcher, opts),
             retry_delay: Duration::from_secs(2),
+            reports: Default::default(),
         }
     }
 
@@ -86,6 +89,8 @@ impl Reconciler {
         let built = self.pipeline.build(&objects).await;
         let snapshot = built.runtime.snapshot.clone();
         let bindings = self.dataplane.apply(built.runtime).await;
+        *self.reports.lock().unwrap_or_else(|p| p.into_inner()) =
+            self.pipeline.plugin_reports(&snapshot);
         let updates = self.pipeline.statuses(
             &objects,
             &snapshot,

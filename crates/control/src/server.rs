@@ -24,6 +24,8 @@ pub struct ApiState {
     pub opts: TranslateOptions,
     /// How long a write waits for the data plane to take it before answering anyway.
     pub settle_timeout: Duration,
+    /// The running configuration, as the admin endpoint's `/config_dump` shows it.
+    pub config_dump: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -35,6 +37,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/apply", post(apply))
         .route("/v1/objects/{kind}", get(list).delete(delete))
         .route("/v1/label", post(label))
+        .route(
+            "/v1/config_dump",
+            get(|State(s): State<Arc<ApiState>>| async move { Json((s.config_dump)()) }),
+        )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }

@@ -12,6 +12,7 @@ use waystone_model::TranslateOptions;
 use waystone_proxy::{DataPlane, DataPlaneConfig};
 use waystone_wasm::{CompiledCache, EngineConfig, WasmEngine};
 
+use crate::admin::{ADMIN_ADDR_FILE, AdminState, LogControl, MetricSource};
 use crate::api::{ADDR_FILE, TOKEN_FILE};
 use crate::reconcile::Reconciler;
 use crate::server::{ApiState, router};
@@ -40,6 +41,13 @@ pub struct UpOptions {
     pub cache_max_unused: Duration,
     /// How often the purge runs (default hourly, as Istio's agent).
     pub cache_prune_interval: Duration,
+    /// The admin endpoint (default 127.0.0.1:15000; port 0 picks a free one, written to
+    /// `<data-dir>/admin.addr`); `None`: no admin endpoint.
+    pub admin_address: Option<SocketAddr>,
+    /// Access logs and tracing of the data plane.
+    pub observability: waystone_proxy::ObservabilityConfig,
+    /// How `/logging` changes the process's log filter (`None`: it cannot).
+    pub log_control: Option<LogControl>,
 }
 
 pub const DEFAULT_CACHE_MAX_UNUSED: Duration = Duration::from_secs(24 * 3600);
@@ -59,6 +67,10 @@ impl UpOptions {
             cache_max_unused: DEFAULT_CACHE_MAX_UNUSED,
             cache_prune_interval: DEFAULT_CACHE_PRUNE_INTERVAL,
             hbone: crate::hbone::HboneOptions::default(),
+            // Library callers (tests) opt in; the CLI passes its default, 127.0.0.1:15000.
+            admin_address: None,
+            observability: waystone_proxy::ObservabilityConfig::default(),
+            log_control: None,
         }
     }
 }
@@ -103,6 +115,7 @@ pub async fn run_up(
             gateway_address: opts.gateway_address,
             entry_address: Some(opts.entry_address),
             hbone: crate::hbone::data_plane_hbone(&opts.hbone, &opts.data_dir)?,
+            observability: opts.observability.clone(),
             ..Default::default()
         })
         .await?,
@@ -114,6 +127,7 @@ pub async fn run_up(
         host_env: std::env::vars().collect(),
         ..Default::default()
     };
+    let custom_metrics_engine = engine.clone();
     let mut reconciler = Reconciler::new(
         store.clone(),
         changed.clone(),
@@ -124,7 +138,52 @@ pub async fn run_up(
         translate_opts.clone(),
     );
     reconciler.set_compiled_cache(compiled_cache.clone());
+    let reports = reconciler.reports.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
+
+    let sources: Vec<MetricSource> = vec![
+        Arc::new(waystone_proxy::metrics::render_prometheus),
+        Arc::new(move |out: &mut String| {
+            crate::admin::render_custom_metrics(&custom_metrics_engine.metrics_snapshot(), out)
+        }),
+        // Module fetch metrics: register `Arc::new(waystone_fetch::render_prometheus)` here.
+    ];
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin_state = Arc::new(AdminState {
+        dataplane: dataplane.clone(),
+        ready: ready.clone(),
+        reports,
+        sources,
+        process_filter: std::sync::Mutex::new(
+            opts.log_control
+                .as_ref()
+                .map(|l| l.initial.clone())
+                .unwrap_or_else(|| "info".into()),
+        ),
+        log: opts.log_control.clone(),
+    });
+    // The admin endpoint opens first, so `/ready` can say the configuration is not running yet.
+    let admin = match opts.admin_address {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin endpoint on {addr}"))?;
+            let bound = listener.local_addr()?;
+            std::fs::write(opts.data_dir.join(ADMIN_ADDR_FILE), bound.to_string())?;
+            let mut admin_stop = stop_rx.clone();
+            let router = crate::admin::router(admin_state.clone());
+            tracing::info!(admin = %bound, "admin endpoint listening");
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = admin_stop.changed().await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
+
     let reconcile_task = tokio::spawn(reconciler.run(stop_rx.clone()));
     let prune_task = tokio::spawn(prune_periodically(
         fetcher,
@@ -141,6 +200,7 @@ pub async fn run_up(
         let _ = tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|v| *v >= version))
             .await;
     }
+    ready.store(true, std::sync::atomic::Ordering::Release);
 
     let token = hex::encode(rand::random::<[u8; 24]>());
     let listener = tokio::net::TcpListener::bind(opts.api_address)
@@ -156,6 +216,10 @@ pub async fn run_up(
         token,
         opts: translate_opts,
         settle_timeout: Duration::from_secs(60),
+        config_dump: {
+            let admin = admin_state.clone();
+            Arc::new(move || admin.dump())
+        },
     });
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(async move {
@@ -176,8 +240,12 @@ pub async fn run_up(
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(opts.data_dir.join(ADDR_FILE));
+    let _ = std::fs::remove_file(opts.data_dir.join(ADMIN_ADDR_FILE));
     dataplane.shutdown(Duration::from_secs(10)).await;
     let _ = api.await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     let _ = reconcile_task.await;
     let _ = prune_task.await;
     tracing::info!("stopped");

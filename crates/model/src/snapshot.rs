@@ -151,6 +151,40 @@ pub struct GatewayConfig {
     pub waypoint_services: Vec<WaypointService>,
     /// `metadata.generation` of the Gateway, for status.
     pub generation: i64,
+    /// The `waystone.io/access-log` annotation; `None`: the process default (`--access-log`).
+    #[serde(default)]
+    pub access_log: Option<AccessLogFormat>,
+}
+
+/// Access log format of a gateway or waypoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Off,
+    /// Istio's default text line (Envoy's format plus `response_code_details`).
+    Text,
+    Json,
+}
+
+impl AccessLogFormat {
+    /// `off`, `text` or `json` (as the annotation and `--access-log` spell it).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(Self::Off),
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -699,8 +699,16 @@ fn gateway_config(
         listeners,
         waypoint_services,
         generation: gw.metadata.generation.unwrap_or(0),
+        access_log: gw
+            .metadata
+            .annotations
+            .get(ACCESS_LOG_ANNOTATION)
+            .and_then(|v| AccessLogFormat::parse(v.trim())),
     }
 }
+
+/// Per-gateway access log format: `off`, `text` or `json` (other values: the process default).
+pub const ACCESS_LOG_ANNOTATION: &str = "waystone.io/access-log";
 
 /// The labels Istio's gateway deployment puts on its pods, which selectors match.
 fn gateway_pod_labels(key: &ObjectKey, gw: &r::Gateway) -> BTreeMap<String, String> {

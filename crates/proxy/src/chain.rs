@@ -6,7 +6,10 @@
 //! unless it is FAIL_OPEN.
 
 use std::collections::HashMap;
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use tokio::task::{AbortHandle, JoinSet};
 use waystone_model::snapshot::{FailStrategy, PluginId};
@@ -15,6 +18,9 @@ use waystone_wasm::{
 };
 
 use crate::callout::{self, GrpcOutcome, Resolver};
+use crate::metrics::{self, CallOutcome, Callback};
+use crate::trace::PluginSpan;
+
 use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
 use crate::worker::{self, SharedInstance};
 
@@ -68,7 +74,12 @@ pub struct ChainRun {
     /// Dropped (aborted) with the run: Envoy cancels a context's callouts when it ends.
     callouts: JoinSet<(usize, Answer)>,
     grpc_calls: HashMap<u32, AbortHandle>,
+    /// Set when the request is traced: every plugin callback becomes a child span.
+    pub spans: Option<Rc<RefCell<Vec<PluginSpan>>>>,
 }
+
+/// When a callback started: the monotonic clock for metrics, wall time for spans.
+struct CallStart(Instant, Option<SystemTime>);
 
 impl ChainRun {
     pub fn new(stream: HttpStream) -> Self {
@@ -78,7 +89,58 @@ impl ChainRun {
             resolver: None,
             callouts: JoinSet::new(),
             grpc_calls: HashMap::new(),
+            spans: None,
         }
+    }
+
+    fn call_start(&self) -> CallStart {
+        CallStart(
+            Instant::now(),
+            self.spans.as_ref().map(|_| SystemTime::now()),
+        )
+    }
+
+    /// Records one callback of `plugin`: its outcome, latency and (when traced) its span.
+    fn observe(
+        &self,
+        plugin: &LoadedPlugin,
+        callback: Callback,
+        start: CallStart,
+        result: Result<bool, &HostError>,
+    ) {
+        let local = self.stream.local_response.as_ref().map(|l| l.status);
+        let paused = matches!(result, Ok(true));
+        let outcome = CallOutcome::of(&result.map(|_| ()), paused, local);
+        metrics::record_plugin_call(
+            plugin.revision,
+            &plugin.spec.name,
+            callback,
+            outcome,
+            start.0.elapsed(),
+        );
+        if let (Some(spans), Some(wall)) = (&self.spans, start.1) {
+            spans.borrow_mut().push(PluginSpan {
+                plugin: Arc::from(plugin.spec.name.as_str()),
+                callback: callback.as_str(),
+                outcome: outcome.as_str(),
+                start_unix_nanos: crate::observe::unix_nanos(wall),
+                end_unix_nanos: crate::observe::unix_nanos(SystemTime::now()),
+            });
+        }
+    }
+
+    fn observe_action(
+        &self,
+        idx: usize,
+        callback: Callback,
+        start: CallStart,
+        result: &Result<Action, HostError>,
+    ) {
+        let r = match result {
+            Ok(a) => Ok(*a == Action::Pause),
+            Err(e) => Err(e),
+        };
+        self.observe(&self.filters[idx].plugin, callback, start, r);
     }
 
     /// True when some plugin of the chain reads request bodies (so the proxy buffers them).
@@ -136,7 +198,15 @@ impl ChainRun {
                     None => continue,
                 },
             };
-            let ctx = match instance.borrow_mut().create_http_context() {
+            let start = self.call_start();
+            let created = instance.borrow_mut().create_http_context();
+            self.observe(
+                &plugin,
+                Callback::ContextCreate,
+                start,
+                created.as_ref().map(|_| false),
+            );
+            let ctx = match created {
                 Ok(ctx) => ctx,
                 Err(err) => match fault(&plugin, &err) {
                     Some(reply) => return Outcome::Respond(reply),
@@ -150,12 +220,14 @@ impl ChainRun {
                 bypassed: false,
             });
             let idx = self.filters.len() - 1;
+            let start = self.call_start();
             let result = {
                 let f = &self.filters[idx];
                 f.instance
                     .borrow_mut()
                     .on_request_headers(f.ctx, &mut self.stream, end_of_stream)
             };
+            self.observe_action(idx, Callback::RequestHeaders, start, &result);
             if let Some(out) = self.settle(idx, result, end_of_stream).await {
                 return out;
             }
@@ -169,12 +241,14 @@ impl ChainRun {
             if self.filters[idx].bypassed {
                 continue;
             }
+            let start = self.call_start();
             let result = {
                 let f = &self.filters[idx];
                 f.instance
                     .borrow_mut()
                     .on_request_body(f.ctx, &mut self.stream, true)
             };
+            self.observe_action(idx, Callback::RequestBody, start, &result);
             if let Some(out) = self.settle(idx, result, true).await {
                 return out;
             }
@@ -188,12 +262,14 @@ impl ChainRun {
             if self.filters[idx].bypassed {
                 continue;
             }
+            let start = self.call_start();
             let result = {
                 let f = &self.filters[idx];
                 f.instance
                     .borrow_mut()
                     .on_response_headers(f.ctx, &mut self.stream, end_of_stream)
             };
+            self.observe_action(idx, Callback::ResponseHeaders, start, &result);
             if let Some(out) = self.settle_response(idx, result) {
                 return out;
             }
@@ -207,12 +283,14 @@ impl ChainRun {
             if self.filters[idx].bypassed {
                 continue;
             }
+            let start = self.call_start();
             let result = {
                 let f = &self.filters[idx];
                 f.instance
                     .borrow_mut()
                     .on_response_body(f.ctx, &mut self.stream, true)
             };
+            self.observe_action(idx, Callback::ResponseBody, start, &result);
             if let Some(out) = self.settle_response(idx, result) {
                 return out;
             }
@@ -226,10 +304,17 @@ impl ChainRun {
             if f.bypassed {
                 continue;
             }
+            let start = self.call_start();
             let result = f
                 .instance
                 .borrow_mut()
                 .finish_http_context(f.ctx, &mut self.stream);
+            self.observe(
+                &f.plugin,
+                Callback::Done,
+                start,
+                result.as_ref().map(|_| false),
+            );
             if let Err(err) = result {
                 tracing::warn!(plugin = %f.plugin.id, error = %err, "plugin failed while closing its context");
                 if f.instance.borrow().is_poisoned() {

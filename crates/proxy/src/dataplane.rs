@@ -14,6 +14,8 @@ use tokio::sync::watch;
 use waystone_model::snapshot::ObjectKey;
 
 use crate::handler::{self, ConnInfo, Entry, HandlerSettings};
+use crate::metrics::{InstanceStats, LabelTable};
+use crate::observe::Observer;
 use crate::runtime::{PluginSlot, RuntimeConfig};
 use crate::worker::{self, Workers};
 
@@ -30,6 +32,8 @@ pub struct DataPlaneConfig {
     pub node_id: String,
     /// HBONE on waypoint listeners, to endpoints and from the mesh entry (`None`: plain HTTP).
     pub hbone: Option<crate::hbone::HboneConfig>,
+    /// Access logs and tracing.
+    pub observability: crate::observe::ObservabilityConfig,
 }
 
 impl Default for DataPlaneConfig {
@@ -43,6 +47,7 @@ impl Default for DataPlaneConfig {
             max_buffered_body: 16 << 20,
             node_id: "waystone".into(),
             hbone: None,
+            observability: Default::default(),
         }
     }
 }
@@ -51,6 +56,8 @@ impl Default for DataPlaneConfig {
 pub enum DataPlaneError {
     #[error("cannot start worker threads: {0}")]
     Workers(std::io::Error),
+    #[error("cannot start observability: {0}")]
+    Observability(String),
     #[error("cannot bind the mesh entry listener on {addr}: {source}")]
     Entry {
         addr: SocketAddr,
@@ -116,11 +123,13 @@ impl DataPlane {
     pub async fn start(cfg: DataPlaneConfig) -> Result<Self, DataPlaneError> {
         let workers = Workers::start(cfg.workers).map_err(DataPlaneError::Workers)?;
         let (drain, _) = watch::channel(0u8);
+        let observer = Observer::new(&cfg.observability).map_err(DataPlaneError::Observability)?;
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(RuntimeConfig::empty()),
             settings: HandlerSettings {
                 max_buffered_body: cfg.max_buffered_body,
                 node_id: cfg.node_id.clone(),
+                observer: Arc::new(observer),
             },
             workers,
             drain,
@@ -189,6 +198,12 @@ impl DataPlane {
             })
             .collect();
         let snapshot = rt.snapshot.clone();
+        // Labels first: a request on the new config then finds its label set.
+        self.shared
+            .settings
+            .observer
+            .labels
+            .store(Arc::new(LabelTable::build(&snapshot)));
         self.shared.config.store(Arc::new(rt));
         let live = Arc::new(live);
         self.shared.workers.broadcast(|| {
@@ -388,6 +403,37 @@ impl DataPlane {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .any(|(g, a)| *a == ip && g != gateway)
+    }
+
+    /// Every bound gateway/waypoint listener: (gateway, listener name, port) → address.
+    pub fn listener_addresses(&self) -> BTreeMap<(ObjectKey, String, u16), SocketAddr> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, b)| ((k.gateway.clone(), k.name.clone(), k.port), b.addr))
+            .collect()
+    }
+
+    /// Live plugin instances of every worker (one entry per instance), asked of each worker
+    /// on its own thread; a worker that does not answer within a second is left out.
+    pub async fn plugin_instances(&self) -> Vec<InstanceStats> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.workers.broadcast(|| {
+            let tx = tx.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    let _ = tx.send(worker::instance_stats());
+                })
+            })
+        });
+        drop(tx);
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while let Ok(Some(stats)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            out.extend(stats);
+        }
+        out
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops the workers.

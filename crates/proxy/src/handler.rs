@@ -23,11 +23,16 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use waystone_model::snapshot::{
-    GatewayRole, ObjectKey, PluginId, ServiceConfig, ServicePortConfig,
+    AccessLogFormat, GatewayConfig, GatewayRole, ObjectKey, PluginId, ServiceConfig,
+    ServicePortConfig,
 };
 use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
 
 use crate::chain::{ChainRun, LocalReply, Outcome};
+use crate::metrics::{self, ResponseFlags};
+use crate::observe::{
+    AccessStart, CountingBody, Facts, LocalDetails, ObservedBody, Observer, Pending, TraceStart,
+};
 use crate::routing::{self, RequestView};
 use crate::runtime::RuntimeConfig;
 
@@ -55,10 +60,11 @@ pub struct ConnInfo {
 }
 
 /// Settings the handler needs besides the runtime config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HandlerSettings {
     pub max_buffered_body: usize,
     pub node_id: String,
+    pub(crate) observer: Arc<Observer>,
 }
 
 static PICKS: AtomicUsize = AtomicUsize::new(0);
@@ -79,6 +85,8 @@ struct Target<'a> {
     port: &'a ServicePortConfig,
     chain: &'a [PluginId],
     route_name: String,
+    /// The gateway or waypoint that reports this request (none: straight from the mesh entry).
+    gateway: Option<&'a GatewayConfig>,
 }
 
 pub async fn handle(
@@ -88,14 +96,182 @@ pub async fn handle(
     rt: Arc<RuntimeConfig>,
     settings: &HandlerSettings,
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
     let authority = request_authority(&req);
     // Through HBONE the CONNECT authority, not the inner Host, names the destination.
     let destination = crate::hbone::tunnel_destination();
-    let target = match select_target(&req, destination.as_ref().unwrap_or(&authority), entry, &rt) {
-        Ok(t) => t,
-        Err(reply) => return reply_response(reply),
+    let target = select_target(&req, destination.as_ref().unwrap_or(&authority), entry, &rt);
+    let reporting = match &target {
+        Ok(t) => t.gateway,
+        Err(_) => reporting_gateway(entry, &authority, &rt),
     };
-    proxy(req, authority, target, conn, &rt, settings).await
+    let Some(gw) = reporting else {
+        // Straight from the mesh entry to endpoints: ztunnel's path, which has no L7 telemetry.
+        let mut facts = Facts::default();
+        return match target {
+            Ok(t) => {
+                let req = req.map(|b| b.map_err(BoxError::from).boxed());
+                proxy(req, authority, t, conn, &rt, settings, &mut facts).await
+            }
+            Err(reply) => reply_response(reply),
+        };
+    };
+    let observer = &settings.observer;
+    let service = target.as_ref().ok().map(|t| t.service);
+    let labels = observer
+        .labels
+        .load()
+        .get(&gw.key, service.map(|s| &s.key))
+        .unwrap_or_else(|| metrics::label_set(gw, service));
+    let format = observer.format_for(gw);
+    let (mut parts, body) = req.into_parts();
+    ensure_request_id(&mut parts.headers);
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let start_time = std::time::SystemTime::now();
+    let header_str = |headers: &http::HeaderMap, name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let path = |uri: &http::Uri| {
+        uri.path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string()
+    };
+    let access = (format != AccessLogFormat::Off).then(|| {
+        Box::new(AccessStart {
+            method: parts.method.as_str().to_string(),
+            path: path(&parts.uri),
+            protocol: protocol_name(parts.version),
+            x_forwarded_for: header_str(&parts.headers, "x-forwarded-for"),
+            user_agent: header_str(&parts.headers, "user-agent"),
+            request_id: header_str(&parts.headers, "x-request-id"),
+            authority: authority.clone(),
+            local: conn.local,
+            peer: conn.peer,
+        })
+    });
+    let trace = observer.tracing().then(|| {
+        let incoming = header_str(&parts.headers, "traceparent")
+            .and_then(|v| crate::trace::TraceParent::parse(&v));
+        let context = crate::trace::TraceParent {
+            trace_id: incoming.map_or_else(crate::trace::new_trace_id, |t| t.trace_id),
+            span_id: crate::trace::new_span_id(),
+            sampled: incoming.is_none_or(|t| t.sampled),
+        };
+        if let Ok(v) = HeaderValue::from_str(&context.header()) {
+            parts.headers.insert("traceparent", v);
+        }
+        let name = match service {
+            Some(s) => format!(
+                "{}.{}.svc.cluster.local:{}/*",
+                s.key.name,
+                s.key.namespace,
+                target.as_ref().map_or(0, |t| t.port.port)
+            ),
+            None => authority.clone(),
+        };
+        Box::new(TraceStart {
+            context,
+            parent: incoming.map(|t| t.span_id),
+            name,
+            method: parts.method.as_str().to_string(),
+            path: path(&parts.uri),
+        })
+    });
+    let request_bytes = (!body.is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
+    let body: Body = match &request_bytes {
+        Some(count) => CountingBody {
+            inner: body,
+            count: count.clone(),
+        }
+        .boxed(),
+        None => body.map_err(BoxError::from).boxed(),
+    };
+    let req = Request::from_parts(parts, body);
+    let mut facts = Facts {
+        spans: trace.is_some().then(Default::default),
+        detailed: access.is_some() || trace.is_some(),
+        ..Default::default()
+    };
+    let response = match target {
+        Ok(t) => proxy(req, authority, t, conn, &rt, settings, &mut facts).await,
+        Err(reply) => reply_response(reply),
+    };
+    let mut response = response;
+    let details = response
+        .extensions_mut()
+        .remove::<LocalDetails>()
+        .map(|d| d.0);
+    let flags = details
+        .as_deref()
+        .map_or(ResponseFlags::None, ResponseFlags::from_details);
+    let grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let plugin_spans = facts
+        .spans
+        .take()
+        .map(|s| std::mem::take(&mut *s.borrow_mut()))
+        .unwrap_or_default();
+    let pending = Box::new(Pending {
+        observer: observer.clone(),
+        // Names only the access log and spans print: no allocation when both are off.
+        gateway: if access.is_some() {
+            gw.key.to_string()
+        } else {
+            String::new()
+        },
+        service_name: if trace.is_some() {
+            format!("{}.{}", gw.key.name, gw.key.namespace)
+        } else {
+            String::new()
+        },
+        labels,
+        format,
+        code: response.status().as_u16(),
+        flags,
+        details: details.map_or(
+            std::borrow::Cow::Borrowed("via_upstream"),
+            std::borrow::Cow::Owned,
+        ),
+        grpc,
+        grpc_status,
+        started,
+        start_time,
+        request_bytes,
+        access,
+        trace,
+        plugin_spans,
+        upstream_host: facts.upstream_host,
+        cluster: facts.cluster,
+        route_name: facts.route_name,
+    });
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, ObservedBody::wrap(body, pending))
+}
+
+/// The gateway that reports a request no destination was found for.
+fn reporting_gateway<'a>(
+    entry: &Entry,
+    authority: &str,
+    rt: &'a RuntimeConfig,
+) -> Option<&'a GatewayConfig> {
+    match entry {
+        Entry::Gateway { gateway, .. } => rt.snapshot.gateway(gateway),
+        Entry::Mesh => {
+            let (service, _) =
+                routing::resolve_service(&rt.snapshot, authority, &rt.default_namespace)?;
+            rt.snapshot.gateway(service.waypoint.as_ref()?)
+        }
+    }
 }
 
 fn request_authority<B>(req: &Request<B>) -> String {
@@ -111,8 +287,8 @@ fn request_authority<B>(req: &Request<B>) -> String {
         .unwrap_or_default()
 }
 
-fn select_target<'a>(
-    req: &Request<Incoming>,
+fn select_target<'a, B>(
+    req: &Request<B>,
     authority: &str,
     entry: &Entry,
     rt: &'a RuntimeConfig,
@@ -172,6 +348,7 @@ fn select_target<'a>(
                 port,
                 chain: &l.chain,
                 route_name: format!("{}/{}", route.route, route.rule_index),
+                gateway: Some(gw),
             })
         }
         Entry::Mesh => {
@@ -187,6 +364,7 @@ fn select_target<'a>(
                     port,
                     chain: &[],
                     route_name: String::new(),
+                    gateway: None,
                 }),
             }
         }
@@ -231,6 +409,7 @@ fn waypoint_target<'a>(
         port,
         chain,
         route_name: String::new(),
+        gateway: Some(gw),
     })
 }
 
@@ -243,12 +422,13 @@ fn unknown_destination(authority: &str) -> LocalReply {
 }
 
 async fn proxy(
-    req: Request<Incoming>,
+    req: Request<Body>,
     authority: String,
     target: Target<'_>,
     conn: ConnInfo,
     rt: &RuntimeConfig,
     settings: &HandlerSettings,
+    facts: &mut Facts,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     ensure_request_id(&mut parts.headers);
@@ -256,12 +436,19 @@ async fn proxy(
         "outbound|{}||{}.{}.svc.cluster.local",
         target.port.port, target.service.key.name, target.service.key.namespace
     );
+    if facts.detailed {
+        facts.cluster = Some(cluster_name.clone());
+        if !target.route_name.is_empty() {
+            facts.route_name = Some(target.route_name.clone());
+        }
+    }
 
     if target.chain.is_empty() {
         // No plugins: stream straight through, no conversions.
         let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
             return reply_response(no_endpoint(target.service));
         };
+        facts.upstream_host = Some(endpoint);
         let upstream = build_upstream(
             parts.method,
             parts
@@ -272,7 +459,7 @@ async fn proxy(
             &authority,
             parts.headers,
             endpoint,
-            body.map_err(BoxError::from).boxed(),
+            body,
         );
         return match forward(upstream).await {
             Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
@@ -303,6 +490,7 @@ async fn proxy(
         ..Default::default()
     };
     let mut run = ChainRun::new(stream);
+    run.spans = facts.spans.clone();
     let request_eos = body.is_end_stream();
     if let Outcome::Respond(reply) = run.request_headers(target.chain, rt, request_eos).await {
         return local_reply_through_chain(run, reply);
@@ -339,12 +527,13 @@ async fn proxy(
             }
         }
     } else {
-        body.map_err(BoxError::from).boxed()
+        body
     };
 
     let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
         return local_reply_through_chain(run, no_endpoint(target.service));
     };
+    facts.upstream_host = Some(endpoint);
     let (method, path, authority, headers) = match wasm_to_request(&run.stream.request_headers) {
         Ok(v) => v,
         Err(reply) => return local_reply_through_chain(run, reply),
@@ -413,7 +602,11 @@ fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<B
     let eos = reply.body.is_empty();
     let response = match run.response_headers(eos) {
         Outcome::Respond(again) => reply_response(again),
-        Outcome::Continue => wasm_to_response(&run.stream.response_headers, full(reply.body)),
+        Outcome::Continue => {
+            let mut r = wasm_to_response(&run.stream.response_headers, full(reply.body));
+            r.extensions_mut().insert(LocalDetails(reply.details));
+            r
+        }
     };
     run.finish();
     response
@@ -445,11 +638,15 @@ pub fn reply_response(reply: LocalReply) -> Response<Body> {
             builder = builder.header(name, value);
         }
     }
-    builder.body(full(reply.body)).unwrap_or_else(|_| {
+    let mut response = builder.body(full(reply.body)).unwrap_or_else(|_| {
         let mut r = Response::new(full(Vec::new()));
         *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         r
-    })
+    });
+    response
+        .extensions_mut()
+        .insert(LocalDetails(reply.details));
+    response
 }
 
 fn protocol_name(v: http::Version) -> &'static str {

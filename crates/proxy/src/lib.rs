@@ -8,14 +8,20 @@
 //! its whole life, so a request's plugin contexts live in that worker's plugin
 //! instances (one instance per plugin per worker, as Envoy does per thread).
 
+mod access_log;
 mod callout;
 mod chain;
 mod dataplane;
 mod handler;
 pub mod hbone;
+pub mod metrics;
+mod observe;
 mod routing;
 mod runtime;
+pub mod trace;
 mod worker;
 
+pub use access_log::{AccessLogSink, AccessRecord};
 pub use dataplane::{DataPlane, DataPlaneConfig, DataPlaneError, GatewayBinding, ListenerBinding};
+pub use observe::ObservabilityConfig;
 pub use runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};

@@ -132,7 +132,16 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostEr
     if let Some(i) = INSTANCES.with(|c| c.borrow().get(&plugin.revision).cloned()) {
         return Ok(i);
     }
-    let mut started = PluginInstance::start(&plugin.module, plugin.spec.clone())?;
+    let started_at = std::time::Instant::now();
+    let result = PluginInstance::start(&plugin.module, plugin.spec.clone());
+    crate::metrics::record_plugin_call(
+        plugin.revision,
+        &plugin.spec.name,
+        crate::metrics::Callback::Start,
+        crate::metrics::CallOutcome::of(&result.as_ref().map(|_| ()), false, None),
+        started_at.elapsed(),
+    );
+    let mut started = result?;
     // Unknown upstreams are refused at call time (BadArgument), as Envoy refuses unknown
     // clusters. The check runs on this worker, during a guest call.
     started.set_upstream_check(Arc::new(|upstream: &str| {
@@ -282,6 +291,23 @@ fn with_instance(
 /// request starts a fresh one. Requests still holding it finish with it.
 pub fn discard_instance(revision: u64) {
     INSTANCES.with(|c| c.borrow_mut().remove(&revision));
+}
+
+/// This worker's live instances: plugin name, memory size.
+pub fn instance_stats() -> Vec<crate::metrics::InstanceStats> {
+    INSTANCES.with(|c| {
+        c.borrow()
+            .values()
+            // An instance is never borrowed across an await, so this only skips in theory.
+            .filter_map(|i| {
+                i.try_borrow().ok().map(|i| crate::metrics::InstanceStats {
+                    plugin: i.spec().name.clone(),
+                    instances: 1,
+                    memory_bytes: i.memory_bytes() as u64,
+                })
+            })
+            .collect()
+    })
 }
 
 /// Drops instances of revisions no longer in use, after telling their root context

@@ -889,6 +889,14 @@ impl PluginInstance {
         self.after_root_callback()
     }
 
+    /// Current size of the instance's linear memory, in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.store
+            .data()
+            .memory
+            .map_or(0, |m| m.data_size(&self.store))
+    }
+
     fn check_context(&self, callback: &'static str, ctx: u32) -> Result<(), HostError> {
         if ctx == ROOT_CONTEXT || !self.store.data().contexts.contains(&ctx) {
             return Err(HostError::UnknownContext {

@@ -26,6 +26,7 @@ mod engine;
 mod error;
 mod hostcalls;
 mod instance;
+mod log_level;
 mod shared;
 mod state;
 mod status;
@@ -35,6 +36,9 @@ pub use compiled_cache::{CompiledCache, CompiledCacheError, CompiledEntry, Compi
 pub use engine::{CompiledModule, EngineConfig, WasmEngine};
 pub use error::HostError;
 pub use instance::{PluginInstance, ROOT_CONTEXT};
+pub use log_level::{
+    LogLevel, plugin_log_levels, set_default_plugin_log_level, set_plugin_log_level,
+};
 pub use shared::{MetricKind, MetricSample, MetricValue, QueueWaker};
 pub use state::{ContextAction, UpstreamCheck};
 pub use types::{

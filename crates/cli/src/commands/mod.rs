@@ -4,9 +4,11 @@ mod apply;
 mod cache;
 mod delete;
 mod demo;
+mod describe;
 mod get;
 mod kube;
 mod label;
+mod proxy_config;
 mod push;
 mod up;
 mod waypoint;
@@ -69,6 +71,12 @@ pub fn run(command: Command, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> C
         }
         Command::Label(a) => {
             block_on(async { label::run(&connect(data_dir, kubeconfig).await?, a).await })
+        }
+        Command::ProxyConfig(a) => {
+            block_on(async { proxy_config::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+        }
+        Command::Describe(a) => {
+            block_on(async { describe::run(&ApiClient::from_data_dir(data_dir)?, a).await })
         }
         Command::Waypoint(w) => block_on(async {
             let client = connect(data_dir, kubeconfig).await?;

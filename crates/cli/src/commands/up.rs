@@ -62,6 +62,14 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
         },
         registry_ca: args.registry_ca,
         cache_max_unused: args.cache_max_unused,
+        admin_address: Some(args.admin_address),
+        observability: waystone_proxy::ObservabilityConfig {
+            access_log: waystone_model::snapshot::AccessLogFormat::parse(&args.access_log)
+                .unwrap_or_default(),
+            access_log_file: args.access_log_file,
+            otlp_endpoint: args.otlp_endpoint,
+        },
+        log_control: crate::log_control(),
         ..UpOptions::new(data_dir.to_path_buf())
     }
 }

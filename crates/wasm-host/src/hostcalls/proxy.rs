@@ -204,13 +204,17 @@ fn register_basics(r: &mut Registrar) -> wasmtime::Result<()> {
         "proxy_log",
         |mut c: Ctx<'_>, level: i32, ptr: i32, len: i32| {
             let r = with_guest(&mut c, ptr, len, |msg, state| {
+                if crate::log_level::drops(&state.spec.name, level) {
+                    return Ok(());
+                }
                 emit_log(level, &state.spec.name, &String::from_utf8_lossy(msg))
             });
             status_of(r.and_then(|x| x))
         },
     )?;
     r.wrap(ENV, "proxy_get_log_level", |mut c: Ctx<'_>, out: i32| {
-        status_of(write_u32(&mut c, out, current_log_level()))
+        let level = crate::log_level::effective(&c.data().spec.name, current_log_level);
+        status_of(write_u32(&mut c, out, level))
     })?;
     r.wrap(
         ENV,

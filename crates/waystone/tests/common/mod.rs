@@ -9,6 +9,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_waystone");
+
+/// The binary under test: `WAYSTONE_BIN` when set (worktrees sharing one target dir also share
+/// the uplifted `target/debug/waystone`), else the one cargo built for these tests.
+pub fn bin() -> String {
+    std::env::var("WAYSTONE_BIN").unwrap_or_else(|_| BIN.to_string())
+}
 pub const UPSTREAM_URL: &str = "oci://ghcr.io/istio-ecosystem/wasm-extensions/basic_auth:1.12.0";
 
 pub fn repo_root() -> PathBuf {
@@ -42,6 +48,8 @@ pub struct Waystone {
     pub entry: SocketAddr,
     pub gateway_ip: String,
     pub insecure: String,
+    /// More `waystone up` flags (access logs, tracing).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
     rust_log: String,
@@ -49,7 +57,7 @@ pub struct Waystone {
 
 impl Waystone {
     pub fn start(data_dir: &Path, net: [u8; 3], insecure_registry: &str) -> Self {
-        Self::start_with_log(data_dir, net, insecure_registry, "info")
+        Self::start_with(data_dir, net, insecure_registry, &[])
     }
 
     /// As `start`, with `RUST_LOG` set to `rust_log` (e.g. to see plugins' debug lines).
@@ -57,6 +65,26 @@ impl Waystone {
         data_dir: &Path,
         net: [u8; 3],
         insecure_registry: &str,
+        rust_log: &str,
+    ) -> Self {
+        Self::start_full(data_dir, net, insecure_registry, &[], rust_log)
+    }
+
+    /// As `start`, with more `waystone up` flags.
+    pub fn start_with(
+        data_dir: &Path,
+        net: [u8; 3],
+        insecure_registry: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        Self::start_full(data_dir, net, insecure_registry, extra_args, "info")
+    }
+
+    fn start_full(
+        data_dir: &Path,
+        net: [u8; 3],
+        insecure_registry: &str,
+        extra_args: &[&str],
         rust_log: &str,
     ) -> Self {
         let gateway_ip = format!("{}.{}.{}.1", net[0], net[1], net[2]);
@@ -68,6 +96,7 @@ impl Waystone {
             entry,
             gateway_ip,
             insecure: insecure_registry.to_string(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             log: data_dir.with_extension("up.log"),
             rust_log: rust_log.to_string(),
@@ -79,11 +108,14 @@ impl Waystone {
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.data_dir.join("api.addr"));
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["up", "--insecure-registry", &self.insecure])
             .args(["--gateway-address", &self.gateway_ip])
             .args(["--entry-address", &self.entry.to_string()])
             .args(["--workers", "2"])
+            // A free port on this test's own loopback address: tests run side by side.
+            .args(["--admin-address", &format!("{}:0", self.entry.ip())])
+            .args(&self.extra_args)
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
             .env("RUST_LOG", &self.rust_log)
             .stdout(log.try_clone().unwrap())
@@ -132,6 +164,21 @@ impl Waystone {
         }
     }
 
+    /// The admin endpoint's address, from `<data-dir>/admin.addr`.
+    pub fn admin(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.addr"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `GET` on the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let admin = self.admin();
+        let (status, _, body) = http(&admin, path, &admin, &[]);
+        (status, String::from_utf8(body).unwrap())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -141,7 +188,7 @@ impl Waystone {
     }
 
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(args)
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
             .stdin(if stdin.is_some() {
@@ -220,7 +267,7 @@ pub struct Bookinfo {
 
 impl Bookinfo {
     pub fn start(w: &Waystone, address: &str) -> Self {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["demo", "bookinfo", "--apply", "--address", address])
             .env("WAYSTONE_DATA_DIR", &w.data_dir)
             .stdout(Stdio::piped())
