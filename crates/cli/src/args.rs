@@ -207,8 +207,9 @@ pub struct UpArgs {
 
     /// The admin endpoint (/ready, /config_dump, /stats/prometheus, /logging); port 0 picks a
     /// free one; the bound address is written to <data-dir>/admin.addr
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
-    pub admin_address: SocketAddr,
+    /// [default: 127.0.0.1:15000, or a free port there when another process holds 15000]
+    #[arg(long, value_name = "ADDR")]
+    pub admin_address: Option<SocketAddr>,
 
     /// Access log format of gateways and waypoints without a waystone.io/access-log annotation
     #[arg(long, value_name = "FORMAT", default_value = "off", value_parser = ["off", "text", "json"])]

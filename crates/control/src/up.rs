@@ -44,6 +44,9 @@ pub struct UpOptions {
     /// The admin endpoint (default 127.0.0.1:15000; port 0 picks a free one, written to
     /// `<data-dir>/admin.addr`); `None`: no admin endpoint.
     pub admin_address: Option<SocketAddr>,
+    /// When `admin_address` is taken by another process, bind a free port on the same IP
+    /// instead of failing (for the CLI's default address; several instances on one machine).
+    pub admin_fallback: bool,
     /// Access logs and tracing of the data plane.
     pub observability: waystone_proxy::ObservabilityConfig,
     /// How `/logging` changes the process's log filter (`None`: it cannot).
@@ -69,6 +72,7 @@ impl UpOptions {
             hbone: crate::hbone::HboneOptions::default(),
             // Library callers (tests) opt in; the CLI passes its default, 127.0.0.1:15000.
             admin_address: None,
+            admin_fallback: false,
             observability: waystone_proxy::ObservabilityConfig::default(),
             log_control: None,
         }
@@ -146,7 +150,8 @@ pub async fn run_up(
         Arc::new(move |out: &mut String| {
             crate::admin::render_custom_metrics(&custom_metrics_engine.metrics_snapshot(), out)
         }),
-        // Module fetch metrics: register `Arc::new(waystone_fetch::render_prometheus)` here.
+        // Istio agent's module fetch/cache/conversion metrics.
+        Arc::new(waystone_fetch::render_prometheus),
     ];
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin_state = Arc::new(AdminState {
@@ -165,9 +170,16 @@ pub async fn run_up(
     // The admin endpoint opens first, so `/ready` can say the configuration is not running yet.
     let admin = match opts.admin_address {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the admin endpoint on {addr}"))?;
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Err(e) if opts.admin_fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    let any = SocketAddr::new(addr.ip(), 0);
+                    tracing::warn!(%addr, "admin port taken by another process; using a free port (see admin.addr)");
+                    tokio::net::TcpListener::bind(any)
+                        .await
+                        .with_context(|| format!("binding the admin endpoint on {any}"))?
+                }
+                r => r.with_context(|| format!("binding the admin endpoint on {addr}"))?,
+            };
             let bound = listener.local_addr()?;
             std::fs::write(opts.data_dir.join(ADMIN_ADDR_FILE), bound.to_string())?;
             let mut admin_stop = stop_rx.clone();

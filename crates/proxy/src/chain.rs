@@ -562,10 +562,19 @@ fn unavailable_reply(id: &PluginId) -> LocalReply {
 }
 
 fn plugin_reply(plugin: &LoadedPlugin, local: LocalResponse) -> LocalReply {
+    let mut headers = local.headers;
+    // Envoy's local replies with a body say what it is unless the plugin did.
+    if !local.body.is_empty()
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("content-type".into(), b"text/plain".to_vec()));
+    }
     LocalReply {
         status: local.status,
         details: format!("wasm:{}:{}", plugin.spec.name, local.status),
-        headers: local.headers,
+        headers,
         body: local.body,
     }
 }

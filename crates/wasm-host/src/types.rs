@@ -97,23 +97,13 @@ impl HeaderMap {
             .map(|(_, v)| v.as_slice())
     }
 
-    /// Replaces every entry named `name` by one entry holding `value`; the entry keeps the
-    /// position of the first one it replaces, or goes last.
+    /// Replaces every entry named `name` by one entry holding `value`, placed last: Envoy's
+    /// header maps remove the old entries and append the new one, and plugins can tell.
     pub fn set(&mut self, name: &str, value: impl Into<Vec<u8>>) {
         let name = name.to_ascii_lowercase();
         let value = value.into();
-        match self.entries.iter().position(|(k, _)| *k == name) {
-            Some(first) => {
-                self.entries[first].1 = value;
-                let mut index = 0;
-                self.entries.retain(|(k, _)| {
-                    let keep = index <= first || *k != name;
-                    index += 1;
-                    keep
-                });
-            }
-            None => self.entries.push((name, value)),
-        }
+        self.entries.retain(|(k, _)| *k != name);
+        self.entries.push((name, value));
     }
 
     /// Appends an entry, keeping any existing ones with the same name.

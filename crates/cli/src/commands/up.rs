@@ -8,6 +8,10 @@ use super::shutdown_signal;
 use crate::args::UpArgs;
 use crate::{CliError, CliResult};
 
+/// Envoy's (and Istio's) admin port.
+const DEFAULT_ADMIN_ADDRESS: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15000);
+
 pub const INSECURE_ENV: &str = "WAYSTONE_INSECURE_REGISTRIES";
 
 pub fn run(args: UpArgs, data_dir: &Path) -> CliResult {
@@ -62,7 +66,9 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
         },
         registry_ca: args.registry_ca,
         cache_max_unused: args.cache_max_unused,
-        admin_address: Some(args.admin_address),
+        admin_address: Some(args.admin_address.unwrap_or(DEFAULT_ADMIN_ADDRESS)),
+        // Only the default moves aside: an address the user asked for must be the one bound.
+        admin_fallback: args.admin_address.is_none(),
         observability: waystone_proxy::ObservabilityConfig {
             access_log: waystone_model::snapshot::AccessLogFormat::parse(&args.access_log)
                 .unwrap_or_default(),

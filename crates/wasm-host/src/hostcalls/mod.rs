@@ -129,16 +129,6 @@ pub(crate) fn check_writable(c: &Ctx<'_>, ptr: i32, len: i32) -> Result<(), Stat
     guest_range(ptr, len, mem.data_size(c)).map(|_| ())
 }
 
-/// How [`copy_out`] answers an empty value.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Empty {
-    /// Write a null pointer: the Rust SDK reads it as "no value" (buffers, as Envoy does).
-    Null,
-    /// Allocate zero bytes so the guest sees a present-but-empty value (header values,
-    /// properties).
-    Allocate,
-}
-
 /// Copies `bytes` into memory the guest allocates with `proxy_on_memory_allocate` (or
 /// `malloc`), then writes the pointer and length to `ptr_ptr` / `size_ptr`. A trap inside the
 /// allocator propagates as the error of the host call.
@@ -147,7 +137,6 @@ pub(crate) fn copy_out(
     bytes: &[u8],
     ptr_ptr: i32,
     size_ptr: i32,
-    empty: Empty,
 ) -> wasmtime::Result<i32> {
     if let Err(s) = check_writable(c, ptr_ptr, 4).and(check_writable(c, size_ptr, 4)) {
         return Ok(s.code());
@@ -155,7 +144,9 @@ pub(crate) fn copy_out(
     let Ok(len) = i32::try_from(bytes.len()) else {
         return Ok(Status::BadArgument.code());
     };
-    let guest_ptr = if bytes.is_empty() && empty == Empty::Null {
+    // An empty value is a null pointer and no allocation, as Envoy's host answers it: the
+    // SDKs read it as "no value" (a property that is not set, an empty header).
+    let guest_ptr = if bytes.is_empty() {
         0
     } else {
         let Some(alloc) = c.data().allocator.clone() else {

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::Level;
 
 use super::{
-    Ctx, Empty, LOG_TARGET, Registrar, check_writable, copy_out, deserialize_map, emit_log,
+    Ctx, LOG_TARGET, Registrar, check_writable, copy_out, deserialize_map, emit_log,
     properties, read, serialize_map, with_guest, with_guest2, write_u32, write_u64,
 };
 use crate::shared::MetricKind;
@@ -266,7 +266,7 @@ fn register_buffers(r: &mut Registrar) -> wasmtime::Result<()> {
                 }
                 Err(s) => return Ok(s.code()),
             };
-            copy_out(&mut c, &bytes, ptr_ptr, size_ptr, Empty::Null)
+            copy_out(&mut c, &bytes, ptr_ptr, size_ptr)
         },
     )?;
     r.wrap(
@@ -298,7 +298,7 @@ fn register_buffers(r: &mut Registrar) -> wasmtime::Result<()> {
         "proxy_get_configuration",
         |mut c: Ctx<'_>, ptr_ptr: i32, size_ptr: i32| {
             let config = c.data().spec.plugin_configuration.clone();
-            copy_out(&mut c, &config, ptr_ptr, size_ptr, Empty::Null)
+            copy_out(&mut c, &config, ptr_ptr, size_ptr)
         },
     )?;
     Ok(())
@@ -313,7 +313,7 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
                 Ok(m) => serialize_map(m.entries.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
                 Err(s) => return Ok(s.code()),
             };
-            copy_out(&mut c, &data, ptr_ptr, size_ptr, Empty::Allocate)
+            copy_out(&mut c, &data, ptr_ptr, size_ptr)
         },
     )?;
     r.wrap(
@@ -344,7 +344,7 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
                     .ok_or(Status::NotFound)
             });
             match r.and_then(|x| x) {
-                Ok(value) => copy_out(&mut c, &value, vptr_ptr, vsize_ptr, Empty::Allocate),
+                Ok(value) => copy_out(&mut c, &value, vptr_ptr, vsize_ptr),
                 Err(s) => Ok(s.code()),
             }
         },
@@ -498,7 +498,7 @@ fn register_stream(r: &mut Registrar) -> wasmtime::Result<()> {
                 return Ok(s.code());
             }
             let (code, message) = c.data().delivery.status.clone().unwrap_or_default();
-            let status = copy_out(&mut c, &message, msg_ptr_ptr, msg_size_ptr, Empty::Null)?;
+            let status = copy_out(&mut c, &message, msg_ptr_ptr, msg_size_ptr)?;
             if status != Status::Ok.code() {
                 return Ok(status);
             }
@@ -564,7 +564,7 @@ fn register_properties(r: &mut Registrar) -> wasmtime::Result<()> {
                 properties::get_property(state, path).ok_or(Status::NotFound)
             });
             match r.and_then(|x| x) {
-                Ok(value) => copy_out(&mut c, &value, vptr_ptr, vsize_ptr, Empty::Allocate),
+                Ok(value) => copy_out(&mut c, &value, vptr_ptr, vsize_ptr),
                 Err(s) => Ok(s.code()),
             }
         },
@@ -602,7 +602,7 @@ fn register_shared(r: &mut Registrar) -> wasmtime::Result<()> {
                 Ok(None) => return Ok(Status::NotFound.code()),
                 Err(s) => return Ok(s.code()),
             };
-            let status = copy_out(&mut c, &value, vptr_ptr, vsize_ptr, Empty::Allocate)?;
+            let status = copy_out(&mut c, &value, vptr_ptr, vsize_ptr)?;
             if status != Status::Ok.code() {
                 return Ok(status);
             }
@@ -671,7 +671,7 @@ fn register_shared(r: &mut Registrar) -> wasmtime::Result<()> {
                 return Ok(s.code());
             }
             match c.data().shared.dequeue(id as u32) {
-                Ok(item) => copy_out(&mut c, &item, ptr_ptr, size_ptr, Empty::Allocate),
+                Ok(item) => copy_out(&mut c, &item, ptr_ptr, size_ptr),
                 Err(s) => Ok(s.code()),
             }
         },
