@@ -92,6 +92,23 @@ pub struct UpArgs {
     /// Data-plane worker threads [default: the number of cores]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+
+    /// Longest a plugin callback may run before it is interrupted and its fail strategy applies
+    /// (e.g. 500ms, 2s)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_positive_duration)]
+    pub wasm_call_deadline: Duration,
+
+    /// Linear memory cap of each plugin instance, in MiB; growing past it traps and the
+    /// instance is replaced
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub wasm_memory_mib: u32,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be longer than zero".into()),
+        d => Ok(d),
+    }
 }
 
 #[derive(Debug, Args)]

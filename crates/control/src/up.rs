@@ -31,6 +31,10 @@ pub struct UpOptions {
     pub api_address: SocketAddr,
     /// Data-plane worker threads, default the number of cores.
     pub workers: usize,
+    /// Wall-clock budget of one plugin callback (epoch interruption), default 1 s.
+    pub wasm_call_deadline: Duration,
+    /// Linear memory cap of each plugin instance, default 64 MiB.
+    pub wasm_memory_bytes: usize,
 }
 
 /// Runs until `shutdown` resolves (the CLI passes Ctrl-C/SIGTERM), then drains and returns.
@@ -51,7 +55,11 @@ pub async fn run_up(
     ensure_namespaces(&mut store)?;
     let store = Arc::new(Mutex::new(store));
 
-    let engine = WasmEngine::new(EngineConfig::default()).context("starting the Wasm engine")?;
+    let engine = WasmEngine::new(EngineConfig {
+        max_memory_bytes: opts.wasm_memory_bytes,
+        call_deadline: opts.wasm_call_deadline,
+    })
+    .context("starting the Wasm engine")?;
     let mut fetch_cfg = FetchConfig::new(opts.data_dir.join("cache"));
     fetch_cfg.insecure_registries = opts.insecure_registries.clone();
     let fetcher = Fetcher::new(fetch_cfg).context("starting the module fetcher")?;

@@ -15,5 +15,8 @@ mod routing;
 mod runtime;
 mod worker;
 
-pub use dataplane::{DataPlane, DataPlaneConfig, DataPlaneError, GatewayBinding, ListenerBinding};
+pub use dataplane::{
+    DataPlane, DataPlaneConfig, DataPlaneError, GatewayBinding, ListenerBinding, MAX_H2_STREAMS,
+    MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS,
+};
 pub use runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};

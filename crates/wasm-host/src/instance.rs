@@ -3,6 +3,7 @@
 //! the instance so the data plane replaces it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wasmtime::{Store, Trap, TypedFunc, WasmParams, WasmResults};
 
@@ -13,6 +14,9 @@ use crate::state::{GuestExit, HostState};
 use crate::types::{Action, HttpStream, PluginSpec, StreamType};
 
 const ROOT_CONTEXT: u32 = 1;
+
+/// Instances alive in this process: what leak checks (and metrics) read.
+static LIVE_INSTANCES: AtomicUsize = AtomicUsize::new(0);
 
 type Cb1 = Option<TypedFunc<i32, ()>>;
 type CbBool1 = Option<TypedFunc<i32, i32>>;
@@ -113,6 +117,7 @@ impl PluginInstance {
         let init: Option<TypedFunc<(), ()>> = optional!("_initialize");
         let start_fn: Option<TypedFunc<(), ()>> = optional!("_start");
 
+        LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
         let mut this = PluginInstance {
             store,
             callbacks,
@@ -303,6 +308,12 @@ impl PluginInstance {
         Ok(())
     }
 
+    /// How many instances are alive in this process (started and not yet dropped, whatever
+    /// their plugin). A number that keeps growing across config swaps and faults is a leak.
+    pub fn live_instances() -> usize {
+        LIVE_INSTANCES.load(Ordering::Relaxed)
+    }
+
     /// True after a trap, deadline or memory-limit fault: the instance must be dropped and
     /// replaced.
     pub fn is_poisoned(&self) -> bool {
@@ -475,6 +486,7 @@ fn action(code: i32) -> Action {
 
 impl Drop for PluginInstance {
     fn drop(&mut self) {
+        LIVE_INSTANCES.fetch_sub(1, Ordering::Relaxed);
         let state = self.store.data_mut();
         let name = state.spec.name.clone();
         flush_lines(&mut state.stdout, 2, &name, true);

@@ -46,6 +46,8 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
         entry_address: args.entry_address,
         api_address: args.api_address,
         workers,
+        wasm_call_deadline: args.wasm_call_deadline,
+        wasm_memory_bytes: (args.wasm_memory_mib as usize) << 20,
     }
 }
 
@@ -80,5 +82,15 @@ mod tests {
             options(up_args(&["--workers", "2"]), Path::new("/d"), None).workers,
             2
         );
+        assert_eq!(o.wasm_call_deadline, std::time::Duration::from_secs(1));
+        assert_eq!(o.wasm_memory_bytes, 64 << 20);
+        let o = options(
+            up_args(&["--wasm-call-deadline", "250ms", "--wasm-memory-mib", "16"]),
+            Path::new("/d"),
+            None,
+        );
+        assert_eq!(o.wasm_call_deadline, std::time::Duration::from_millis(250));
+        assert_eq!(o.wasm_memory_bytes, 16 << 20);
+        assert!(Cli::parse_args(["waystone", "up", "--wasm-call-deadline", "0s"]).is_err());
     }
 }
