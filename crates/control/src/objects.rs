@@ -178,7 +178,10 @@ fn check_resource_version(
     source: &str,
 ) -> Result<(), ObjectError> {
     let (Some(given), Some(old)) = (
-        r.meta().resource_version.as_deref().filter(|v| !v.is_empty()),
+        r.meta()
+            .resource_version
+            .as_deref()
+            .filter(|v| !v.is_empty()),
         existing,
     ) else {
         return Ok(());
@@ -386,7 +389,9 @@ mod tests {
         let rv = rv
             .map(|v| format!("\n  resourceVersion: \"{v}\""))
             .unwrap_or_default();
-        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: s{rv}\nspec:\n  ports: [{{port: {port}}}]\n")
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: s{rv}\nspec:\n  ports: [{{port: {port}}}]\n"
+        )
     }
 
     #[test]
@@ -417,7 +422,10 @@ mod tests {
             "{msg}"
         );
         let stored = store.get("Service", "default", "s").unwrap().unwrap();
-        assert_eq!(stored.meta().resource_version.as_deref(), Some(&*v2.to_string()));
+        assert_eq!(
+            stored.meta().resource_version.as_deref(),
+            Some(&*v2.to_string())
+        );
         assert!(stored.spec_json().to_string().contains("81"));
 
         // The current version lands, and bumps it.

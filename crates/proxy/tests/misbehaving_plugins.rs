@@ -103,7 +103,11 @@ async fn memory_growth_past_the_cap_traps_and_the_instance_is_replaced() {
         let hits = backend.hits();
         let a = send(&c, addr, "/", &[("x-misbehave", "grow")]).await;
         assert_eq!(a.status, 503, "round {round}: {a:?}");
-        assert_eq!(backend.hits(), hits, "a faulted request never reaches the upstream");
+        assert_eq!(
+            backend.hits(),
+            hits,
+            "a faulted request never reaches the upstream"
+        );
         let a = send(&c, addr, "/", &[]).await;
         assert_eq!(
             (a.status, a.header("x-misbehave-count")),
@@ -150,7 +154,10 @@ async fn fail_strategies_decide_what_a_trap_does() {
         let hits = backend.hits();
         let a = send(&c, close, "/", &[how]).await;
         assert_eq!(a.status, 503, "{how:?}: {a:?}");
-        assert!(a.body.contains("plugin default.close-plugin failed"), "{a:?}");
+        assert!(
+            a.body.contains("plugin default.close-plugin failed"),
+            "{a:?}"
+        );
         assert_eq!(backend.hits(), hits, "{how:?} reached the upstream");
     }
     // A crash in the response path replaces the upstream's answer with 503 too.
@@ -214,7 +221,11 @@ async fn ten_thousand_requests_against_a_plugin_that_traps_on_every_third() {
     let elapsed = started.elapsed();
     assert!(other.is_empty(), "unexpected answers: {other:?}");
     assert_eq!((ok, unavailable), (6667, 3333));
-    assert_eq!(backend.hits(), ok, "only the requests that passed reached the upstream");
+    assert_eq!(
+        backend.hits(),
+        ok,
+        "only the requests that passed reached the upstream"
+    );
     eprintln!(
         "{total} requests, {unavailable} traps, in {elapsed:?} ({:.0} req/s)",
         total as f64 / elapsed.as_secs_f64()

@@ -38,15 +38,17 @@ pub fn plugin_wasm(name: &str) -> Vec<u8> {
 pub fn net(salt: u8) -> IpAddr {
     let pid = std::process::id();
     // Gateways of one data plane take consecutive addresses from here: leave room.
-    format!("127.91.{}.{}", pid % 250 + 1, u16::from(salt) * 50 + 1)
+    format!("127.91.{}.{}", pid % 250 + 1, u16::from(salt) * 36 + 1)
         .parse()
         .unwrap()
 }
 
-/// An HTTP/1.1 backend that counts the requests it answered; `/slow` answers after 1 s.
+/// An HTTP/1.1 backend that counts the requests it received and answered; `/slow` answers
+/// after 1 s.
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    pub arrivals: Arc<AtomicU64>,
 }
 
 impl Backend {
@@ -56,16 +58,18 @@ impl Backend {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
-        let counter = hits.clone();
+        let arrivals = Arc::new(AtomicU64::new(0));
+        let (counter, arrived) = (hits.clone(), arrivals.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     return;
                 };
-                let counter = counter.clone();
+                let (counter, arrived) = (counter.clone(), arrived.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let counter = counter.clone();
+                        arrived.fetch_add(1, Ordering::SeqCst);
                         async move {
                             if req.uri().path() == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -86,11 +90,19 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, hits }
+        Backend {
+            addr,
+            hits,
+            arrivals,
+        }
     }
 
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals.load(Ordering::SeqCst)
     }
 }
 
@@ -259,7 +271,12 @@ impl Answer {
     }
 }
 
-pub async fn send(c: &HttpClient, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+pub async fn send(
+    c: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let mut req = hyper::Request::get(format!("http://{addr}{path}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
