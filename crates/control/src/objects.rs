@@ -97,6 +97,7 @@ pub fn apply(
         r.set_status(None);
         r.validate()
             .map_err(|e| ObjectError::Invalid(e.to_string()))?;
+        fold_string_data(r);
     }
     let mut seen = BTreeSet::new();
     for r in &parsed {
@@ -205,6 +206,20 @@ fn check_resource_version(
         old.meta().resource_version.as_deref().unwrap_or("none"),
         r.meta().name,
     )))
+}
+
+/// As the API server does: a Secret's `stringData` is write-only, merged into `data`
+/// (base64, winning over the same key) and never stored or shown.
+fn fold_string_data(r: &mut Resource) {
+    use base64::Engine as _;
+    let Resource::Secret(secret) = r else {
+        return;
+    };
+    for (k, v) in std::mem::take(&mut secret.string_data) {
+        secret
+            .data
+            .insert(k, base64::engine::general_purpose::STANDARD.encode(v));
+    }
 }
 
 fn result(r: &Resource, action: &str) -> ApplyResult {
@@ -392,6 +407,41 @@ mod tests {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: s{rv}\nspec:\n  ports: [{{port: {port}}}]\n"
         )
+    }
+
+    #[test]
+    fn secret_string_data_is_stored_as_data_like_the_api_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {a: eA==, b: eA==}\nstringData: {b: hello}\n";
+        apply(
+            &mut store,
+            yaml,
+            "s.yaml",
+            "default",
+            &TranslateOptions::default(),
+        )
+        .unwrap();
+        let stored = store
+            .get("Secret", "default", "s")
+            .unwrap()
+            .unwrap()
+            .to_json();
+        assert_eq!(
+            stored["data"],
+            serde_json::json!({"a": "eA==", "b": "aGVsbG8="})
+        );
+        assert!(stored.get("stringData").is_none(), "{stored}");
+        // Re-applying the same manifest changes nothing.
+        let (r, _) = apply(
+            &mut store,
+            yaml,
+            "s.yaml",
+            "default",
+            &TranslateOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r[0].action, "unchanged");
     }
 
     #[test]

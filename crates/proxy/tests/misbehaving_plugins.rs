@@ -46,12 +46,13 @@ async fn a_runaway_loop_is_interrupted_and_the_worker_keeps_serving() {
         let c = c.clone();
         tokio::spawn(async move { send(&c, looping, "/", &[("x-misbehave", "loop")]).await })
     };
-    // Requests that arrive while the guest spins, to both plugins on the same worker.
+    // Requests that arrive while the guest spins, through another plugin on the same worker.
+    // (Requests in flight on the faulted instance itself would get its fail strategy: their
+    // plugin contexts are gone with it.)
     let mut others = Vec::new();
-    for i in 0..20 {
+    for _ in 0..20 {
         let c = c.clone();
-        let addr = if i % 2 == 0 { looping } else { other };
-        others.push(tokio::spawn(async move { send(&c, addr, "/", &[]).await }));
+        others.push(tokio::spawn(async move { send(&c, other, "/", &[]).await }));
     }
     let answer = stuck.await.unwrap();
     let elapsed = started.elapsed();
@@ -65,11 +66,9 @@ async fn a_runaway_loop_is_interrupted_and_the_worker_keeps_serving() {
         let a = o.await.unwrap();
         assert_eq!(a.status, 200, "{a:?}");
     }
-    // The interrupted instance was replaced: the instance that serves now has not seen the
-    // warm-up and the looping request (it would count 13 = 1 + 1 + 10 others + this one).
+    // The interrupted instance was replaced: the next request starts a fresh one.
     let a = send(&c, looping, "/", &[]).await;
-    let count: u32 = a.header("x-misbehave-count").unwrap().parse().unwrap();
-    assert!(a.status == 200 && count <= 11, "{a:?}");
+    assert_eq!((a.status, a.header("x-misbehave-count")), (200, Some("1")));
 
     // FAIL_OPEN: the stuck plugin is bypassed and the request reaches the upstream.
     let looping = apply(&dp, runtime(&yaml("FAIL_OPEN"), module_for), "looping").await;

@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_waystone");
+/// The binary under test: cargo's, or `WAYSTONE_TEST_BIN` when set (a copy of one checkout's
+/// build, where several checkouts share a target directory and so its uplifted binary).
+pub fn bin() -> String {
+    std::env::var("WAYSTONE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_waystone").into())
+}
 pub const UPSTREAM_URL: &str = "oci://ghcr.io/istio-ecosystem/wasm-extensions/basic_auth:1.12.0";
 
 pub fn repo_root() -> PathBuf {
@@ -44,10 +48,22 @@ pub struct Waystone {
     pub insecure: String,
     child: Option<Child>,
     log: PathBuf,
+    /// More `waystone up` flags (a `--workers` here replaces the default of 2; `RUST_LOG=...`
+    /// sets the log filter instead of being passed).
+    extra: Vec<String>,
 }
 
 impl Waystone {
     pub fn start(data_dir: &Path, net: [u8; 3], insecure_registry: &str) -> Self {
+        Self::start_with(data_dir, net, insecure_registry, &[])
+    }
+
+    pub fn start_with(
+        data_dir: &Path,
+        net: [u8; 3],
+        insecure_registry: &str,
+        extra: &[&str],
+    ) -> Self {
         let gateway_ip = format!("{}.{}.{}.1", net[0], net[1], net[2]);
         let entry: SocketAddr = format!("{}.{}.{}.200:15001", net[0], net[1], net[2])
             .parse()
@@ -59,6 +75,7 @@ impl Waystone {
             insecure: insecure_registry.to_string(),
             child: None,
             log: data_dir.with_extension("up.log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         w.spawn();
         w
@@ -66,14 +83,30 @@ impl Waystone {
 
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.data_dir.join("api.addr"));
-        let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(BIN)
+        // Appended, so a restart after a crash keeps the earlier run's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let workers: &[&str] = if self.extra.iter().any(|a| a == "--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
+        let log_filter = self
+            .extra
+            .iter()
+            .find_map(|a| a.strip_prefix("RUST_LOG="))
+            .unwrap_or("info");
+        let child = Command::new(bin())
             .args(["up", "--insecure-registry", &self.insecure])
             .args(["--gateway-address", &self.gateway_ip])
             .args(["--entry-address", &self.entry.to_string()])
-            .args(["--workers", "2"])
+            .args(workers)
+            .args(self.extra.iter().filter(|a| !a.starts_with("RUST_LOG=")))
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -120,6 +153,32 @@ impl Waystone {
         }
     }
 
+    /// The `waystone up` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("waystone up is running").id()
+    }
+
+    /// `kill -9`: no drain, no cleanup; then waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `waystone up` again on the same data directory (after `stop` or `kill9`).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "waystone up is still running");
+        self.spawn();
+    }
+
+    /// The process's open file descriptors.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -129,7 +188,7 @@ impl Waystone {
     }
 
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(args)
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
             .stdin(if stdin.is_some() {
@@ -208,7 +267,7 @@ pub struct Bookinfo {
 
 impl Bookinfo {
     pub fn start(w: &Waystone, address: &str) -> Self {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["demo", "bookinfo", "--apply", "--address", address])
             .env("WAYSTONE_DATA_DIR", &w.data_dir)
             .stdout(Stdio::piped())
