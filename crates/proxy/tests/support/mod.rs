@@ -106,10 +106,13 @@ impl Backend {
     }
 }
 
+/// `(gateway name, port, plugin as (failStrategy, pluginConfig))`.
+pub type GatewaySpec<'a> = (&'a str, u16, Option<(&'a str, &'a str)>);
+
 /// A Service backed by `backend`, and for each `(gateway, port, plugin)` a Gateway, an
 /// HTTPRoute to the service and (when `plugin` is set) a WasmPlugin `<gateway>-plugin` with
 /// that `failStrategy` and `pluginConfig` (inline YAML).
-pub fn manifests(backend: SocketAddr, gateways: &[(&str, u16, Option<(&str, &str)>)]) -> String {
+pub fn manifests(backend: SocketAddr, gateways: &[GatewaySpec<'_>]) -> String {
     let mut out = format!(
         r#"
 apiVersion: v1
