@@ -89,7 +89,7 @@ for t in "${targets[@]}"; do
     mkdir -p "$corpus" "$artifacts"
     log "fuzzing $t for ${seconds}s"
     if ! "$CARGO_TARGET_DIR/release/$t" "$corpus" "$seeds/$t" \
-        -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 -max_len=8192 \
+        -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 -max_len=8192 -len_control=0 \
         -artifact_prefix="$artifacts/" -print_final_stats=1 2>"$out/$t.log"; then
         failed+=("$t")
         tail -40 "$out/$t.log" >&2
