@@ -171,6 +171,7 @@ fn engine() -> &'static Engine {
             }
         }
         assert!(functions.len() > 40, "only {} host functions link", functions.len());
+        eprintln!("host_calls: fuzzing {} host functions", functions.len());
         Engine { engine, functions }
     })
 }
