@@ -23,7 +23,7 @@ export CARGO_TARGET_DIR="$REPO/target/plugins"
 if [[ $# -gt 0 ]]; then
     plugins=("$@")
 else
-    plugins=(basic_auth noop)
+    plugins=(basic_auth noop misbehave)
 fi
 
 log() { printf 'build-plugins: %s\n' "$*" >&2; }

@@ -35,3 +35,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+# Bounded fuzzing of what attackers control (fuzz/README.md); WAYSTONE_FUZZ_SECONDS=0 skips.
+fuzz_seconds="${WAYSTONE_FUZZ_SECONDS:-30}"
+if [[ "$fuzz_seconds" != 0 ]]; then
+    log "fuzz targets, ${fuzz_seconds}s each"
+    scripts/fuzz.sh "$fuzz_seconds"
+fi

@@ -222,6 +222,16 @@ pub struct UpArgs {
     /// Trace requests: export spans as OTLP/HTTP JSON to this collector (http://HOST:PORT)
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+
+    /// Longest a plugin callback may run before it is interrupted and its fail strategy applies
+    /// (e.g. 500ms, 2s)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_positive_duration)]
+    pub wasm_call_deadline: Duration,
+
+    /// Linear memory cap of each plugin instance, in MiB; growing past it traps and the
+    /// instance is replaced
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub wasm_memory_mib: u32,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +279,13 @@ pub struct ProxyArgs {
     /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err("must be longer than zero".into()),
+        d => Ok(d),
+    }
 }
 
 #[derive(Debug, Args)]

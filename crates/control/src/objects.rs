@@ -97,6 +97,7 @@ pub fn apply(
         r.set_status(None);
         r.validate()
             .map_err(|e| ObjectError::Invalid(e.to_string()))?;
+        fold_string_data(r);
     }
     let mut seen = BTreeSet::new();
     for r in &parsed {
@@ -119,6 +120,7 @@ pub fn apply(
             namespaces.insert(ns.clone());
         }
         let existing = store.get(kind, &ns, &name)?;
+        check_resource_version(&r, existing.as_ref(), source)?;
         let action = match &existing {
             None => {
                 let m = r.meta_mut();
@@ -165,6 +167,59 @@ pub fn apply(
     refuse_untranslatable(store, &writes, opts)?;
     store.commit(&writes, version)?;
     Ok((results, version))
+}
+
+/// Optimistic concurrency as in Kubernetes: an apply that names a `metadata.resourceVersion`
+/// only lands on that version of the object; a writer that read an older one gets 409 and must
+/// re-read. Without a resourceVersion the apply wins, as `kubectl apply` does. (Creating an
+/// object with one set is let through: the version is server-owned and replaced.)
+fn check_resource_version(
+    r: &Resource,
+    existing: Option<&Resource>,
+    source: &str,
+) -> Result<(), ObjectError> {
+    let (Some(given), Some(old)) = (
+        r.meta()
+            .resource_version
+            .as_deref()
+            .filter(|v| !v.is_empty()),
+        existing,
+    ) else {
+        return Ok(());
+    };
+    if old.meta().resource_version.as_deref() == Some(given) {
+        return Ok(());
+    }
+    let info = r.kind_info();
+    let resource = if info.group.is_empty() {
+        info.plural.to_string()
+    } else {
+        format!("{}.{}", info.plural, info.group)
+    };
+    Err(ObjectError::Conflict(format!(
+        "error when applying patch to {} {}/{} from {source:?} (resourceVersion {given}, stored {}): \
+         Operation cannot be fulfilled on {resource} \"{}\": the object has been modified; \
+         please apply your changes to the latest version and try again",
+        info.kind,
+        r.meta().namespace.as_deref().unwrap_or(""),
+        r.meta().name,
+        old.meta().resource_version.as_deref().unwrap_or("none"),
+        r.meta().name,
+    )))
+}
+
+/// As the API server does: a Secret's `stringData` is write-only, merged into `data`
+/// (base64, winning over the same key) and never stored or shown.
+fn fold_string_data(r: &mut Resource) {
+    use base64::Engine as _;
+    let Resource::Secret(secret) = r else {
+        return;
+    };
+    for (k, v) in std::mem::take(&mut secret.string_data) {
+        secret
+            .data
+            .insert(k, base64::engine::general_purpose::STANDARD.encode(v));
+    }
 }
 
 fn result(r: &Resource, action: &str) -> ApplyResult {
@@ -339,4 +394,99 @@ fn validate_label(key: &str, value: &str) -> Result<(), ObjectError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(rv: Option<&str>, port: u16) -> String {
+        let rv = rv
+            .map(|v| format!("\n  resourceVersion: \"{v}\""))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: s{rv}\nspec:\n  ports: [{{port: {port}}}]\n"
+        )
+    }
+
+    #[test]
+    fn secret_string_data_is_stored_as_data_like_the_api_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {a: eA==, b: eA==}\nstringData: {b: hello}\n";
+        apply(
+            &mut store,
+            yaml,
+            "s.yaml",
+            "default",
+            &TranslateOptions::default(),
+        )
+        .unwrap();
+        let stored = store
+            .get("Secret", "default", "s")
+            .unwrap()
+            .unwrap()
+            .to_json();
+        assert_eq!(
+            stored["data"],
+            serde_json::json!({"a": "eA==", "b": "aGVsbG8="})
+        );
+        assert!(stored.get("stringData").is_none(), "{stored}");
+        // Re-applying the same manifest changes nothing.
+        let (r, _) = apply(
+            &mut store,
+            yaml,
+            "s.yaml",
+            "default",
+            &TranslateOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(r[0].action, "unchanged");
+    }
+
+    #[test]
+    fn a_stale_resource_version_is_a_conflict_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db")).unwrap();
+        let opts = TranslateOptions::default();
+        let (_, v1) = apply(&mut store, &service(None, 80), "a.yaml", "default", &opts).unwrap();
+        let (r, v2) = apply(&mut store, &service(None, 81), "a.yaml", "default", &opts).unwrap();
+        assert_eq!(r[0].action, "configured");
+        assert!(v2 > v1);
+
+        let err = apply(
+            &mut store,
+            &service(Some(&v1.to_string()), 82),
+            "stale.yaml",
+            "default",
+            &opts,
+        )
+        .unwrap_err();
+        let ObjectError::Conflict(msg) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            msg.contains("Operation cannot be fulfilled on services \"s\"")
+                && msg.contains("the object has been modified")
+                && msg.contains("stale.yaml"),
+            "{msg}"
+        );
+        let stored = store.get("Service", "default", "s").unwrap().unwrap();
+        assert_eq!(
+            stored.meta().resource_version.as_deref(),
+            Some(&*v2.to_string())
+        );
+        assert!(stored.spec_json().to_string().contains("81"));
+
+        // The current version lands, and bumps it.
+        let (r, v3) = apply(
+            &mut store,
+            &service(Some(&v2.to_string()), 82),
+            "fresh.yaml",
+            "default",
+            &opts,
+        )
+        .unwrap();
+        assert_eq!((r[0].action.as_str(), v3), ("configured", v2 + 1));
+    }
 }

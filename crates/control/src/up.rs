@@ -51,6 +51,10 @@ pub struct UpOptions {
     pub observability: waystone_proxy::ObservabilityConfig,
     /// How `/logging` changes the process's log filter (`None`: it cannot).
     pub log_control: Option<LogControl>,
+    /// Wall-clock budget of one plugin callback (epoch interruption), default 1 s.
+    pub wasm_call_deadline: Duration,
+    /// Linear memory cap of each plugin instance, default 64 MiB.
+    pub wasm_memory_bytes: usize,
 }
 
 pub const DEFAULT_CACHE_MAX_UNUSED: Duration = Duration::from_secs(24 * 3600);
@@ -75,6 +79,8 @@ impl UpOptions {
             admin_fallback: false,
             observability: waystone_proxy::ObservabilityConfig::default(),
             log_control: None,
+            wasm_call_deadline: EngineConfig::default().call_deadline,
+            wasm_memory_bytes: EngineConfig::default().max_memory_bytes,
         }
     }
 }
@@ -97,7 +103,11 @@ pub async fn run_up(
     ensure_namespaces(&mut store)?;
     let store = Arc::new(Mutex::new(store));
 
-    let engine = WasmEngine::new(EngineConfig::default()).context("starting the Wasm engine")?;
+    let engine = WasmEngine::new(EngineConfig {
+        max_memory_bytes: opts.wasm_memory_bytes,
+        call_deadline: opts.wasm_call_deadline,
+    })
+    .context("starting the Wasm engine")?;
     let cache_dir = crate::paths::cache_dir(&opts.data_dir);
     let mut fetch_cfg = FetchConfig::new(cache_dir.clone());
     fetch_cfg.insecure_registries = opts.insecure_registries.clone();

@@ -8,7 +8,9 @@ mod cache;
 mod client;
 mod error;
 mod guard;
-mod manifest;
+// Public for the fuzz targets (fuzz/): manifests and layers are what a hostile registry controls.
+#[doc(hidden)]
+pub mod manifest;
 mod metrics;
 mod push;
 mod reference;

@@ -559,15 +559,20 @@ async fn serve_connection(
         }
     });
     let mut builder = auto::Builder::new(LocalExec);
+    // Limits on what a client may make the proxy hold: a request head larger than the
+    // buffer or with more headers is answered 431 and the connection closed; an h2 header
+    // list over the limit resets the stream; the stream cap bounds one h2 connection's work.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(30))
-        .max_buf_size(64 << 10);
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_REQUEST_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(64 << 10);
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .max_concurrent_streams(MAX_H2_STREAMS);
     let connection = builder.serve_connection(TokioIo::new(socket), service);
     tokio::pin!(connection);
     let mut drain = shared.drain.subscribe();
@@ -610,6 +615,13 @@ fn hbone_listener(
         .any(|l| &l.name == listener && l.protocol == "HBONE");
     is_hbone.then(|| (inbound, gateway.clone()))
 }
+
+/// Largest request head (HTTP/1 read buffer, h2 header list) a client may send.
+pub const MAX_REQUEST_HEAD: usize = 64 << 10;
+/// Most header fields in one HTTP/1 request.
+pub const MAX_REQUEST_HEADERS: usize = 100;
+/// Most concurrent streams on one h2 connection.
+pub const MAX_H2_STREAMS: u32 = 256;
 
 /// Runs hyper's connection tasks (h2 streams) on the worker's own thread.
 #[derive(Clone, Copy)]

@@ -22,6 +22,9 @@ pub mod trace;
 mod worker;
 
 pub use access_log::{AccessLogSink, AccessRecord};
-pub use dataplane::{DataPlane, DataPlaneConfig, DataPlaneError, GatewayBinding, ListenerBinding};
+pub use dataplane::{
+    DataPlane, DataPlaneConfig, DataPlaneError, GatewayBinding, ListenerBinding, MAX_H2_STREAMS,
+    MAX_REQUEST_HEAD, MAX_REQUEST_HEADERS,
+};
 pub use observe::ObservabilityConfig;
 pub use runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wasmtime::{Store, Trap, TypedFunc, WasmParams, WasmResults};
 
@@ -20,6 +21,9 @@ use crate::types::{
 
 /// The id of the root context of every instance (one plugin per instance).
 pub const ROOT_CONTEXT: u32 = 1;
+
+/// Instances alive in this process: what leak checks (and metrics) read.
+static LIVE_INSTANCES: AtomicUsize = AtomicUsize::new(0);
 
 type Cb1 = Option<TypedFunc<i32, ()>>;
 type CbBool1 = Option<TypedFunc<i32, i32>>;
@@ -197,6 +201,7 @@ impl PluginInstance {
         let init: Option<TypedFunc<(), ()>> = optional!("_initialize");
         let start_fn: Option<TypedFunc<(), ()>> = optional!("_start");
 
+        LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
         let mut this = PluginInstance {
             store,
             callbacks,
@@ -407,6 +412,12 @@ impl PluginInstance {
             co.grpc_owner.remove(&token);
             co.queued_grpc.push(GrpcCommand::Cancel { token });
         }
+    }
+
+    /// How many instances are alive in this process (started and not yet dropped, whatever
+    /// their plugin). A number that keeps growing across config swaps and faults is a leak.
+    pub fn live_instances() -> usize {
+        LIVE_INSTANCES.load(Ordering::Relaxed)
     }
 
     /// True after a trap, deadline or memory-limit fault: the instance must be dropped and
@@ -1073,6 +1084,7 @@ fn action(code: i32) -> Action {
 
 impl Drop for PluginInstance {
     fn drop(&mut self) {
+        LIVE_INSTANCES.fetch_sub(1, Ordering::Relaxed);
         let state = self.store.data_mut();
         let name = state.spec.name.clone();
         flush_lines(&mut state.stdout, 2, &name, true);

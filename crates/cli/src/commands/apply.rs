@@ -26,6 +26,13 @@ pub async fn run(client: &ApiClient, args: ApplyArgs) -> CliResult {
         };
         match client.apply(&req).await {
             Ok(resp) => print_apply_results(&resp),
+            // kubectl's words for a lost optimistic-concurrency race.
+            Err(crate::client::ClientError::Api { status, message })
+                if status == reqwest::StatusCode::CONFLICT =>
+            {
+                eprintln!("Error from server (Conflict): {message}");
+                failures.0 = true;
+            }
             Err(e) => failures.record(e)?,
         }
     }

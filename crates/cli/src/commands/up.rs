@@ -76,6 +76,8 @@ fn options(args: UpArgs, data_dir: &Path, insecure_env: Option<&str>) -> UpOptio
             otlp_endpoint: args.otlp_endpoint,
         },
         log_control: crate::log_control(),
+        wasm_call_deadline: args.wasm_call_deadline,
+        wasm_memory_bytes: (args.wasm_memory_mib as usize) << 20,
         ..UpOptions::new(data_dir.to_path_buf())
     }
 }
@@ -123,5 +125,15 @@ mod tests {
         );
         assert_eq!(o.registry_ca.as_deref(), Some(Path::new("/etc/ca.pem")));
         assert_eq!(o.cache_max_unused, std::time::Duration::from_secs(5400));
+        assert_eq!(o.wasm_call_deadline, std::time::Duration::from_secs(1));
+        assert_eq!(o.wasm_memory_bytes, 64 << 20);
+        let o = options(
+            up_args(&["--wasm-call-deadline", "250ms", "--wasm-memory-mib", "16"]),
+            Path::new("/d"),
+            None,
+        );
+        assert_eq!(o.wasm_call_deadline, std::time::Duration::from_millis(250));
+        assert_eq!(o.wasm_memory_bytes, 16 << 20);
+        assert!(Cli::parse_args(["waystone", "up", "--wasm-call-deadline", "0s"]).is_err());
     }
 }

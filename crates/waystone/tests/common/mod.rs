@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_waystone");
 
-/// The binary under test: `WAYSTONE_BIN` when set (worktrees sharing one target dir also share
-/// the uplifted `target/debug/waystone`), else the one cargo built for these tests.
+/// The binary under test: `WAYSTONE_BIN` (or `WAYSTONE_TEST_BIN`) when set — worktrees sharing
+/// one target dir also share the uplifted `target/debug/waystone` — else cargo's.
 pub fn bin() -> String {
-    std::env::var("WAYSTONE_BIN").unwrap_or_else(|_| BIN.to_string())
+    std::env::var("WAYSTONE_BIN")
+        .or_else(|_| std::env::var("WAYSTONE_TEST_BIN"))
+        .unwrap_or_else(|_| BIN.to_string())
 }
 pub const UPSTREAM_URL: &str = "oci://ghcr.io/istio-ecosystem/wasm-extensions/basic_auth:1.12.0";
 
@@ -107,17 +109,35 @@ impl Waystone {
 
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.data_dir.join("api.addr"));
-        let log = std::fs::File::create(&self.log).unwrap();
+        // Appended, so a restart after a crash keeps the earlier run's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // A `--workers` among the extra flags replaces the default of 2; `RUST_LOG=...` sets
+        // the log filter instead of being passed.
+        let workers: &[&str] = if self.extra_args.iter().any(|a| a == "--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
+        let log_filter = self
+            .extra_args
+            .iter()
+            .find_map(|a| a.strip_prefix("RUST_LOG="))
+            .unwrap_or(&self.rust_log)
+            .to_string();
         let child = Command::new(bin())
             .args(["up", "--insecure-registry", &self.insecure])
             .args(["--gateway-address", &self.gateway_ip])
             .args(["--entry-address", &self.entry.to_string()])
-            .args(["--workers", "2"])
+            .args(workers)
             // A free port on this test's own loopback address: tests run side by side.
             .args(["--admin-address", &format!("{}:0", self.entry.ip())])
-            .args(&self.extra_args)
+            .args(self.extra_args.iter().filter(|a| !a.starts_with("RUST_LOG=")))
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
-            .env("RUST_LOG", &self.rust_log)
+            .env("RUST_LOG", &log_filter)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -177,6 +197,32 @@ impl Waystone {
         let admin = self.admin();
         let (status, _, body) = http(&admin, path, &admin, &[]);
         (status, String::from_utf8(body).unwrap())
+    }
+
+    /// The `waystone up` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("waystone up is running").id()
+    }
+
+    /// `kill -9`: no drain, no cleanup; then waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `waystone up` again on the same data directory (after `stop` or `kill9`).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "waystone up is still running");
+        self.spawn();
+    }
+
+    /// The process's open file descriptors.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
     }
 
     pub fn log_text(&self) -> String {
