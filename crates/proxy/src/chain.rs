@@ -5,8 +5,8 @@
 //! by its fail strategy; a plugin that could not be loaded denies the chain
 //! unless it is FAIL_OPEN.
 
-use std::collections::HashMap;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

@@ -3,8 +3,8 @@
 //! the instance so the data plane replaces it.
 
 use std::sync::Arc;
-use std::time::Duration;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use wasmtime::{Store, Trap, TypedFunc, WasmParams, WasmResults};
 

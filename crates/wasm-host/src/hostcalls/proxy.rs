@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::Level;
 
 use super::{
-    Ctx, LOG_TARGET, Registrar, check_writable, copy_out, deserialize_map, emit_log,
-    properties, read, serialize_map, with_guest, with_guest2, write_u32, write_u64,
+    Ctx, LOG_TARGET, Registrar, check_writable, copy_out, deserialize_map, emit_log, properties,
+    read, serialize_map, with_guest, with_guest2, write_u32, write_u64,
 };
 use crate::shared::MetricKind;
 use crate::state::{ContextAction, GuestExit, HostState};

@@ -135,7 +135,11 @@ impl Waystone {
             .args(workers)
             // A free port on this test's own loopback address: tests run side by side.
             .args(["--admin-address", &format!("{}:0", self.entry.ip())])
-            .args(self.extra_args.iter().filter(|a| !a.starts_with("RUST_LOG=")))
+            .args(
+                self.extra_args
+                    .iter()
+                    .filter(|a| !a.starts_with("RUST_LOG=")),
+            )
             .env("WAYSTONE_DATA_DIR", &self.data_dir)
             .env("RUST_LOG", &log_filter)
             .stdout(log.try_clone().unwrap())
