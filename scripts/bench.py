@@ -344,7 +344,7 @@ def start_waystone(work: Path, waystone: str, name: str, workers: int, backend: 
     env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
     p = Proc(name, [waystone, "up", "--data-dir", str(data), "--workers", str(workers),
                     "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
-                    "--api-address", "127.0.0.1:0"], work / f"{name}.log", env=env)
+                    "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / f"{name}.log", env=env)
     deadline = time.monotonic() + 30
     while not (data / "api.addr").exists():
         if p.p.poll() is not None or time.monotonic() > deadline:

@@ -37,7 +37,7 @@ else
 fi
 
 # Bounded fuzzing of what attackers control (fuzz/README.md); WAYSTONE_FUZZ_SECONDS=0 skips.
-fuzz_seconds="${WAYSTONE_FUZZ_SECONDS:-30}"
+fuzz_seconds="${WAYSTONE_FUZZ_SECONDS:-20}"
 if [[ "$fuzz_seconds" != 0 ]]; then
     log "fuzz targets, ${fuzz_seconds}s each"
     scripts/fuzz.sh "$fuzz_seconds"

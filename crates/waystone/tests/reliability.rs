@@ -219,9 +219,13 @@ fn runaway_and_unloadable_plugins_through_the_binary() {
         "unknown-abi.wasm",
         &format!(r#"(module {body} (func (export "proxy_abi_version_9_9_9")))"#),
     );
-    let old_abi = write_wat(
-        "old-abi.wasm",
-        &format!(r#"(module {body} (func (export "proxy_abi_version_0_1_0")))"#),
+    // ABI 0.1.0 is supported, but not a 0.1.0 module importing a call only 0.2.x has.
+    let mixed_abi = write_wat(
+        "mixed-abi.wasm",
+        &format!(
+            r#"(module (import "env" "proxy_continue_stream" (func (param i32) (result i32)))
+                {body} (func (export "proxy_abi_version_0_1_0")))"#
+        ),
     );
     let cases: Vec<(String, &str)> = vec![
         (
@@ -243,8 +247,8 @@ fn runaway_and_unloadable_plugins_through_the_binary() {
             "no supported Proxy-Wasm ABI marker",
         ),
         (
-            plugin("mis", "gw", &old_abi, "FAIL_CLOSE", "{}"),
-            "ABI 0.1.0",
+            plugin("mis", "gw", &mixed_abi, "FAIL_CLOSE", "{}"),
+            "which ABI 0.1.0 does not define",
         ),
     ];
     for (yaml, reason) in &cases {
