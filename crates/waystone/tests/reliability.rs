@@ -594,12 +594,20 @@ fn api_status(addr: &str, token: Option<&str>) -> u16 {
 fn secrets_stay_out_of_logs_and_other_objects_and_the_api_wants_its_token() {
     let dir = tempfile::tempdir().unwrap();
     let net = private_loopback(13);
-    // Everything Waystone logs, at debug, is searched for the secrets below.
+    // Everything Waystone logs, at debug, and its JSON access log are searched for the
+    // secrets below.
+    let access_log = dir.path().join("access.log");
     let w = Waystone::start_with(
         &dir.path().join("data"),
         net,
         "127.0.0.1:1",
-        &["RUST_LOG=debug,cranelift_codegen=info,wasmtime_cranelift=info"],
+        &[
+            "RUST_LOG=debug,cranelift_codegen=info,wasmtime_cranelift=info",
+            "--access-log",
+            "json",
+            "--access-log-file",
+            access_log.to_str().unwrap(),
+        ],
     );
 
     // The local API: loopback only, token required.
@@ -710,6 +718,30 @@ spec:
     ] {
         shown.push_str(&w.ok(args));
     }
+    // The admin endpoint (config dump, metrics) and the access log show nothing secret either.
+    for path in ["/config_dump", "/stats/prometheus"] {
+        let (status, body) = w.admin_get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(
+            body.contains("default.auth"),
+            "{path} names the plugin: {body}"
+        );
+        shown.push_str(&body);
+    }
+    // Both requests through the gateway are logged (by a background writer).
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&access_log).is_ok_and(|l| {
+                l.lines()
+                    .filter(|l| l.contains("\"response_code\""))
+                    .count()
+                    >= 2
+            })
+        },
+        || std::fs::read_to_string(&access_log).unwrap_or_default(),
+    );
+    shown.push_str(&std::fs::read_to_string(&access_log).unwrap());
     let log = w.log_text();
     assert!(log.contains("DEBUG"), "the log is at debug level");
     for secret in &forbidden {
