@@ -468,6 +468,20 @@ pub fn plugin_id(kind: &str, key: &ObjectKey) -> PluginId {
     }
 }
 
+/// Status of a Gateway the translation left out: not accepted, with the reasons.
+pub fn untranslated_gateway_status(obj: &Resource, rejected: &[&str], generation: i64) -> Value {
+    let reason = if rejected.is_empty() {
+        "not translated".to_string()
+    } else {
+        rejected.join("; ")
+    };
+    let c = [
+        Condition::new("Accepted", false, "Invalid", reason.clone()),
+        Condition::new("Programmed", false, "Invalid", reason),
+    ];
+    json!({ "conditions": conditions(&c, obj.status(), generation) })
+}
+
 /// Status of a Gateway whose listeners this process binds (`binding`).
 pub fn gateway_status(
     obj: &Resource,
@@ -476,21 +490,8 @@ pub fn gateway_status(
     rejected: &[&str],
     generation: i64,
 ) -> Value {
-    let key = ObjectKey::new(
-        obj.meta().namespace.clone().unwrap_or_default(),
-        obj.meta().name.clone(),
-    );
-    let Some(gw) = snapshot.gateway(&key) else {
-        let reason = if rejected.is_empty() {
-            "not translated".to_string()
-        } else {
-            rejected.join("; ")
-        };
-        let c = [
-            Condition::new("Accepted", false, "Invalid", reason.clone()),
-            Condition::new("Programmed", false, "Invalid", reason),
-        ];
-        return json!({ "conditions": conditions(&c, obj.status(), generation) });
+    let Some(gw) = snapshot.gateway(&key_of(obj)) else {
+        return untranslated_gateway_status(obj, rejected, generation);
     };
     let old_listeners = obj
         .status()

@@ -11,6 +11,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch
 use serde_json::{Value, json};
 use waystone_control::pipeline::{
     Condition, Pipeline, StatusUpdate, conditions, key_of, rejected_reasons, same_status,
+    untranslated_gateway_status,
 };
 use waystone_model::Resource;
 use waystone_model::snapshot::{GatewayRole, ObjectKey, Snapshot};
@@ -361,16 +362,7 @@ fn gateway_status(
     let generation = gw.meta().generation.unwrap_or(1);
     let key = key_of(gw);
     let Some(cfg) = snapshot.gateway(&key) else {
-        let reason = if rejected.is_empty() {
-            "not translated".to_string()
-        } else {
-            rejected.join("; ")
-        };
-        let c = [
-            Condition::new("Accepted", false, "Invalid", reason.clone()),
-            Condition::new("Programmed", false, "Invalid", reason),
-        ];
-        return json!({ "conditions": conditions(&c, gw.status(), generation) });
+        return untranslated_gateway_status(gw, rejected, generation);
     };
     let mut addresses = Vec::new();
     if let Some(svc) = service {

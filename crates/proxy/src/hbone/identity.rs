@@ -468,12 +468,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
+        self.0.verify_signature(Tls::V12, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -482,12 +477,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
+        self.0.verify_signature(Tls::V13, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -495,6 +485,29 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             .provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Tls {
+    V12,
+    V13,
+}
+
+impl Identity {
+    /// Handshake signatures, checked the same way by the client and the server verifier.
+    fn verify_signature(
+        &self,
+        version: Tls,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.provider.signature_verification_algorithms;
+        match version {
+            Tls::V12 => rustls::crypto::verify_tls12_signature(message, cert, dss, algs),
+            Tls::V13 => rustls::crypto::verify_tls13_signature(message, cert, dss, algs),
+        }
     }
 }
 
@@ -529,12 +542,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
+        self.0.verify_signature(Tls::V12, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -543,12 +551,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
+        self.0.verify_signature(Tls::V13, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
