@@ -125,7 +125,7 @@ fn from_http_headers(status: Option<http::StatusCode>, h: &http::HeaderMap) -> H
         out.add(":status", s.as_str());
     }
     for (k, v) in h {
-        out.add(k.as_str(), v.as_bytes().to_vec());
+        out.add(k.as_str(), v.as_bytes());
     }
     out
 }

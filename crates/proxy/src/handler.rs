@@ -672,7 +672,8 @@ fn ensure_request_id(headers: &mut http::HeaderMap) {
         (n >> 48) & 0xfff,
         n & 0xffff_ffff_ffff
     );
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    // Hand the string's buffer to the header value instead of copying it.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(id)) {
         headers.insert("x-request-id", v);
     }
 }
@@ -687,30 +688,39 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
 ];
 
+/// Room for a header map holding `headers` plus a few pseudo-headers of `extra` bytes: one
+/// allocation for the names and values, one for the entries.
+fn wasm_headers_for(headers: &http::HeaderMap, extra: usize) -> WasmHeaders {
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    WasmHeaders::with_capacity(headers.len() + 4, bytes + extra)
+}
+
 fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders {
-    let mut h = WasmHeaders::default();
-    h.add(":authority", authority.as_bytes());
-    h.add(
-        ":path",
-        parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .as_bytes(),
-    );
-    h.add(":method", parts.method.as_str().as_bytes());
-    h.add(
-        ":scheme",
-        parts.uri.scheme_str().unwrap_or("http").as_bytes(),
-    );
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let method = parts.method.as_str();
+    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    let extra = 32 + authority.len() + path.len() + method.len() + scheme.len();
+    let mut h = wasm_headers_for(&parts.headers, extra);
+    h.add_exact(":authority", authority);
+    h.add_exact(":path", path);
+    h.add_exact(":method", method);
+    h.add_exact(":scheme", scheme);
     for (name, value) in &parts.headers {
         // Envoy folds Host into :authority; plugins never see a `host` entry.
         if name == http::header::HOST || HOP_BY_HOP.contains(&name.as_str()) {
             continue;
         }
-        h.add(name.as_str(), value.as_bytes().to_vec());
+        // hyper's names are lowercase already.
+        h.add_exact(name.as_str(), value.as_bytes());
     }
+    h.mark_unmodified();
     h
 }
 
@@ -759,14 +769,15 @@ fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
 }
 
 fn response_to_wasm(status: StatusCode, headers: &http::HeaderMap) -> WasmHeaders {
-    let mut h = WasmHeaders::default();
-    h.add(":status", status.as_str());
+    let mut h = wasm_headers_for(headers, 16);
+    h.add_exact(":status", status.as_str());
     for (name, value) in headers {
         if HOP_BY_HOP.contains(&name.as_str()) {
             continue;
         }
-        h.add(name.as_str(), value.as_bytes().to_vec());
+        h.add_exact(name.as_str(), value.as_bytes());
     }
+    h.mark_unmodified();
     h
 }
 

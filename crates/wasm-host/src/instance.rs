@@ -25,24 +25,28 @@ pub const ROOT_CONTEXT: u32 = 1;
 /// Instances alive in this process: what leak checks (and metrics) read.
 static LIVE_INSTANCES: AtomicUsize = AtomicUsize::new(0);
 
-type Cb1 = Option<TypedFunc<i32, ()>>;
-type CbBool1 = Option<TypedFunc<i32, i32>>;
-type Cb2 = Option<TypedFunc<(i32, i32), i32>>;
-type Cb2Void = Option<TypedFunc<(i32, i32), ()>>;
-type Cb3 = Option<TypedFunc<(i32, i32, i32), i32>>;
-type Cb3Void = Option<TypedFunc<(i32, i32, i32), ()>>;
-type Cb5Void = Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>;
+// Callbacks are cloned out of the instance for every guest call (the call needs `&mut self`).
+// A `TypedFunc` clone bumps several reference counts inside wasmtime's engine-wide type
+// registry, shared by every worker thread; an `Arc` of our own is one uncontended increment.
+type Cb<P, R> = Arc<TypedFunc<P, R>>;
+type Cb1 = Option<Cb<i32, ()>>;
+type CbBool1 = Option<Cb<i32, i32>>;
+type Cb2 = Option<Cb<(i32, i32), i32>>;
+type Cb2Void = Option<Cb<(i32, i32), ()>>;
+type Cb3 = Option<Cb<(i32, i32, i32), i32>>;
+type Cb3Void = Option<Cb<(i32, i32, i32), ()>>;
+type Cb5Void = Option<Cb<(i32, i32, i32, i32, i32), ()>>;
 
 /// Header callbacks: ABI 0.1.0 has no end_of_stream parameter.
 #[derive(Clone)]
 enum HeadersCb {
-    V01(TypedFunc<(i32, i32), i32>),
-    V02(TypedFunc<(i32, i32, i32), i32>),
+    V01(Cb<(i32, i32), i32>),
+    V02(Cb<(i32, i32, i32), i32>),
 }
 
 /// The guest callbacks, looked up once per instance. `compile` checked their signatures.
 struct Callbacks {
-    context_create: TypedFunc<(i32, i32), ()>,
+    context_create: Cb<(i32, i32), ()>,
     on_vm_start: Cb2,
     on_configure: Cb2,
     on_tick: Cb1,
@@ -73,16 +77,6 @@ enum Attach<'a> {
     Nothing,
     Http(&'a mut HttpStream),
     Network(&'a mut NetworkStream),
-}
-
-impl Attach<'_> {
-    fn reborrow(&mut self) -> Attach<'_> {
-        match self {
-            Attach::Nothing => Attach::Nothing,
-            Attach::Http(s) => Attach::Http(s),
-            Attach::Network(s) => Attach::Network(s),
-        }
-    }
 }
 
 impl<'a> From<Option<&'a mut HttpStream>> for Attach<'a> {
@@ -156,7 +150,9 @@ impl PluginInstance {
         macro_rules! optional {
             ($name:literal) => {
                 match instance.get_func(&mut store, $name) {
-                    Some(f) => Some(f.typed(&store).map_err(|e| instantiate_err($name, e))?),
+                    Some(f) => Some(Arc::new(
+                        f.typed(&store).map_err(|e| instantiate_err($name, e))?,
+                    )),
                     None => None,
                 }
             };
@@ -171,9 +167,11 @@ impl PluginInstance {
             };
         }
         let callbacks = Callbacks {
-            context_create: instance
-                .get_typed_func(&mut store, "proxy_on_context_create")
-                .map_err(|e| instantiate_err("proxy_on_context_create", e))?,
+            context_create: Arc::new(
+                instance
+                    .get_typed_func(&mut store, "proxy_on_context_create")
+                    .map_err(|e| instantiate_err("proxy_on_context_create", e))?,
+            ),
             on_vm_start: optional!("proxy_on_vm_start"),
             on_configure: optional!("proxy_on_configure"),
             on_tick: optional!("proxy_on_tick"),
@@ -198,8 +196,8 @@ impl PluginInstance {
             on_log: optional!("proxy_on_log"),
             on_delete: optional!("proxy_on_delete"),
         };
-        let init: Option<TypedFunc<(), ()>> = optional!("_initialize");
-        let start_fn: Option<TypedFunc<(), ()>> = optional!("_start");
+        let init: Option<Cb<(), ()>> = optional!("_initialize");
+        let start_fn: Option<Cb<(), ()>> = optional!("_start");
 
         LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
         let mut this = PluginInstance {
@@ -378,18 +376,39 @@ impl PluginInstance {
         result
     }
 
-    fn finish_inner(&mut self, ctx: u32, mut attach: Attach<'_>) -> Result<(), HostError> {
+    fn finish_inner(&mut self, ctx: u32, attach: Attach<'_>) -> Result<(), HostError> {
+        // The stream is moved into the store once for the three calls, not once per call.
+        match attach {
+            Attach::Http(s) => {
+                self.store.data_mut().stream = Some(std::mem::take(s));
+                let r = self.finish_calls(ctx);
+                *s = self.store.data_mut().stream.take().unwrap_or_default();
+                r
+            }
+            Attach::Network(s) => {
+                self.store.data_mut().network = Some(std::mem::take(s));
+                let r = self.finish_calls(ctx);
+                *s = self.store.data_mut().network.take().unwrap_or_default();
+                r
+            }
+            Attach::Nothing => self.finish_calls(ctx),
+        }
+    }
+
+    /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` with the context's stream already in
+    /// the store.
+    fn finish_calls(&mut self, ctx: u32) -> Result<(), HostError> {
         let c = ctx as i32;
         // For stream contexts the answer of on_done (whether the context may be deleted now)
         // is not waited for: the stream is over.
         if let Some(f) = self.callbacks.on_done.clone() {
-            self.call("proxy_on_done", f, c, ctx, attach.reborrow())?;
+            self.call("proxy_on_done", f, c, ctx, Attach::Nothing)?;
         }
         if let Some(f) = self.callbacks.on_log.clone() {
-            self.call("proxy_on_log", f, c, ctx, attach.reborrow())?;
+            self.call("proxy_on_log", f, c, ctx, Attach::Nothing)?;
         }
         if let Some(f) = self.callbacks.on_delete.clone() {
-            self.call("proxy_on_delete", f, c, ctx, attach)?;
+            self.call("proxy_on_delete", f, c, ctx, Attach::Nothing)?;
         }
         Ok(())
     }
@@ -890,7 +909,7 @@ impl PluginInstance {
     fn root_call<P: WasmParams>(
         &mut self,
         callback: &'static str,
-        f: TypedFunc<P, ()>,
+        f: Cb<P, ()>,
         params: P,
     ) -> Result<(), HostError> {
         if self.finished {
@@ -990,7 +1009,7 @@ impl PluginInstance {
     fn call<P: WasmParams, R: WasmResults>(
         &mut self,
         callback: &'static str,
-        f: TypedFunc<P, R>,
+        f: Cb<P, R>,
         params: P,
         ctx: u32,
         attach: Attach<'_>,
@@ -1004,7 +1023,7 @@ impl PluginInstance {
     /// switches with `proxy_set_effective_context`.
     fn call_raw<P: WasmParams, R: WasmResults>(
         &mut self,
-        f: TypedFunc<P, R>,
+        f: Cb<P, R>,
         params: P,
         ctx: u32,
         attach: Attach<'_>,

@@ -1,6 +1,6 @@
 //! The data of one wasmtime `Store`: everything host functions may reach during a guest call.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
@@ -122,7 +122,7 @@ pub(crate) struct HostState {
     pub(crate) done_requested: bool,
     /// The root context's `proxy_on_done` returned false: it finishes when it calls `proxy_done`.
     pub(crate) root_closing: bool,
-    pub(crate) contexts: HashSet<u32>,
+    pub(crate) contexts: BTreeSet<u32>,
     /// The context whose callback is running (its stream, if any, is `stream`/`network`).
     pub(crate) current_context: u32,
     /// `proxy_set_effective_context` target; reset to `current_context` at every callback.
@@ -161,7 +161,7 @@ impl HostState {
             close_requested: None,
             done_requested: false,
             root_closing: false,
-            contexts: HashSet::new(),
+            contexts: BTreeSet::new(),
             current_context: 0,
             effective_context: 0,
             context_actions: Vec::new(),

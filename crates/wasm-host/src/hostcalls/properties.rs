@@ -42,9 +42,7 @@ fn header(map: &HeaderMap, name: &str) -> Option<Vec<u8>> {
 
 fn headers_or_one(map: &HeaderMap, rest: &[&[u8]]) -> Option<Vec<u8>> {
     match rest {
-        [] => Some(serialize_map(
-            map.entries.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-        )),
+        [] => Some(serialize_map(map.iter())),
         [name] => header(map, &String::from_utf8_lossy(name)),
         _ => None,
     }

@@ -310,7 +310,7 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
         "proxy_get_header_map_pairs",
         |mut c: Ctx<'_>, t: i32, ptr_ptr: i32, size_ptr: i32| {
             let data = match header_map(c.data_mut(), t) {
-                Ok(m) => serialize_map(m.entries.iter().map(|(k, v)| (k.as_str(), v.as_slice()))),
+                Ok(m) => serialize_map(m.iter()),
                 Err(s) => return Ok(s.code()),
             };
             copy_out(&mut c, &data, ptr_ptr, size_ptr)
@@ -323,7 +323,7 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
             let r = with_guest(&mut c, ptr, len, |data, state| {
                 let map = header_map(state, t)?;
                 let pairs = deserialize_map(data).ok_or(Status::BadArgument)?;
-                map.entries = pairs;
+                map.replace_all(&pairs);
                 Ok(())
             });
             status_of(r.and_then(|x| x))
@@ -397,11 +397,7 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
         |mut c: Ctx<'_>, t: i32, out: i32| {
             // Envoy's byteSize(): the sum of key and value lengths.
             let size = match header_map(c.data_mut(), t) {
-                Ok(m) => m
-                    .entries
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>(),
+                Ok(m) => m.byte_size(),
                 Err(s) => return s.code(),
             };
             status_of(write_u32(&mut c, out, size as u32))
