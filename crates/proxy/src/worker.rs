@@ -11,7 +11,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use waystone_wasm::{GrpcCommand, HostError, HttpCallResponse, PendingCallout, PluginInstance};
+use waystone_wasm::{
+    ContextAction, GrpcCommand, HostError, HttpCallResponse, PendingCallout, PluginInstance,
+};
 
 use crate::callout::{self, GrpcOutcome, Resolver};
 use crate::chain::deliver_grpc;
@@ -108,6 +110,70 @@ thread_local! {
     /// Per instance (by address), where its driver takes root-context callouts.
     static ROOT_CALLOUTS: RefCell<HashMap<usize, mpsc::UnboundedSender<PendingCallout>>> =
         RefCell::new(HashMap::new());
+    /// Per instance (by address), how many root-context callouts are in flight: while some are,
+    /// a paused request of that plugin may still be resumed by the root context.
+    static ROOT_IN_FLIGHT: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
+    /// HTTP contexts alive on this worker, by (instance address, context id): where actions a
+    /// plugin aims at them (`proxy_set_effective_context` + continue/close/local reply) go,
+    /// with the filter index of that context in its request's chain.
+    static CONTEXTS: RefCell<HashMap<(usize, u32), (usize, ActionSender)>> =
+        RefCell::new(HashMap::new());
+}
+
+pub type ActionSender = mpsc::UnboundedSender<(usize, ContextAction)>;
+
+/// Makes `ctx` of `instance` reachable by actions other contexts of that instance aim at it.
+pub fn register_context(instance: &SharedInstance, ctx: u32, idx: usize, tx: ActionSender) {
+    let key = (Rc::as_ptr(instance) as usize, ctx);
+    CONTEXTS.with(|c| c.borrow_mut().insert(key, (idx, tx)));
+}
+
+pub fn unregister_context(instance: &SharedInstance, ctx: u32) {
+    let key = (Rc::as_ptr(instance) as usize, ctx);
+    CONTEXTS.with(|c| c.borrow_mut().remove(&key));
+}
+
+/// Hands the actions the plugin aimed at other contexts (since the last call) to the requests
+/// owning them; actions for contexts already gone are dropped, as Envoy ignores them.
+pub fn route_context_actions(instance: &SharedInstance) {
+    let Ok(mut inst) = instance.try_borrow_mut() else {
+        return;
+    };
+    let actions = inst.take_context_actions();
+    drop(inst);
+    if actions.is_empty() {
+        return;
+    }
+    let ptr = Rc::as_ptr(instance) as usize;
+    CONTEXTS.with(|c| {
+        let c = c.borrow();
+        for action in actions {
+            let ctx = match &action {
+                ContextAction::Continue { context_id, .. }
+                | ContextAction::Close { context_id, .. }
+                | ContextAction::LocalResponse { context_id, .. } => *context_id,
+            };
+            match c.get(&(ptr, ctx)) {
+                Some((idx, tx)) => {
+                    let _ = tx.send((*idx, action));
+                }
+                None => tracing::debug!(
+                    context = ctx,
+                    "dropping an action aimed at a context that is gone"
+                ),
+            }
+        }
+    });
+}
+
+/// Whether the root context of `instance` may still act on its own: it ticks or has callouts
+/// in flight.
+pub fn root_may_act(instance: &SharedInstance) -> bool {
+    let ticking = instance
+        .try_borrow()
+        .is_ok_and(|i| i.tick_period().is_some());
+    let key = Rc::as_ptr(instance) as usize;
+    ticking || ROOT_IN_FLIGHT.with(|c| c.borrow().get(&key).is_some_and(|n| *n > 0))
 }
 
 /// Remembers the snapshot of the request being handled (cheap when unchanged).
@@ -227,6 +293,7 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
             next_tick = period.map(|p| next_tick.unwrap_or_else(|| Instant::now() + p));
             // Without a tick period, look again now and then: a later callback may set one.
             let wake_at = next_tick.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            ROOT_IN_FLIGHT.with(|c| c.borrow_mut().insert(key, in_flight.len()));
             let result: Result<(), HostError> = tokio::select! {
                 _ = tokio::time::sleep_until(wake_at) => {
                     match (next_tick, period) {
@@ -262,6 +329,10 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                     })
                 }
             };
+            ROOT_IN_FLIGHT.with(|c| c.borrow_mut().insert(key, in_flight.len()));
+            if let Some(inst) = weak.upgrade() {
+                route_context_actions(&inst);
+            }
             if let Err(err) = result {
                 tracing::warn!(plugin = %name, error = %err, "plugin failed in a root-context callback");
                 if weak.upgrade().is_some_and(|i| i.borrow().is_poisoned()) {
@@ -271,6 +342,7 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
             }
         }
         ROOT_CALLOUTS.with(|c| c.borrow_mut().remove(&key));
+        ROOT_IN_FLIGHT.with(|c| c.borrow_mut().remove(&key));
     });
 }
 
