@@ -19,7 +19,7 @@ use waystone_wasm::{
     HttpStream, LocalResponse, StreamType,
 };
 
-use crate::callout::{self, GrpcOutcome, Resolver};
+use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::metrics::{self, CallOutcome, Callback};
 use crate::trace::PluginSpan;
 
@@ -85,6 +85,12 @@ pub struct ChainRun {
     /// this request's contexts, with the filter index (`worker::route_context_actions`).
     actions_tx: worker::ActionSender,
     actions: mpsc::UnboundedReceiver<(usize, ContextAction)>,
+    /// The sending side of each open gRPC stream of this request's contexts, by token.
+    grpc_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>>,
+    /// Initial metadata and messages of those streams as they arrive (their end comes through
+    /// `callouts`).
+    grpc_events_tx: callout::GrpcEvents,
+    grpc_events: mpsc::UnboundedReceiver<(usize, u32, GrpcStreamEvent)>,
 }
 
 /// The direction of a body or trailers phase: request filters run in chain order, response
@@ -130,6 +136,7 @@ struct CallStart(Instant, Option<SystemTime>);
 impl ChainRun {
     pub fn new(stream: HttpStream) -> Self {
         let (actions_tx, actions) = mpsc::unbounded_channel();
+        let (grpc_events_tx, grpc_events) = mpsc::unbounded_channel();
         Self {
             filters: Vec::new(),
             stream,
@@ -140,6 +147,9 @@ impl ChainRun {
             held: [Vec::new(), Vec::new()],
             actions_tx,
             actions,
+            grpc_inputs: HashMap::new(),
+            grpc_events_tx,
+            grpc_events,
         }
     }
 
@@ -603,27 +613,62 @@ impl ChainRun {
                     });
                     self.grpc_calls.insert(token, handle);
                 }
-                GrpcCommand::OpenStream { token, .. } => {
-                    // Streams are not carried by this proxy yet: the plugin is told at once.
-                    self.callouts.spawn_local(async move {
-                        let outcome = GrpcOutcome {
-                            initial_metadata: None,
-                            messages: Vec::new(),
-                            trailing_metadata: None,
-                            status: 12,
-                            message: "gRPC streams are not supported by this proxy yet".into(),
-                        };
+                GrpcCommand::OpenStream { token, call, .. } => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    self.grpc_inputs.insert(token, tx);
+                    let (resolver, events) = (resolver.clone(), self.grpc_events_tx.clone());
+                    let handle = self.callouts.spawn_local(async move {
+                        let outcome =
+                            callout::grpc_stream(resolver, call, rx, events, idx, token).await;
                         (idx, Answer::Grpc(token, outcome))
                     });
+                    self.grpc_calls.insert(token, handle);
+                }
+                GrpcCommand::Send {
+                    token,
+                    message,
+                    end_of_stream,
+                } => {
+                    if let Some(tx) = self.grpc_inputs.get(&token) {
+                        let _ = tx.send(GrpcStreamInput::Message {
+                            message,
+                            end_of_stream,
+                        });
+                    }
+                }
+                GrpcCommand::Close { token } => {
+                    if let Some(tx) = self.grpc_inputs.get(&token) {
+                        let _ = tx.send(GrpcStreamInput::Close);
+                    }
                 }
                 GrpcCommand::Cancel { token } => {
+                    self.grpc_inputs.remove(&token);
                     if let Some(h) = self.grpc_calls.remove(&token) {
                         h.abort();
                     }
                 }
-                GrpcCommand::Send { .. } | GrpcCommand::Close { .. } => {}
             }
         }
+    }
+
+    /// Delivers what a gRPC stream of filter `owner` reported, with this request's stream.
+    fn deliver_stream_event(
+        &mut self,
+        owner: usize,
+        token: u32,
+        event: GrpcStreamEvent,
+    ) -> Result<(), HostError> {
+        let f = &self.filters[owner];
+        let mut inst = f.instance.borrow_mut();
+        match event {
+            GrpcStreamEvent::InitialMetadata(md) => {
+                inst.on_grpc_receive_initial_metadata(token, md, Some(&mut self.stream))?
+            }
+            GrpcStreamEvent::Message(m) => {
+                inst.on_grpc_receive(token, m, Some(&mut self.stream))?
+            }
+        };
+        Ok(())
     }
 
     /// Delivers callout answers while the plugin at `idx` holds the `dir` side of the stream,
@@ -643,10 +688,40 @@ impl ChainRun {
                 }
             }
             tokio::select! {
+                Some((owner, token, event)) = self.grpc_events.recv() => {
+                    if let Err(err) = self.deliver_stream_event(owner, token, event) {
+                        if let Some(out) = self.runtime_fault(owner, &err) {
+                            return Resume::Respond(out);
+                        }
+                        continue;
+                    }
+                    self.dispatch(owner);
+                    if let Some(local) = self.stream.local_response.take() {
+                        return Resume::Respond(Outcome::Respond(plugin_reply(
+                            &self.filters[owner].plugin,
+                            local,
+                        )));
+                    }
+                    if self.stream.continue_requested.take() == Some(dir.stream_type()) {
+                        return Resume::Continued;
+                    }
+                }
                 Some(joined) = self.callouts.join_next(), if own => {
                     let Ok((owner, answer)) = joined else {
                         continue; // aborted (cancelled) call
                     };
+                    // What a stream reported before it ended comes first.
+                    while let Ok((o, token, event)) = self.grpc_events.try_recv() {
+                        if let Err(err) = self.deliver_stream_event(o, token, event)
+                            && let Some(out) = self.runtime_fault(o, &err)
+                        {
+                            return Resume::Respond(out);
+                        }
+                    }
+                    if let Answer::Grpc(token, _) = &answer {
+                        self.grpc_inputs.remove(token);
+                        self.grpc_calls.remove(token);
+                    }
                     let result = {
                         let f = &self.filters[owner];
                         let mut inst = f.instance.borrow_mut();

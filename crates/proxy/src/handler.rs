@@ -3,10 +3,11 @@
 //! Phases, in order (Proxy-Wasm callbacks in brackets):
 //! 1. pick the destination: a route (gateway) or a service from the authority (waypoint, mesh entry);
 //! 2. request headers through the chain [`proxy_on_context_create`, `proxy_on_request_headers`];
-//! 3. request body, buffered only when a plugin reads bodies [`proxy_on_request_body`];
+//! 3. request body and trailers, streamed chunk by chunk through plugins that read them
+//!    [`proxy_on_request_body`, `proxy_on_request_trailers`] while it goes upstream (`stream.rs`);
 //! 4. pick an endpoint and forward;
 //! 5. response headers, last plugin first [`proxy_on_response_headers`];
-//! 6. response body, buffered only when a plugin reads bodies [`proxy_on_response_body`];
+//! 6. response body and trailers, likewise [`proxy_on_response_body`, `proxy_on_response_trailers`];
 //! 7. end of stream [`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`].
 //!
 //! A local reply (from a plugin or from the proxy) skips to phase 5 with the reply.

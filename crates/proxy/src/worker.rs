@@ -15,7 +15,7 @@ use waystone_wasm::{
     ContextAction, GrpcCommand, HostError, HttpCallResponse, PendingCallout, PluginInstance,
 };
 
-use crate::callout::{self, GrpcOutcome, Resolver};
+use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::chain::deliver_grpc;
 use crate::runtime::LoadedPlugin;
 
@@ -251,6 +251,11 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
             Grpc(u32, GrpcOutcome),
         }
         let mut in_flight: JoinSet<Done> = JoinSet::new();
+        // The root context's open gRPC streams: their sending sides and tasks, by token.
+        let mut stream_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>> =
+            HashMap::new();
+        let mut stream_tasks: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel::<(usize, u32, GrpcStreamEvent)>();
         let mut next_tick: Option<Instant> = None;
         loop {
             if STOPPING.with(|s| s.get()) {
@@ -275,18 +280,57 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                     });
                 }
                 for cmd in grpc {
-                    if let GrpcCommand::Call {
-                        token,
-                        call,
-                        message,
-                        timeout,
-                        ..
-                    } = cmd
-                    {
-                        let r = resolver.clone();
-                        in_flight.spawn_local(async move {
-                            Done::Grpc(token, callout::grpc_call(&r, call, message, timeout).await)
-                        });
+                    match cmd {
+                        GrpcCommand::Call {
+                            token,
+                            call,
+                            message,
+                            timeout,
+                            ..
+                        } => {
+                            let r = resolver.clone();
+                            in_flight.spawn_local(async move {
+                                Done::Grpc(
+                                    token,
+                                    callout::grpc_call(&r, call, message, timeout).await,
+                                )
+                            });
+                        }
+                        GrpcCommand::OpenStream { token, call, .. } => {
+                            let (tx, rx) = mpsc::unbounded_channel();
+                            stream_inputs.insert(token, tx);
+                            let (r, events) = (resolver.clone(), events_tx.clone());
+                            let handle = in_flight.spawn_local(async move {
+                                Done::Grpc(
+                                    token,
+                                    callout::grpc_stream(r, call, rx, events, 0, token).await,
+                                )
+                            });
+                            stream_tasks.insert(token, handle);
+                        }
+                        GrpcCommand::Send {
+                            token,
+                            message,
+                            end_of_stream,
+                        } => {
+                            if let Some(tx) = stream_inputs.get(&token) {
+                                let _ = tx.send(GrpcStreamInput::Message {
+                                    message,
+                                    end_of_stream,
+                                });
+                            }
+                        }
+                        GrpcCommand::Close { token } => {
+                            if let Some(tx) = stream_inputs.get(&token) {
+                                let _ = tx.send(GrpcStreamInput::Close);
+                            }
+                        }
+                        GrpcCommand::Cancel { token } => {
+                            stream_inputs.remove(&token);
+                            if let Some(h) = stream_tasks.remove(&token) {
+                                h.abort();
+                            }
+                        }
                     }
                 }
             }
@@ -320,13 +364,25 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                     }
                     Ok(())
                 }
+                Some((_, token, event)) = events_rx.recv() => {
+                    with_instance(&weak, |i| deliver_stream_event(i, token, event))
+                }
                 Some(Ok(done)) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    with_instance(&weak, |i| match done {
+                    if let Done::Grpc(token, _) = &done {
+                        stream_inputs.remove(token);
+                        stream_tasks.remove(token);
+                    }
+                    // What a stream reported before it ended comes first.
+                    let mut early = Ok(());
+                    while let Ok((_, token, event)) = events_rx.try_recv() {
+                        early = early.and(with_instance(&weak, |i| deliver_stream_event(i, token, event)));
+                    }
+                    early.and_then(|()| with_instance(&weak, |i| match done {
                         Done::Http(token, response) => {
                             i.on_http_call_response(token, response, None).map(|_| ())
                         }
                         Done::Grpc(token, outcome) => deliver_grpc(i, token, outcome, None),
-                    })
+                    }))
                 }
             };
             ROOT_IN_FLIGHT.with(|c| c.borrow_mut().insert(key, in_flight.len()));
@@ -344,6 +400,18 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
         ROOT_CALLOUTS.with(|c| c.borrow_mut().remove(&key));
         ROOT_IN_FLIGHT.with(|c| c.borrow_mut().remove(&key));
     });
+}
+
+fn deliver_stream_event(
+    i: &mut PluginInstance,
+    token: u32,
+    event: GrpcStreamEvent,
+) -> Result<(), HostError> {
+    match event {
+        GrpcStreamEvent::InitialMetadata(md) => i.on_grpc_receive_initial_metadata(token, md, None),
+        GrpcStreamEvent::Message(m) => i.on_grpc_receive(token, m, None),
+    }
+    .map(|_| ())
 }
 
 /// Runs `f` on the instance if it still exists and no request is using it right now (a

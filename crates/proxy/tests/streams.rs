@@ -82,6 +82,9 @@ fn plugin() -> Vec<u8> {
   (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
   (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $get_buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_stream" (func $grpc_stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $grpc_send (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 4)
   (global $bump (mut i32) (i32.const 65536))
   (global $parked (mut i32) (i32.const 0))
@@ -103,6 +106,17 @@ fn plugin() -> Vec<u8> {
   (data (i32.const 80) "x-callout-status")
   (data (i32.const 100) "parked")
   (data (i32.const 112) "content-length")
+  (data (i32.const 128) "echo.Echo")
+  (data (i32.const 144) "Stream")
+  (data (i32.const 152) "one")
+  (data (i32.const 156) "two")
+  (data (i32.const 160) "x-md")
+  (data (i32.const 168) "x-g-md")
+  (data (i32.const 176) "x-g-msg")
+  (data (i32.const 184) "grpc-message")
+  (data (i32.const 200) "x-g-trailer")
+  (data (i32.const 216) "x-g-status")
+  (data (i32.const 0x1800) "\00\00\00\00")
   (data (i32.const 0x1000) "{call_headers}")
   (func (export "proxy_on_configure") (param i32 i32) (result i32)
     (drop (call $tick (i32.const 10)))
@@ -125,7 +139,32 @@ fn plugin() -> Vec<u8> {
         (global.set $parked (local.get $ctx))
         (global.set $parked_mode (local.get $m))
         (return (i32.const 1))))
+    ;; g: a gRPC stream; two messages, the second half-closes; resumed on close.
+    (if (i32.eq (local.get $m) (i32.const 103))
+      (then
+        (if (call $grpc_stream (i32.const 56) (i32.const 12) (i32.const 128) (i32.const 9)
+              (i32.const 144) (i32.const 6) (i32.const 0x1800) (i32.const 4) (i32.const 1044))
+          (then (return (i32.const 0))))
+        (drop (call $grpc_send (i32.load (i32.const 1044)) (i32.const 152) (i32.const 3) (i32.const 0)))
+        (drop (call $grpc_send (i32.load (i32.const 1044)) (i32.const 156) (i32.const 3) (i32.const 1)))
+        (return (i32.const 1))))
     (i32.const 0))
+  (func (export "proxy_on_grpc_receive_initial_metadata") (param i32 i32 i32)
+    (if (i32.eqz (call $get_hv (i32.const 4) (i32.const 160) (i32.const 4) (i32.const 1024) (i32.const 1028)))
+      (then (drop (call $add_hv (i32.const 0) (i32.const 168) (i32.const 6)
+        (i32.load (i32.const 1024)) (i32.load (i32.const 1028)))))))
+  (func (export "proxy_on_grpc_receive") (param i32 i32) (param $size i32)
+    (if (i32.eqz (call $get_buf (i32.const 5) (i32.const 0) (local.get $size) (i32.const 1024) (i32.const 1028)))
+      (then (drop (call $add_hv (i32.const 0) (i32.const 176) (i32.const 7)
+        (i32.load (i32.const 1024)) (i32.load (i32.const 1028)))))))
+  (func (export "proxy_on_grpc_receive_trailing_metadata") (param i32 i32 i32)
+    (if (i32.eqz (call $get_hv (i32.const 5) (i32.const 184) (i32.const 12) (i32.const 1024) (i32.const 1028)))
+      (then (drop (call $add_hv (i32.const 0) (i32.const 200) (i32.const 11)
+        (i32.load (i32.const 1024)) (i32.load (i32.const 1028)))))))
+  (func (export "proxy_on_grpc_close") (param i32 i32) (param $status i32)
+    (i32.store8 (i32.const 1100) (i32.add (i32.const 48) (local.get $status)))
+    (drop (call $add_hv (i32.const 0) (i32.const 216) (i32.const 10) (i32.const 1100) (i32.const 1)))
+    (drop (call $continue (i32.const 0))))
   (func (export "proxy_on_request_body") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
     (local $m i32)
     (local.set $m (call $mode))
@@ -221,9 +260,48 @@ async fn backend(ip: IpAddr) -> Backend {
                                 release_rx.lock().await.recv().await;
                                 let _ = tx.send(Frame::data(half)).await;
                             });
+                        } else if path == "/echo.Echo/Stream" {
+                            let mut body = req.into_body();
+                            tokio::spawn(async move {
+                                let mut buf = Vec::new();
+                                while let Some(Ok(frame)) = body.frame().await {
+                                    let Some(d) = frame.data_ref() else { continue };
+                                    buf.extend_from_slice(d);
+                                    while buf.len() >= 5 {
+                                        let len =
+                                            u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]])
+                                                as usize;
+                                        if buf.len() < 5 + len {
+                                            break;
+                                        }
+                                        let reply = [b"echo:", &buf[5..5 + len]].concat();
+                                        buf.drain(..5 + len);
+                                        let mut framed = vec![0];
+                                        framed.extend((reply.len() as u32).to_be_bytes());
+                                        framed.extend(reply);
+                                        let _ = tx.send(Frame::data(Bytes::from(framed))).await;
+                                    }
+                                }
+                                let mut t = http::HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                t.insert("grpc-message", "done".parse().unwrap());
+                                let _ = tx.send(Frame::trailers(t)).await;
+                            });
+                            let mut resp = hyper::Response::new(Chan(rx));
+                            resp.headers_mut()
+                                .insert("content-type", "application/grpc".parse().unwrap());
+                            resp.headers_mut().insert("x-md", "1".parse().unwrap());
+                            return Ok(resp);
                         } else if path == "/ratings" {
                             let _ = tx.send(Frame::data(Bytes::from("rating"))).await;
                         } else {
+                            let g: Vec<String> = req
+                                .headers()
+                                .iter()
+                                .filter(|(k, _)| k.as_str().starts_with("x-g-"))
+                                .map(|(k, v)| format!("{k}:{}", v.to_str().unwrap()))
+                                .collect();
+                            let g = g.join(",");
                             let mut body = req.into_body();
                             let mut got = Vec::new();
                             let mut trailers = String::new();
@@ -246,7 +324,7 @@ async fn backend(ip: IpAddr) -> Backend {
                                 }
                             }
                             let text = format!(
-                                "body={};trailers={trailers}",
+                                "body={};trailers={trailers};g={g}",
                                 String::from_utf8_lossy(&got)
                             );
                             let _ = tx.send(Frame::data(Bytes::from(text))).await;
@@ -519,5 +597,24 @@ async fn a_root_context_resumes_or_answers_a_parked_request() {
     let a = within("the answered request", support::send(&c, addr, "/l", &[])).await;
     assert_eq!(a.status, 403, "{a:?}");
     assert_eq!(a.body, "parked");
+    dp.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_run_over_h2_message_by_message() {
+    let (dp, addr, _backend) = start(6, 16 << 20, None, "{}").await;
+    let c = support::client();
+    let a = within(
+        "the request resumed by the stream's close",
+        support::send(&c, addr, "/g", &[]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(
+        a.body.ends_with(
+            ";g=x-g-md:1,x-g-msg:echo:one,x-g-msg:echo:two,x-g-trailer:done,x-g-status:0"
+        ),
+        "{a:?}"
+    );
     dp.shutdown(Duration::from_secs(2)).await;
 }
