@@ -317,6 +317,187 @@ pub async fn grpc_call(
     }
 }
 
+/// What an open gRPC stream tells the plugin as it happens; its end (trailing metadata and
+/// status) comes as the stream task's [`GrpcOutcome`].
+pub enum GrpcStreamEvent {
+    InitialMetadata(HeaderMap),
+    Message(Vec<u8>),
+}
+
+/// What the plugin asks of an open stream (`proxy_grpc_send`, `proxy_grpc_close`).
+pub enum GrpcStreamInput {
+    Message {
+        message: Vec<u8>,
+        end_of_stream: bool,
+    },
+    /// Half-close: nothing more will be sent.
+    Close,
+}
+
+/// Where a stream's events go: (filter index of the owning context, token, event).
+pub type GrpcEvents = tokio::sync::mpsc::UnboundedSender<(usize, u32, GrpcStreamEvent)>;
+
+/// A request body fed message by message by the plugin.
+struct StreamRequestBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl hyper::body::Body for StreamRequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|m| m.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+fn frame_message(message: &[u8]) -> Bytes {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    Bytes::from(framed)
+}
+
+/// Applies one plugin request to the stream's sending side; false once the plugin side is gone.
+fn on_input(
+    cmd: Option<GrpcStreamInput>,
+    body_tx: &mut Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
+) -> bool {
+    match cmd {
+        Some(GrpcStreamInput::Message {
+            message,
+            end_of_stream,
+        }) => {
+            if let Some(tx) = body_tx.as_ref() {
+                let _ = tx.send(frame_message(&message));
+            }
+            if end_of_stream {
+                *body_tx = None;
+            }
+            true
+        }
+        Some(GrpcStreamInput::Close) => {
+            *body_tx = None;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Carries one `proxy_grpc_stream` over h2: sends what the plugin sends as it asks (half-close
+/// on `end_of_stream` or `proxy_grpc_close`), reports initial metadata and each message through
+/// `events` as they arrive, and returns the trailing metadata and close status. Dropping the
+/// task (cancel, or the owning context ended) resets the h2 stream.
+pub async fn grpc_stream(
+    resolver: Resolver,
+    call: GrpcTarget,
+    mut input: tokio::sync::mpsc::UnboundedReceiver<GrpcStreamInput>,
+    events: GrpcEvents,
+    owner: usize,
+    token: u32,
+) -> GrpcOutcome {
+    let Some(endpoint) = resolver.pick(&call.upstream) else {
+        return GrpcOutcome::failed(GRPC_UNAVAILABLE, "no healthy upstream");
+    };
+    let (body_tx, body_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut body_tx = Some(body_tx);
+    let mut input_open = true;
+    let mut req = Request::new(StreamRequestBody(body_rx).boxed());
+    *req.method_mut() = http::Method::POST;
+    let uri = format!("http://{endpoint}/{}/{}", call.service, call.method);
+    *req.uri_mut() = match uri.parse() {
+        Ok(u) => u,
+        Err(_) => return GrpcOutcome::failed(GRPC_INTERNAL, "bad service or method name"),
+    };
+    *req.version_mut() = http::Version::HTTP_2;
+    let mut headers = to_http_headers(&call.initial_metadata);
+    headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+    headers.insert("te", HeaderValue::from_static("trailers"));
+    *req.headers_mut() = headers;
+    let response = H2.with(|c| c.request(req));
+    tokio::pin!(response);
+    let response = loop {
+        tokio::select! {
+            r = &mut response => break r,
+            cmd = input.recv(), if input_open => input_open = on_input(cmd, &mut body_tx),
+        }
+    };
+    let response = match response {
+        Ok(r) => r,
+        Err(err) => {
+            return GrpcOutcome::failed(GRPC_UNAVAILABLE, &format!("connect failed: {err}"));
+        }
+    };
+    let (parts, mut body) = response.into_parts();
+    let mut trailing: Option<http::HeaderMap> = None;
+    if !hyper::body::Body::is_end_stream(&body) {
+        let _ = events.send((
+            owner,
+            token,
+            GrpcStreamEvent::InitialMetadata(from_http_headers(None, &parts.headers)),
+        ));
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                cmd = input.recv(), if input_open => {
+                    input_open = on_input(cmd, &mut body_tx);
+                    continue;
+                }
+            };
+            match frame {
+                None => break,
+                Some(Err(_)) => return GrpcOutcome::failed(GRPC_INTERNAL, "response stream broke"),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        buf.extend_from_slice(&data);
+                        while buf.len() >= 5 {
+                            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                            if buf.len() < 5 + len {
+                                break;
+                            }
+                            if len > MAX_CALLOUT_BODY {
+                                return GrpcOutcome::failed(GRPC_INTERNAL, "message too large");
+                            }
+                            let message = buf[5..5 + len].to_vec();
+                            buf.drain(..5 + len);
+                            let _ = events.send((owner, token, GrpcStreamEvent::Message(message)));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            trailing = Some(t);
+                        }
+                    }
+                },
+            }
+        }
+    }
+    // A trailers-only answer carries the status in its headers.
+    let status_from = trailing.as_ref().unwrap_or(&parts.headers);
+    let status = status_from
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(GRPC_INTERNAL);
+    let message = status_from
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    GrpcOutcome {
+        initial_metadata: None,
+        messages: Vec::new(),
+        trailing_metadata: Some(from_http_headers(None, status_from)),
+        status,
+        message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

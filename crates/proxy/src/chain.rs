@@ -11,13 +11,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use waystone_model::snapshot::{FailStrategy, PluginId};
 use waystone_wasm::{
-    Action, GrpcCommand, HostError, HttpCallResponse, HttpStream, LocalResponse, StreamType,
+    Action, ContextAction, GrpcCommand, HeaderMap as WasmHeaders, HostError, HttpCallResponse,
+    HttpStream, LocalResponse, StreamType,
 };
 
-use crate::callout::{self, GrpcOutcome, Resolver};
+use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::metrics::{self, CallOutcome, Callback};
 use crate::trace::PluginSpan;
 
@@ -76,6 +78,56 @@ pub struct ChainRun {
     grpc_calls: HashMap<u32, AbortHandle>,
     /// Set when the request is traced: every plugin callback becomes a child span.
     pub spans: Option<Rc<RefCell<Vec<PluginSpan>>>>,
+    /// Body bytes each filter holds back after pausing (Envoy's StopIterationAndBuffer), by
+    /// filter index: what it is shown again, with what arrives next, at its next callback.
+    held: [Vec<Vec<u8>>; 2],
+    /// Actions other contexts (a root context, after `proxy_set_effective_context`) aimed at
+    /// this request's contexts, with the filter index (`worker::route_context_actions`).
+    actions_tx: worker::ActionSender,
+    actions: mpsc::UnboundedReceiver<(usize, ContextAction)>,
+    /// The sending side of each open gRPC stream of this request's contexts, by token.
+    grpc_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>>,
+    /// Initial metadata and messages of those streams as they arrive (their end comes through
+    /// `callouts`).
+    grpc_events_tx: callout::GrpcEvents,
+    grpc_events: mpsc::UnboundedReceiver<(usize, u32, GrpcStreamEvent)>,
+}
+
+/// The direction of a body or trailers phase: request filters run in chain order, response
+/// filters last plugin first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Request = 0,
+    Response = 1,
+}
+
+impl Dir {
+    fn stream_type(self) -> StreamType {
+        match self {
+            Dir::Request => StreamType::Request,
+            Dir::Response => StreamType::Response,
+        }
+    }
+
+    fn body_export(self) -> &'static str {
+        match self {
+            Dir::Request => "proxy_on_request_body",
+            Dir::Response => "proxy_on_response_body",
+        }
+    }
+
+    fn trailers_export(self) -> &'static str {
+        match self {
+            Dir::Request => "proxy_on_request_trailers",
+            Dir::Response => "proxy_on_response_trailers",
+        }
+    }
+}
+
+/// Whether a filter passes the data it was shown on, or holds it back.
+enum Flow {
+    Pass,
+    Hold,
 }
 
 /// When a callback started: the monotonic clock for metrics, wall time for spans.
@@ -83,6 +135,8 @@ struct CallStart(Instant, Option<SystemTime>);
 
 impl ChainRun {
     pub fn new(stream: HttpStream) -> Self {
+        let (actions_tx, actions) = mpsc::unbounded_channel();
+        let (grpc_events_tx, grpc_events) = mpsc::unbounded_channel();
         Self {
             filters: Vec::new(),
             stream,
@@ -90,6 +144,12 @@ impl ChainRun {
             callouts: JoinSet::new(),
             grpc_calls: HashMap::new(),
             spans: None,
+            held: [Vec::new(), Vec::new()],
+            actions_tx,
+            actions,
+            grpc_inputs: HashMap::new(),
+            grpc_events_tx,
+            grpc_events,
         }
     }
 
@@ -143,17 +203,23 @@ impl ChainRun {
         self.observe(&self.filters[idx].plugin, callback, start, r);
     }
 
-    /// True when some plugin of the chain reads request bodies (so the proxy buffers them).
-    pub fn wants_request_body(&self) -> bool {
-        self.filters
-            .iter()
-            .any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_request_body"))
+    /// True when some plugin of the chain has a body or trailers callback for `dir`: only then
+    /// does the proxy look at the body's frames (otherwise they pass untouched).
+    pub fn wants_stream(&self, dir: Dir) -> bool {
+        self.filters.iter().any(|f| {
+            !f.bypassed
+                && (f.plugin.module.has_export(dir.body_export())
+                    || f.plugin.module.has_export(dir.trailers_export()))
+        })
     }
 
-    pub fn wants_response_body(&self) -> bool {
-        self.filters
-            .iter()
-            .any(|f| !f.bypassed && f.plugin.module.has_export("proxy_on_response_body"))
+    /// Indices of the active filters in the order `dir` runs them.
+    fn order(&self, dir: Dir) -> Vec<usize> {
+        let n = self.filters.len();
+        match dir {
+            Dir::Request => (0..n).collect(),
+            Dir::Response => (0..n).rev().collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -213,13 +279,14 @@ impl ChainRun {
                     None => continue,
                 },
             };
+            let idx = self.filters.len();
+            worker::register_context(&instance, ctx, idx, self.actions_tx.clone());
             self.filters.push(ActiveFilter {
                 plugin,
                 instance,
                 ctx,
                 bypassed: false,
             });
-            let idx = self.filters.len() - 1;
             let start = self.call_start();
             let result = {
                 let f = &self.filters[idx];
@@ -235,29 +302,186 @@ impl ChainRun {
         Outcome::Continue
     }
 
-    /// Runs the request-body callbacks over the whole (buffered) body.
-    pub async fn request_body(&mut self) -> Outcome {
-        for idx in 0..self.filters.len() {
+    /// Runs one chunk of body (`eos`: the last one; false when trailers follow) through the
+    /// filters of `dir` and returns what leaves the chain. Each filter with a body callback is
+    /// shown what it held back plus what the filters before it let through; `Continue` passes
+    /// that on, `Pause` keeps it (more than `limit` bytes held: `Err` with Envoy's 413 for a
+    /// request, 500 for a response). A pause on the last chunk waits for the plugin to resume
+    /// (its callouts' answers) or answer the stream.
+    pub async fn body_chunk(
+        &mut self,
+        dir: Dir,
+        chunk: Vec<u8>,
+        eos: bool,
+        limit: usize,
+    ) -> Result<Vec<u8>, LocalReply> {
+        match dir {
+            Dir::Request => self.stream.request_body_bytes += chunk.len() as u64,
+            Dir::Response => self.stream.response_body_bytes += chunk.len() as u64,
+        }
+        let mut carry = chunk;
+        for idx in self.order(dir) {
+            let f = &self.filters[idx];
+            if f.bypassed || !f.plugin.module.has_export(dir.body_export()) {
+                continue;
+            }
+            let held = self.held_mut(dir, idx);
+            let mut shown = std::mem::take(held);
+            if shown.is_empty() {
+                shown = carry;
+            } else {
+                shown.extend_from_slice(&carry);
+            }
+            let start = self.call_start();
+            let result = {
+                let f = &self.filters[idx];
+                let mut inst = f.instance.borrow_mut();
+                match dir {
+                    Dir::Request => {
+                        self.stream.request_body = shown;
+                        self.stream.request_complete = eos;
+                        inst.on_request_body(f.ctx, &mut self.stream, eos)
+                    }
+                    Dir::Response => {
+                        self.stream.response_body = shown;
+                        self.stream.response_complete = eos;
+                        inst.on_response_body(f.ctx, &mut self.stream, eos)
+                    }
+                }
+            };
+            let callback = match dir {
+                Dir::Request => Callback::RequestBody,
+                Dir::Response => Callback::ResponseBody,
+            };
+            self.observe_action(idx, callback, start, &result);
+            let flow = self.settle_stream(idx, dir, result, eos).await?;
+            let body = match dir {
+                Dir::Request => std::mem::take(&mut self.stream.request_body),
+                Dir::Response => std::mem::take(&mut self.stream.response_body),
+            };
+            match flow {
+                Flow::Pass => carry = body,
+                Flow::Hold => {
+                    // Only what a plugin holds counts against the limit; passing data never does.
+                    if body.len() > limit {
+                        return Err(too_large(dir));
+                    }
+                    *self.held_mut(dir, idx) = body;
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        Ok(carry)
+    }
+
+    /// Runs the trailers of `dir` through the chain: each filter gets its trailers callback, and
+    /// once it continues, the body it still held flows on ahead of the trailers (as in Envoy).
+    /// Returns the body bytes released and the trailers as the plugins left them.
+    pub async fn trailers(
+        &mut self,
+        dir: Dir,
+        trailers: WasmHeaders,
+    ) -> Result<(Vec<u8>, WasmHeaders), LocalReply> {
+        match dir {
+            Dir::Request => self.stream.request_trailers = trailers,
+            Dir::Response => self.stream.response_trailers = trailers,
+        }
+        let mut carry = Vec::new();
+        for idx in self.order(dir) {
             if self.filters[idx].bypassed {
+                continue;
+            }
+            let mut held = std::mem::take(self.held_mut(dir, idx));
+            held.extend_from_slice(&carry);
+            carry = held;
+            if !self.filters[idx]
+                .plugin
+                .module
+                .has_export(dir.trailers_export())
+            {
                 continue;
             }
             let start = self.call_start();
             let result = {
                 let f = &self.filters[idx];
-                f.instance
-                    .borrow_mut()
-                    .on_request_body(f.ctx, &mut self.stream, true)
+                let mut inst = f.instance.borrow_mut();
+                match dir {
+                    Dir::Request => inst.on_request_trailers(f.ctx, &mut self.stream),
+                    Dir::Response => inst.on_response_trailers(f.ctx, &mut self.stream),
+                }
             };
-            self.observe_action(idx, Callback::RequestBody, start, &result);
-            if let Some(out) = self.settle(idx, result, true).await {
-                return out;
-            }
+            let callback = match dir {
+                Dir::Request => Callback::RequestTrailers,
+                Dir::Response => Callback::ResponseTrailers,
+            };
+            self.observe_action(idx, callback, start, &result);
+            // Trailers end the stream: a pause here waits like one on the last body chunk.
+            self.settle_stream(idx, dir, result, true).await?;
         }
-        Outcome::Continue
+        let trailers = match dir {
+            Dir::Request => std::mem::take(&mut self.stream.request_trailers),
+            Dir::Response => std::mem::take(&mut self.stream.response_trailers),
+        };
+        Ok((carry, trailers))
     }
 
-    /// Runs the response-headers callbacks, last plugin first.
-    pub fn response_headers(&mut self, end_of_stream: bool) -> Outcome {
+    fn held_mut(&mut self, dir: Dir, idx: usize) -> &mut Vec<u8> {
+        let held = &mut self.held[dir as usize];
+        if held.len() < self.filters.len() {
+            held.resize_with(self.filters.len(), Vec::new);
+        }
+        &mut held[idx]
+    }
+
+    /// Interprets a body or trailers callback result: pass the data on, hold it (a pause before
+    /// the end of the stream), or end the stream with a reply.
+    async fn settle_stream(
+        &mut self,
+        idx: usize,
+        dir: Dir,
+        result: Result<Action, HostError>,
+        end_of_stream: bool,
+    ) -> Result<Flow, LocalReply> {
+        let action = match result {
+            Ok(action) => action,
+            Err(err) => {
+                return match self.runtime_fault(idx, &err) {
+                    Some(Outcome::Respond(reply)) => Err(reply),
+                    // Bypassed (fail open): what it was shown flows on.
+                    _ => Ok(Flow::Pass),
+                };
+            }
+        };
+        self.dispatch(idx);
+        if let Some(local) = self.stream.local_response.take() {
+            return Err(plugin_reply(&self.filters[idx].plugin, local));
+        }
+        let continued = self.stream.continue_requested.take().is_some();
+        if action == Action::Continue || continued {
+            return Ok(Flow::Pass);
+        }
+        if !end_of_stream {
+            return Ok(Flow::Hold);
+        }
+        match self.wait_for_resume(idx, dir).await {
+            Resume::Continued => Ok(Flow::Pass),
+            Resume::Respond(Outcome::Respond(reply)) => Err(reply),
+            Resume::Respond(Outcome::Continue) => Ok(Flow::Pass),
+            Resume::NothingToWaitFor => {
+                let name = &self.filters[idx].plugin.spec.name;
+                tracing::warn!(plugin = %name, "plugin paused the end of the stream with nothing left to resume it");
+                Err(LocalReply::text(
+                    500,
+                    format!("wasm:{name}:paused"),
+                    format!("plugin {name} paused the stream\n"),
+                ))
+            }
+        }
+    }
+
+    /// Runs the response-headers callbacks, last plugin first. A plugin that pauses with
+    /// callouts in flight holds the response until it resumes or answers it.
+    pub async fn response_headers(&mut self, end_of_stream: bool) -> Outcome {
         for idx in (0..self.filters.len()).rev() {
             if self.filters[idx].bypassed {
                 continue;
@@ -270,28 +494,7 @@ impl ChainRun {
                     .on_response_headers(f.ctx, &mut self.stream, end_of_stream)
             };
             self.observe_action(idx, Callback::ResponseHeaders, start, &result);
-            if let Some(out) = self.settle_response(idx, result) {
-                return out;
-            }
-        }
-        Outcome::Continue
-    }
-
-    /// Runs the response-body callbacks over the whole (buffered) body, last plugin first.
-    pub fn response_body(&mut self) -> Outcome {
-        for idx in (0..self.filters.len()).rev() {
-            if self.filters[idx].bypassed {
-                continue;
-            }
-            let start = self.call_start();
-            let result = {
-                let f = &self.filters[idx];
-                f.instance
-                    .borrow_mut()
-                    .on_response_body(f.ctx, &mut self.stream, true)
-            };
-            self.observe_action(idx, Callback::ResponseBody, start, &result);
-            if let Some(out) = self.settle_response(idx, result) {
+            if let Some(out) = self.settle_response(idx, result).await {
                 return out;
             }
         }
@@ -301,6 +504,7 @@ impl ChainRun {
     /// Ends every context: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
     pub fn finish(&mut self) {
         for f in &self.filters {
+            worker::unregister_context(&f.instance, f.ctx);
             if f.bypassed {
                 continue;
             }
@@ -343,7 +547,7 @@ impl ChainRun {
                 }
                 let mut continued = self.stream.continue_requested.take().is_some();
                 if action == Action::Pause && !continued {
-                    match self.wait_for_resume(idx).await {
+                    match self.wait_for_resume(idx, Dir::Request).await {
                         Resume::Continued => continued = true,
                         Resume::Respond(out) => return Some(out),
                         Resume::NothingToWaitFor => {}
@@ -371,6 +575,7 @@ impl ChainRun {
     /// driver of that instance.
     fn dispatch(&mut self, idx: usize) {
         let f = &self.filters[idx];
+        worker::route_context_actions(&f.instance);
         let (calls, grpc) = {
             let mut inst = f.instance.borrow_mut();
             (inst.take_callouts(), inst.take_grpc_commands())
@@ -408,76 +613,205 @@ impl ChainRun {
                     });
                     self.grpc_calls.insert(token, handle);
                 }
-                GrpcCommand::OpenStream { token, .. } => {
-                    // Streams are not carried by this proxy yet: the plugin is told at once.
-                    self.callouts.spawn_local(async move {
-                        let outcome = GrpcOutcome {
-                            initial_metadata: None,
-                            messages: Vec::new(),
-                            trailing_metadata: None,
-                            status: 12,
-                            message: "gRPC streams are not supported by this proxy yet".into(),
-                        };
+                GrpcCommand::OpenStream { token, call, .. } => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    self.grpc_inputs.insert(token, tx);
+                    let (resolver, events) = (resolver.clone(), self.grpc_events_tx.clone());
+                    let handle = self.callouts.spawn_local(async move {
+                        let outcome =
+                            callout::grpc_stream(resolver, call, rx, events, idx, token).await;
                         (idx, Answer::Grpc(token, outcome))
                     });
+                    self.grpc_calls.insert(token, handle);
+                }
+                GrpcCommand::Send {
+                    token,
+                    message,
+                    end_of_stream,
+                } => {
+                    if let Some(tx) = self.grpc_inputs.get(&token) {
+                        let _ = tx.send(GrpcStreamInput::Message {
+                            message,
+                            end_of_stream,
+                        });
+                    }
+                }
+                GrpcCommand::Close { token } => {
+                    if let Some(tx) = self.grpc_inputs.get(&token) {
+                        let _ = tx.send(GrpcStreamInput::Close);
+                    }
                 }
                 GrpcCommand::Cancel { token } => {
+                    self.grpc_inputs.remove(&token);
                     if let Some(h) = self.grpc_calls.remove(&token) {
                         h.abort();
                     }
                 }
-                GrpcCommand::Send { .. } | GrpcCommand::Close { .. } => {}
             }
         }
     }
 
-    /// Delivers callout answers while the plugin at `idx` holds the request, until it resumes
-    /// or answers it, or nothing is left in flight.
-    async fn wait_for_resume(&mut self, idx: usize) -> Resume {
-        while let Some(joined) = self.callouts.join_next().await {
-            let Ok((owner, answer)) = joined else {
-                continue; // aborted (cancelled) call
-            };
-            let result = {
-                let f = &self.filters[owner];
-                let mut inst = f.instance.borrow_mut();
-                deliver(&mut inst, answer, &mut self.stream)
-            };
-            if let Err(err) = result {
-                if let Some(out) = self.runtime_fault(owner, &err) {
-                    return Resume::Respond(out);
-                }
-                if owner == idx {
-                    return Resume::Continued;
-                }
-                continue;
+    /// Delivers what a gRPC stream of filter `owner` reported, with this request's stream.
+    fn deliver_stream_event(
+        &mut self,
+        owner: usize,
+        token: u32,
+        event: GrpcStreamEvent,
+    ) -> Result<(), HostError> {
+        let f = &self.filters[owner];
+        let mut inst = f.instance.borrow_mut();
+        match event {
+            GrpcStreamEvent::InitialMetadata(md) => {
+                inst.on_grpc_receive_initial_metadata(token, md, Some(&mut self.stream))?
             }
-            self.dispatch(owner);
-            if let Some(local) = self.stream.local_response.take() {
-                return Resume::Respond(Outcome::Respond(plugin_reply(
-                    &self.filters[owner].plugin,
-                    local,
-                )));
+            GrpcStreamEvent::Message(m) => {
+                inst.on_grpc_receive(token, m, Some(&mut self.stream))?
             }
-            if self.stream.continue_requested.take() == Some(StreamType::Request) {
-                return Resume::Continued;
-            }
-        }
-        Resume::NothingToWaitFor
+        };
+        Ok(())
     }
 
-    fn settle_response(
+    /// Delivers callout answers while the plugin at `idx` holds the `dir` side of the stream,
+    /// until it resumes or answers it, or nothing is left in flight.
+    async fn wait_for_resume(&mut self, idx: usize, dir: Dir) -> Resume {
+        loop {
+            let own = !self.callouts.is_empty();
+            // The plugin's root context may resume the request too (a tick, its own callout's
+            // answer): wait while it could.
+            if !own && !worker::root_may_act(&self.filters[idx].instance) {
+                match self.actions.try_recv() {
+                    Ok((owner, action)) => match self.apply_action(idx, dir, owner, action) {
+                        Some(r) => return r,
+                        None => continue,
+                    },
+                    Err(_) => return Resume::NothingToWaitFor,
+                }
+            }
+            tokio::select! {
+                Some((owner, token, event)) = self.grpc_events.recv() => {
+                    if let Err(err) = self.deliver_stream_event(owner, token, event) {
+                        if let Some(out) = self.runtime_fault(owner, &err) {
+                            return Resume::Respond(out);
+                        }
+                        continue;
+                    }
+                    self.dispatch(owner);
+                    if let Some(local) = self.stream.local_response.take() {
+                        return Resume::Respond(Outcome::Respond(plugin_reply(
+                            &self.filters[owner].plugin,
+                            local,
+                        )));
+                    }
+                    if self.stream.continue_requested.take() == Some(dir.stream_type()) {
+                        return Resume::Continued;
+                    }
+                }
+                Some(joined) = self.callouts.join_next(), if own => {
+                    let Ok((owner, answer)) = joined else {
+                        continue; // aborted (cancelled) call
+                    };
+                    // What a stream reported before it ended comes first.
+                    while let Ok((o, token, event)) = self.grpc_events.try_recv() {
+                        if let Err(err) = self.deliver_stream_event(o, token, event)
+                            && let Some(out) = self.runtime_fault(o, &err)
+                        {
+                            return Resume::Respond(out);
+                        }
+                    }
+                    if let Answer::Grpc(token, _) = &answer {
+                        self.grpc_inputs.remove(token);
+                        self.grpc_calls.remove(token);
+                    }
+                    let result = {
+                        let f = &self.filters[owner];
+                        let mut inst = f.instance.borrow_mut();
+                        deliver(&mut inst, answer, &mut self.stream)
+                    };
+                    if let Err(err) = result {
+                        if let Some(out) = self.runtime_fault(owner, &err) {
+                            return Resume::Respond(out);
+                        }
+                        if owner == idx {
+                            return Resume::Continued;
+                        }
+                        continue;
+                    }
+                    self.dispatch(owner);
+                    if let Some(local) = self.stream.local_response.take() {
+                        return Resume::Respond(Outcome::Respond(plugin_reply(
+                            &self.filters[owner].plugin,
+                            local,
+                        )));
+                    }
+                    if self.stream.continue_requested.take() == Some(dir.stream_type()) {
+                        return Resume::Continued;
+                    }
+                }
+                Some((owner, action)) = self.actions.recv() => {
+                    if let Some(r) = self.apply_action(idx, dir, owner, action) {
+                        return r;
+                    }
+                }
+                // Looks again now and then whether the root context can still act.
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if !own => {}
+            }
+        }
+    }
+
+    /// An action another context aimed at filter `owner`'s context, while filter `idx` holds
+    /// the `dir` side: `Some` when it ends the wait.
+    fn apply_action(
+        &mut self,
+        idx: usize,
+        dir: Dir,
+        owner: usize,
+        action: ContextAction,
+    ) -> Option<Resume> {
+        let plugin = &self.filters[owner].plugin;
+        match action {
+            ContextAction::LocalResponse { response, .. } => Some(Resume::Respond(
+                Outcome::Respond(plugin_reply(plugin, response)),
+            )),
+            ContextAction::Continue { stream, .. } => {
+                (owner == idx && stream == dir.stream_type()).then_some(Resume::Continued)
+            }
+            // Envoy resets the stream; the closest an HTTP exchange here gets is a local 503.
+            ContextAction::Close { .. } => {
+                let name = &plugin.spec.name;
+                Some(Resume::Respond(Outcome::Respond(LocalReply::text(
+                    503,
+                    format!("wasm:{name}:closed"),
+                    format!("plugin {name} closed the stream\n"),
+                ))))
+            }
+        }
+    }
+
+    async fn settle_response(
         &mut self,
         idx: usize,
         result: Result<Action, HostError>,
     ) -> Option<Outcome> {
         match result {
-            Ok(_) => {
+            Ok(action) => {
+                self.dispatch(idx);
                 // A local reply from the response path replaces the upstream's response.
-                self.stream
-                    .local_response
-                    .take()
-                    .map(|local| Outcome::Respond(plugin_reply(&self.filters[idx].plugin, local)))
+                if let Some(local) = self.stream.local_response.take() {
+                    return Some(Outcome::Respond(plugin_reply(
+                        &self.filters[idx].plugin,
+                        local,
+                    )));
+                }
+                let continued = self.stream.continue_requested.take().is_some();
+                if action == Action::Pause && !continued {
+                    // Waits only while something can resume it; a pause nothing can end is
+                    // taken as Continue, so the client is not left hanging.
+                    match self.wait_for_resume(idx, Dir::Response).await {
+                        Resume::Respond(out) => return Some(out),
+                        Resume::Continued | Resume::NothingToWaitFor => {}
+                    }
+                }
+                None
             }
             Err(err) => self.runtime_fault(idx, &err),
         }
@@ -490,6 +824,15 @@ impl ChainRun {
         }
         f.bypassed = true;
         fault(&f.plugin, err).map(Outcome::Respond)
+    }
+}
+
+impl Drop for ChainRun {
+    /// A request dropped before `finish` (its client went away) leaves no context reachable.
+    fn drop(&mut self) {
+        for f in &self.filters {
+            worker::unregister_context(&f.instance, f.ctx);
+        }
     }
 }
 
@@ -548,6 +891,17 @@ fn fault(plugin: &LoadedPlugin, err: &HostError) -> Option<LocalReply> {
                 format!("wasm:{name}:fault"),
                 format!("plugin {name} failed\n"),
             ))
+        }
+    }
+}
+
+/// Envoy's answer when a filter buffers more than the buffer limit: 413 for a request, 500 for
+/// a response (sent only if the response headers have not left yet; else the stream is reset).
+fn too_large(dir: Dir) -> LocalReply {
+    match dir {
+        Dir::Request => LocalReply::text(413, "request_payload_too_large", "Payload Too Large"),
+        Dir::Response => {
+            LocalReply::text(500, "response_payload_too_large", "Internal Server Error")
         }
     }
 }

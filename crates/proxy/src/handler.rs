@@ -3,10 +3,11 @@
 //! Phases, in order (Proxy-Wasm callbacks in brackets):
 //! 1. pick the destination: a route (gateway) or a service from the authority (waypoint, mesh entry);
 //! 2. request headers through the chain [`proxy_on_context_create`, `proxy_on_request_headers`];
-//! 3. request body, buffered only when a plugin reads bodies [`proxy_on_request_body`];
+//! 3. request body and trailers, streamed chunk by chunk through plugins that read them
+//!    [`proxy_on_request_body`, `proxy_on_request_trailers`] while it goes upstream (`stream.rs`);
 //! 4. pick an endpoint and forward;
 //! 5. response headers, last plugin first [`proxy_on_response_headers`];
-//! 6. response body, buffered only when a plugin reads bodies [`proxy_on_response_body`];
+//! 6. response body and trailers, likewise [`proxy_on_response_body`, `proxy_on_response_trailers`];
 //! 7. end of stream [`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`].
 //!
 //! A local reply (from a plugin or from the proxy) skips to phase 5 with the reply.
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -28,13 +29,15 @@ use waystone_model::snapshot::{
 };
 use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
 
-use crate::chain::{ChainRun, LocalReply, Outcome};
+use crate::chain::{ChainRun, Dir, LocalReply, Outcome};
 use crate::metrics::{self, ResponseFlags};
 use crate::observe::{
     AccessStart, CountingBody, Facts, LocalDetails, ObservedBody, Observer, Pending, TraceStart,
 };
 use crate::routing::{self, RequestView};
 use crate::runtime::RuntimeConfig;
+use crate::stream::{self, ChannelBody, PumpError};
+use tokio::sync::{mpsc, oneshot};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -492,102 +495,156 @@ async fn proxy(
     let mut run = ChainRun::new(stream);
     run.spans = facts.spans.clone();
     let request_eos = body.is_end_stream();
+    // An HTTP/1.1 client gets response trailers only if it said it takes them (hyper's rule).
+    let client_takes_trailers = parts.version == http::Version::HTTP_2
+        || parts
+            .headers
+            .get_all(http::header::TE)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     if let Outcome::Respond(reply) = run.request_headers(target.chain, rt, request_eos).await {
-        return local_reply_through_chain(run, reply);
+        return local_reply_through_chain(run, reply).await;
     }
 
-    let upstream_body: Body = if run.wants_request_body() && !request_eos {
-        match Limited::new(body, settings.max_buffered_body)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                run.stream.request_body = collected.to_bytes().to_vec();
-                run.stream.request_body_bytes = run.stream.request_body.len() as u64;
-                run.stream.request_complete = true;
-                if let Outcome::Respond(reply) = run.request_body().await {
-                    return local_reply_through_chain(run, reply);
-                }
-                full(std::mem::take(&mut run.stream.request_body))
-            }
-            Err(err) => {
-                let reply = if err
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    LocalReply::text(413, "request_payload_too_large", "request body too large\n")
-                } else {
-                    LocalReply::text(
-                        400,
-                        "downstream_body_error",
-                        "could not read the request body\n",
-                    )
-                };
-                return local_reply_through_chain(run, reply);
-            }
-        }
-    } else {
-        body
-    };
-
     let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
-        return local_reply_through_chain(run, no_endpoint(target.service));
+        return local_reply_through_chain(run, no_endpoint(target.service)).await;
     };
     facts.upstream_host = Some(endpoint);
     let (method, path, authority, headers) = match wasm_to_request(&run.stream.request_headers) {
         Ok(v) => v,
-        Err(reply) => return local_reply_through_chain(run, reply),
+        Err(reply) => return local_reply_through_chain(run, reply).await,
     };
-    let upstream = build_upstream(method, &path, &authority, headers, endpoint, upstream_body);
-    let response = match forward(upstream).await {
+    let limit = settings.max_buffered_body;
+    let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
+        let upstream = build_upstream(method, &path, &authority, headers, endpoint, body);
+        forward(upstream).await
+    } else {
+        // The body goes upstream chunk by chunk as the request plugins let it through.
+        let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
+        let upstream_body = ChannelBody::new(rx).boxed();
+        // The upstream is HTTP/1.1: a body that may end with trailers makes the head wait
+        // briefly for their names (stream.rs).
+        let (head_tx, head_rx) = if body.size_hint().exact().is_none() {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let send = async move {
+            let mut upstream =
+                build_upstream(method, &path, &authority, headers, endpoint, upstream_body);
+            if let Some(rx) = head_rx
+                && let Ok(Some(names)) = rx.await
+            {
+                upstream.headers_mut().insert(http::header::TRAILER, names);
+            }
+            forward(upstream).await
+        };
+        let (pumped, forwarded) = {
+            let pump = stream::pump(&mut run, Dir::Request, body, tx, limit, head_tx);
+            tokio::pin!(pump, send);
+            let mut pumped = None;
+            let mut forwarded = None;
+            while pumped.is_none() || forwarded.is_none() {
+                tokio::select! {
+                    r = &mut pump, if pumped.is_none() => {
+                        let failed = r.is_err();
+                        pumped = Some(r);
+                        // The request ends here: the upstream exchange is dropped.
+                        if failed {
+                            break;
+                        }
+                    }
+                    r = &mut send, if forwarded.is_none() => forwarded = Some(r),
+                }
+            }
+            (pumped, forwarded)
+        };
+        match pumped {
+            Some(Err(PumpError::Local(reply))) => {
+                return local_reply_through_chain(run, reply).await;
+            }
+            Some(Err(PumpError::Body(err))) => {
+                tracing::debug!(error = %err, "request body failed");
+                let reply = LocalReply::text(
+                    400,
+                    "downstream_body_error",
+                    "could not read the request body\n",
+                );
+                return local_reply_through_chain(run, reply).await;
+            }
+            _ => {}
+        }
+        match forwarded {
+            Some(r) => r,
+            None => Err(LocalReply::text(
+                503,
+                "upstream_reset",
+                "upstream request ended early\n",
+            )),
+        }
+    };
+    let response = match forwarded {
         Ok(r) => r,
-        Err(reply) => return local_reply_through_chain(run, reply),
+        Err(reply) => return local_reply_through_chain(run, reply).await,
     };
 
     let (rparts, rbody) = response.into_parts();
     run.stream.properties.response_code = Some(rparts.status.as_u16());
     run.stream.response_headers = response_to_wasm(rparts.status, &rparts.headers);
     let response_eos = rbody.is_end_stream();
-    let final_body: Body = if run.wants_response_body() && !response_eos {
-        match Limited::new(rbody, settings.max_buffered_body)
-            .collect()
-            .await
-        {
-            Ok(collected) => {
-                run.stream.response_body = collected.to_bytes().to_vec();
-                if let Outcome::Respond(reply) = run.response_headers(false) {
-                    run.finish();
-                    return reply_response(reply);
-                }
-                if let Outcome::Respond(reply) = run.response_body() {
-                    run.finish();
-                    return reply_response(reply);
-                }
-                full(std::mem::take(&mut run.stream.response_body))
-            }
-            Err(_) => {
-                run.finish();
-                return reply_response(LocalReply::text(
-                    502,
-                    "upstream_body_error",
-                    "upstream response body failed\n",
-                ));
-            }
-        }
+    if let Outcome::Respond(reply) = run.response_headers(response_eos).await {
+        run.finish();
+        return reply_response(reply);
+    }
+    if response_eos || !run.wants_stream(Dir::Response) {
+        let response = wasm_to_response(
+            &run.stream.response_headers,
+            rbody.map_err(BoxError::from).boxed(),
+        );
+        run.finish();
+        return response;
+    }
+    // The response headers leave now; the body follows chunk by chunk through the response
+    // plugins, on a task of this worker that owns the chain until the body ends.
+    let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
+    let mut response = wasm_to_response(&run.stream.response_headers, ChannelBody::new(rx).boxed());
+    let declare = client_takes_trailers
+        && parts.version != http::Version::HTTP_2
+        && !rparts.headers.contains_key(http::header::CONTENT_LENGTH);
+    let (head_tx, head_rx) = if declare {
+        let (t, r) = oneshot::channel();
+        (Some(t), Some(r))
     } else {
-        if let Outcome::Respond(reply) = run.response_headers(response_eos) {
-            run.finish();
-            return reply_response(reply);
-        }
-        rbody.map_err(BoxError::from).boxed()
+        (None, None)
     };
-    let response = wasm_to_response(&run.stream.response_headers, final_body);
-    run.finish();
+    tokio::task::spawn_local(async move {
+        let mut run = run;
+        let result = stream::pump(&mut run, Dir::Response, rbody, tx.clone(), limit, head_tx).await;
+        let err: Option<BoxError> = match result {
+            Ok(()) => None,
+            // The headers have left: like Envoy, the stream is reset.
+            Err(PumpError::Local(reply)) => {
+                tracing::debug!(status = reply.status, details = %reply.details, "response ended by the chain after its headers");
+                Some(reply.details.into())
+            }
+            Err(PumpError::Body(err)) => Some(err),
+        };
+        if let Some(err) = err {
+            let _ = tx.send(Err(err)).await;
+        }
+        run.finish();
+    });
+    if let Some(rx) = head_rx
+        && let Ok(Some(names)) = rx.await
+    {
+        response.headers_mut().insert(http::header::TRAILER, names);
+    }
     response
 }
 
 /// A local reply still passes the response callbacks of the plugins that saw the request.
-fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<Body> {
+async fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<Body> {
     if run.is_empty() {
         return reply_response(reply);
     }
@@ -600,7 +657,7 @@ fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Response<B
     headers.add("content-length", reply.body.len().to_string().as_bytes());
     run.stream.response_headers = headers;
     let eos = reply.body.is_empty();
-    let response = match run.response_headers(eos) {
+    let response = match run.response_headers(eos).await {
         Outcome::Respond(again) => reply_response(again),
         Outcome::Continue => {
             let mut r = wasm_to_response(&run.stream.response_headers, full(reply.body));
@@ -713,8 +770,11 @@ fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders
     h.add_exact(":method", method);
     h.add_exact(":scheme", scheme);
     for (name, value) in &parts.headers {
-        // Envoy folds Host into :authority; plugins never see a `host` entry.
-        if name == http::header::HOST || HOP_BY_HOP.contains(&name.as_str()) {
+        // Envoy folds Host into :authority; plugins never see a `host` entry. `te: trailers`
+        // is the one hop-by-hop value Envoy keeps.
+        let te_trailers =
+            name == http::header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        if name == http::header::HOST || (HOP_BY_HOP.contains(&name.as_str()) && !te_trailers) {
             continue;
         }
         // hyper's names are lowercase already.
@@ -812,8 +872,17 @@ fn build_upstream(
     endpoint: SocketAddr,
     body: Body,
 ) -> Request<Body> {
+    // Envoy keeps `te: trailers` (the only TE value it forwards): an HTTP/1.1 upstream sends
+    // trailers only to a client that asked for them.
+    let te_trailers = headers
+        .get_all(http::header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for h in HOP_BY_HOP {
         headers.remove(*h);
+    }
+    if te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
     if !authority.is_empty()
         && let Ok(v) = HeaderValue::from_str(authority)

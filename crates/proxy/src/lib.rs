@@ -18,6 +18,7 @@ pub mod metrics;
 mod observe;
 mod routing;
 mod runtime;
+mod stream;
 pub mod trace;
 mod worker;
 

@@ -447,17 +447,21 @@ pub enum Callback {
     RequestBody,
     ResponseHeaders,
     ResponseBody,
+    RequestTrailers,
+    ResponseTrailers,
     /// `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`, run together at end of stream.
     Done,
 }
 
-pub const CALLBACKS: [Callback; 7] = [
+pub const CALLBACKS: [Callback; 9] = [
     Callback::Start,
     Callback::ContextCreate,
     Callback::RequestHeaders,
     Callback::RequestBody,
     Callback::ResponseHeaders,
     Callback::ResponseBody,
+    Callback::RequestTrailers,
+    Callback::ResponseTrailers,
     Callback::Done,
 ];
 
@@ -470,6 +474,8 @@ impl Callback {
             Callback::RequestBody => "proxy_on_request_body",
             Callback::ResponseHeaders => "proxy_on_response_headers",
             Callback::ResponseBody => "proxy_on_response_body",
+            Callback::RequestTrailers => "proxy_on_request_trailers",
+            Callback::ResponseTrailers => "proxy_on_response_trailers",
             Callback::Done => "proxy_on_done",
         }
     }

@@ -11,9 +11,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use waystone_wasm::{GrpcCommand, HostError, HttpCallResponse, PendingCallout, PluginInstance};
+use waystone_wasm::{
+    ContextAction, GrpcCommand, HostError, HttpCallResponse, PendingCallout, PluginInstance,
+};
 
-use crate::callout::{self, GrpcOutcome, Resolver};
+use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::chain::deliver_grpc;
 use crate::runtime::LoadedPlugin;
 
@@ -108,6 +110,70 @@ thread_local! {
     /// Per instance (by address), where its driver takes root-context callouts.
     static ROOT_CALLOUTS: RefCell<HashMap<usize, mpsc::UnboundedSender<PendingCallout>>> =
         RefCell::new(HashMap::new());
+    /// Per instance (by address), how many root-context callouts are in flight: while some are,
+    /// a paused request of that plugin may still be resumed by the root context.
+    static ROOT_IN_FLIGHT: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
+    /// HTTP contexts alive on this worker, by (instance address, context id): where actions a
+    /// plugin aims at them (`proxy_set_effective_context` + continue/close/local reply) go,
+    /// with the filter index of that context in its request's chain.
+    static CONTEXTS: RefCell<HashMap<(usize, u32), (usize, ActionSender)>> =
+        RefCell::new(HashMap::new());
+}
+
+pub type ActionSender = mpsc::UnboundedSender<(usize, ContextAction)>;
+
+/// Makes `ctx` of `instance` reachable by actions other contexts of that instance aim at it.
+pub fn register_context(instance: &SharedInstance, ctx: u32, idx: usize, tx: ActionSender) {
+    let key = (Rc::as_ptr(instance) as usize, ctx);
+    CONTEXTS.with(|c| c.borrow_mut().insert(key, (idx, tx)));
+}
+
+pub fn unregister_context(instance: &SharedInstance, ctx: u32) {
+    let key = (Rc::as_ptr(instance) as usize, ctx);
+    CONTEXTS.with(|c| c.borrow_mut().remove(&key));
+}
+
+/// Hands the actions the plugin aimed at other contexts (since the last call) to the requests
+/// owning them; actions for contexts already gone are dropped, as Envoy ignores them.
+pub fn route_context_actions(instance: &SharedInstance) {
+    let Ok(mut inst) = instance.try_borrow_mut() else {
+        return;
+    };
+    let actions = inst.take_context_actions();
+    drop(inst);
+    if actions.is_empty() {
+        return;
+    }
+    let ptr = Rc::as_ptr(instance) as usize;
+    CONTEXTS.with(|c| {
+        let c = c.borrow();
+        for action in actions {
+            let ctx = match &action {
+                ContextAction::Continue { context_id, .. }
+                | ContextAction::Close { context_id, .. }
+                | ContextAction::LocalResponse { context_id, .. } => *context_id,
+            };
+            match c.get(&(ptr, ctx)) {
+                Some((idx, tx)) => {
+                    let _ = tx.send((*idx, action));
+                }
+                None => tracing::debug!(
+                    context = ctx,
+                    "dropping an action aimed at a context that is gone"
+                ),
+            }
+        }
+    });
+}
+
+/// Whether the root context of `instance` may still act on its own: it ticks or has callouts
+/// in flight.
+pub fn root_may_act(instance: &SharedInstance) -> bool {
+    let ticking = instance
+        .try_borrow()
+        .is_ok_and(|i| i.tick_period().is_some());
+    let key = Rc::as_ptr(instance) as usize;
+    ticking || ROOT_IN_FLIGHT.with(|c| c.borrow().get(&key).is_some_and(|n| *n > 0))
 }
 
 /// Remembers the snapshot of the request being handled (cheap when unchanged).
@@ -185,6 +251,11 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
             Grpc(u32, GrpcOutcome),
         }
         let mut in_flight: JoinSet<Done> = JoinSet::new();
+        // The root context's open gRPC streams: their sending sides and tasks, by token.
+        let mut stream_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>> =
+            HashMap::new();
+        let mut stream_tasks: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel::<(usize, u32, GrpcStreamEvent)>();
         let mut next_tick: Option<Instant> = None;
         loop {
             if STOPPING.with(|s| s.get()) {
@@ -209,24 +280,64 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                     });
                 }
                 for cmd in grpc {
-                    if let GrpcCommand::Call {
-                        token,
-                        call,
-                        message,
-                        timeout,
-                        ..
-                    } = cmd
-                    {
-                        let r = resolver.clone();
-                        in_flight.spawn_local(async move {
-                            Done::Grpc(token, callout::grpc_call(&r, call, message, timeout).await)
-                        });
+                    match cmd {
+                        GrpcCommand::Call {
+                            token,
+                            call,
+                            message,
+                            timeout,
+                            ..
+                        } => {
+                            let r = resolver.clone();
+                            in_flight.spawn_local(async move {
+                                Done::Grpc(
+                                    token,
+                                    callout::grpc_call(&r, call, message, timeout).await,
+                                )
+                            });
+                        }
+                        GrpcCommand::OpenStream { token, call, .. } => {
+                            let (tx, rx) = mpsc::unbounded_channel();
+                            stream_inputs.insert(token, tx);
+                            let (r, events) = (resolver.clone(), events_tx.clone());
+                            let handle = in_flight.spawn_local(async move {
+                                Done::Grpc(
+                                    token,
+                                    callout::grpc_stream(r, call, rx, events, 0, token).await,
+                                )
+                            });
+                            stream_tasks.insert(token, handle);
+                        }
+                        GrpcCommand::Send {
+                            token,
+                            message,
+                            end_of_stream,
+                        } => {
+                            if let Some(tx) = stream_inputs.get(&token) {
+                                let _ = tx.send(GrpcStreamInput::Message {
+                                    message,
+                                    end_of_stream,
+                                });
+                            }
+                        }
+                        GrpcCommand::Close { token } => {
+                            if let Some(tx) = stream_inputs.get(&token) {
+                                let _ = tx.send(GrpcStreamInput::Close);
+                            }
+                        }
+                        GrpcCommand::Cancel { token } => {
+                            stream_inputs.remove(&token);
+                            if let Some(h) = stream_tasks.remove(&token) {
+                                h.abort();
+                            }
+                        }
                     }
                 }
             }
             next_tick = period.map(|p| next_tick.unwrap_or_else(|| Instant::now() + p));
             // Without a tick period, look again now and then: a later callback may set one.
             let wake_at = next_tick.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            ROOT_IN_FLIGHT.with(|c| c.borrow_mut().insert(key, in_flight.len()));
             let result: Result<(), HostError> = tokio::select! {
                 _ = tokio::time::sleep_until(wake_at) => {
                     match (next_tick, period) {
@@ -253,15 +364,31 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                     }
                     Ok(())
                 }
+                Some((_, token, event)) = events_rx.recv() => {
+                    with_instance(&weak, |i| deliver_stream_event(i, token, event))
+                }
                 Some(Ok(done)) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    with_instance(&weak, |i| match done {
+                    if let Done::Grpc(token, _) = &done {
+                        stream_inputs.remove(token);
+                        stream_tasks.remove(token);
+                    }
+                    // What a stream reported before it ended comes first.
+                    let mut early = Ok(());
+                    while let Ok((_, token, event)) = events_rx.try_recv() {
+                        early = early.and(with_instance(&weak, |i| deliver_stream_event(i, token, event)));
+                    }
+                    early.and_then(|()| with_instance(&weak, |i| match done {
                         Done::Http(token, response) => {
                             i.on_http_call_response(token, response, None).map(|_| ())
                         }
                         Done::Grpc(token, outcome) => deliver_grpc(i, token, outcome, None),
-                    })
+                    }))
                 }
             };
+            ROOT_IN_FLIGHT.with(|c| c.borrow_mut().insert(key, in_flight.len()));
+            if let Some(inst) = weak.upgrade() {
+                route_context_actions(&inst);
+            }
             if let Err(err) = result {
                 tracing::warn!(plugin = %name, error = %err, "plugin failed in a root-context callback");
                 if weak.upgrade().is_some_and(|i| i.borrow().is_poisoned()) {
@@ -271,7 +398,20 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
             }
         }
         ROOT_CALLOUTS.with(|c| c.borrow_mut().remove(&key));
+        ROOT_IN_FLIGHT.with(|c| c.borrow_mut().remove(&key));
     });
+}
+
+fn deliver_stream_event(
+    i: &mut PluginInstance,
+    token: u32,
+    event: GrpcStreamEvent,
+) -> Result<(), HostError> {
+    match event {
+        GrpcStreamEvent::InitialMetadata(md) => i.on_grpc_receive_initial_metadata(token, md, None),
+        GrpcStreamEvent::Message(m) => i.on_grpc_receive(token, m, None),
+    }
+    .map(|_| ())
 }
 
 /// Runs `f` on the instance if it still exists and no request is using it right now (a
