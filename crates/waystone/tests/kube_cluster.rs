@@ -1065,6 +1065,31 @@ fn proxy_config_reads_the_data_plane_pod_and_a_bad_annotation_shows_on_status() 
     assert_eq!(gateway_get(&host, "/productpage", None), 401);
     assert_eq!(gateway_get(&host, "/productpage", Some(GW_CREDS)), 200);
 
+    // The proxy role's own admin endpoint, as `waystone up` serves it.
+    let admin_get = |path: &str| {
+        let (status, _, body) = http(&admin.to_string(), path, "localhost", &[]);
+        (status, String::from_utf8_lossy(&body).to_string())
+    };
+    assert_eq!(admin_get("/ready"), (200, "LIVE\n".to_string()));
+    assert_eq!(admin_get("/healthz").0, 200);
+    let (_, stats) = admin_get("/stats/prometheus");
+    let requests: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert_eq!(requests.len(), 2, "{stats}");
+    for code in ["401", "200"] {
+        assert!(
+            requests
+                .iter()
+                .any(|l| l.contains(&format!("response_code=\"{code}\"")) && l.ends_with(" 1")),
+            "{requests:?}"
+        );
+    }
+    let (status, levels) = admin_get("/logging?level=debug");
+    assert_eq!(status, 200, "{levels}");
+    assert!(levels.starts_with("process: debug\n"), "{levels}");
+
     // The controller reports the annotation on the Gateway; Programmed is unaffected.
     let gateway = || cluster.get_json("gateway/bookinfo-gateway").unwrap();
     wait_until(
