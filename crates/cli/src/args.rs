@@ -23,7 +23,7 @@ pub struct Cli {
     pub data_dir: Option<PathBuf>,
 
     /// Talk to this Kubernetes cluster's API server instead of the local API (apply, get,
-    /// delete, label, waypoint); KUBECONFIG does the same
+    /// delete, label, waypoint, proxy-config, describe); KUBECONFIG does the same
     #[arg(long, global = true, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
 
@@ -277,6 +277,12 @@ pub struct ProxyArgs {
     /// After each configuration swap, write where the listeners are (JSON) to this file
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+
+    /// The admin endpoint (/ready, /config_dump, /stats/prometheus, /logging): Istio's admin
+    /// port, on every interface so that `waystone proxy-config` can reach it through the API
+    /// server's pod proxy (port 0 picks a free one; the ready file says which)
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15000")]
+    pub admin_address: SocketAddr,
 
     /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]

@@ -243,6 +243,39 @@ impl ApiClient {
             .await
     }
 
+    /// What `gateway`'s data plane runs: the local config dump, or in a cluster the dump of
+    /// the gateway's data-plane pod (its admin port, through the API server's pod proxy).
+    pub async fn gateway_config_dump(
+        &self,
+        namespace: &str,
+        gateway: &str,
+    ) -> Result<Value, ClientError> {
+        match &self.kube {
+            Some(k) => Ok(k
+                .0
+                .gateway_config_dump(&waystone_model::snapshot::ObjectKey::new(
+                    namespace, gateway,
+                ))
+                .await?),
+            None => self.config_dump().await,
+        }
+    }
+
+    /// What every data plane runs: the local config dump, or in a cluster every gateway pod's,
+    /// merged (a pod that cannot be read is reported on stderr and left out).
+    pub async fn all_config_dumps(&self) -> Result<Value, ClientError> {
+        match &self.kube {
+            Some(k) => {
+                let (dump, failures) = k.0.all_config_dumps().await?;
+                for f in failures {
+                    eprintln!("warning: {}", one_line(&f));
+                }
+                Ok(dump)
+            }
+            None => self.config_dump().await,
+        }
+    }
+
     /// What the data plane runs now (`GET /v1/config_dump`; see `waystone_control::dump`).
     pub async fn config_dump(&self) -> Result<Value, ClientError> {
         self.send(self.http.get(self.url("/v1/config_dump"))).await

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +78,49 @@ impl AdminState {
             entry: self.dataplane.entry_address(),
         })
     }
+}
+
+/// The metric sources every process with a data plane exports: Istio's request metrics and
+/// Waystone's plugin metrics, plugin-defined metrics, and Istio agent's module fetch metrics.
+pub fn standard_sources(engine: waystone_wasm::WasmEngine) -> Vec<MetricSource> {
+    vec![
+        Arc::new(waystone_proxy::metrics::render_prometheus),
+        Arc::new(move |out: &mut String| render_custom_metrics(&engine.metrics_snapshot(), out)),
+        Arc::new(waystone_fetch::render_prometheus),
+    ]
+}
+
+/// Binds the admin endpoint on `addr` (when `fallback`, a free port on the same IP if `addr`
+/// is taken) and serves it until `stop` turns true. Returns the bound address and the task.
+pub async fn serve(
+    addr: SocketAddr,
+    fallback: bool,
+    state: Arc<AdminState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Err(e) if fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%addr, "admin port taken by another process; using a free port");
+            tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await
+        }
+        r => r,
+    }
+    .map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("binding the admin endpoint on {addr}: {e}"),
+        )
+    })?;
+    let bound = listener.local_addr()?;
+    tracing::info!(admin = %bound, "admin endpoint listening");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    Ok((bound, task))
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {

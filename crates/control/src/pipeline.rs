@@ -482,6 +482,21 @@ pub fn untranslated_gateway_status(obj: &Resource, rejected: &[&str], generation
     json!({ "conditions": conditions(&c, obj.status(), generation) })
 }
 
+/// `Accepted` of a Gateway that translated: false while some of it was refused (an invalid
+/// annotation), though the rest of it serves.
+pub fn translated_gateway_accepted(rejected: &[&str]) -> Condition {
+    if rejected.is_empty() {
+        Condition::new("Accepted", true, "Accepted", "accepted by waystone")
+    } else {
+        Condition::new(
+            "Accepted",
+            false,
+            "Invalid",
+            format!("{}; the rest of the gateway is served", rejected.join("; ")),
+        )
+    }
+}
+
 /// Status of a Gateway whose listeners this process binds (`binding`).
 pub fn gateway_status(
     obj: &Resource,
@@ -541,7 +556,7 @@ pub fn gateway_status(
         problems.join("; ")
     };
     let c = [
-        Condition::new("Accepted", true, "Accepted", "accepted by waystone"),
+        translated_gateway_accepted(rejected),
         Condition::new(
             "Programmed",
             all_bound,

@@ -155,14 +155,7 @@ pub async fn run_up(
     let reports = reconciler.reports.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let sources: Vec<MetricSource> = vec![
-        Arc::new(waystone_proxy::metrics::render_prometheus),
-        Arc::new(move |out: &mut String| {
-            crate::admin::render_custom_metrics(&custom_metrics_engine.metrics_snapshot(), out)
-        }),
-        // Istio agent's module fetch/cache/conversion metrics.
-        Arc::new(waystone_fetch::render_prometheus),
-    ];
+    let sources: Vec<MetricSource> = crate::admin::standard_sources(custom_metrics_engine);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin_state = Arc::new(AdminState {
         dataplane: dataplane.clone(),
@@ -180,28 +173,15 @@ pub async fn run_up(
     // The admin endpoint opens first, so `/ready` can say the configuration is not running yet.
     let admin = match opts.admin_address {
         Some(addr) => {
-            let listener = match tokio::net::TcpListener::bind(addr).await {
-                Err(e) if opts.admin_fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
-                    let any = SocketAddr::new(addr.ip(), 0);
-                    tracing::warn!(%addr, "admin port taken by another process; using a free port (see admin.addr)");
-                    tokio::net::TcpListener::bind(any)
-                        .await
-                        .with_context(|| format!("binding the admin endpoint on {any}"))?
-                }
-                r => r.with_context(|| format!("binding the admin endpoint on {addr}"))?,
-            };
-            let bound = listener.local_addr()?;
+            let (bound, task) = crate::admin::serve(
+                addr,
+                opts.admin_fallback,
+                admin_state.clone(),
+                stop_rx.clone(),
+            )
+            .await?;
             std::fs::write(opts.data_dir.join(ADMIN_ADDR_FILE), bound.to_string())?;
-            let mut admin_stop = stop_rx.clone();
-            let router = crate::admin::router(admin_state.clone());
-            tracing::info!(admin = %bound, "admin endpoint listening");
-            Some(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = admin_stop.changed().await;
-                    })
-                    .await
-            }))
+            Some(task)
         }
         None => None,
     };

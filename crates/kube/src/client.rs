@@ -45,7 +45,19 @@ impl From<kube::Error> for CallError {
 
 impl From<crate::KubeError> for CallError {
     fn from(e: crate::KubeError) -> Self {
-        CallError::new(e.to_string())
+        // Keep an HTTP code where there is one, so the CLI prints the message alone.
+        let code = match &e {
+            crate::KubeError::NoDataPlane { .. } => Some(404),
+            crate::KubeError::Api { source, .. } => match source.as_ref() {
+                kube::Error::Api(s) => Some(s.code),
+                _ => None,
+            },
+            _ => None,
+        };
+        CallError {
+            code,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -66,6 +78,28 @@ pub struct KubeClient {
 impl KubeClient {
     pub fn new(client: kube::Client) -> Self {
         Self { client }
+    }
+
+    /// The config dump of the pod serving `gateway` (see [`crate::admin`]).
+    pub async fn gateway_config_dump(
+        &self,
+        gateway: &waystone_model::snapshot::ObjectKey,
+    ) -> Result<Value, CallError> {
+        let pod = crate::admin::data_plane_pod(&self.client, gateway).await?;
+        Ok(crate::admin::config_dump(&self.client, &pod).await?)
+    }
+
+    /// Every gateway's data plane's config dump, merged; with the pods that could not be read.
+    pub async fn all_config_dumps(&self) -> Result<(Value, Vec<String>), CallError> {
+        let mut dumps = Vec::new();
+        let mut failures = Vec::new();
+        for pod in crate::admin::data_plane_pods(&self.client).await? {
+            match crate::admin::config_dump(&self.client, &pod).await {
+                Ok(d) => dumps.push(d),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Ok((crate::admin::merge_dumps(&dumps), failures))
     }
 
     async fn api(

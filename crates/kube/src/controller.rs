@@ -11,7 +11,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch
 use serde_json::{Value, json};
 use waystone_control::pipeline::{
     Condition, Pipeline, StatusUpdate, conditions, key_of, rejected_reasons, same_status,
-    untranslated_gateway_status,
+    translated_gateway_accepted, untranslated_gateway_status,
 };
 use waystone_model::Resource;
 use waystone_model::snapshot::{GatewayRole, ObjectKey, Snapshot};
@@ -303,10 +303,16 @@ pub fn data_plane_objects(
             |p| json!({"name": format!("port-{p}"), "port": p, "targetPort": p, "protocol": "TCP"}),
         )
         .collect();
-    let container_ports: Vec<Value> = ports
+    let mut container_ports: Vec<Value> = ports
         .iter()
         .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
         .collect();
+    // `waystone proxy-config` finds the admin endpoint by this name (API server pod proxy).
+    container_ports.push(json!({
+        "name": crate::admin::ADMIN_PORT_NAME,
+        "containerPort": crate::admin::ADMIN_PORT,
+        "protocol": "TCP",
+    }));
     let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta});
     let svc = json!({
         "apiVersion": "v1", "kind": "Service", "metadata": meta,
@@ -330,6 +336,10 @@ pub fn data_plane_objects(
                         "image": image,
                         "args": ["proxy", "--gateway", format!("{}/{}", key.namespace, key.name), "--gateway-address", "0.0.0.0"],
                         "ports": container_ports,
+                        "readinessProbe": {
+                            "httpGet": { "path": "/ready", "port": crate::admin::ADMIN_PORT_NAME },
+                            "periodSeconds": 5,
+                        },
                         "securityContext": {
                             "runAsNonRoot": true, "runAsUser": 65532,
                             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
@@ -436,7 +446,7 @@ fn gateway_status(
         })
         .collect();
     let c = [
-        Condition::new("Accepted", true, "Accepted", "accepted by waystone"),
+        translated_gateway_accepted(rejected),
         Condition::new(
             "Programmed",
             programmed,

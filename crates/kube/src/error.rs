@@ -12,6 +12,8 @@ pub enum KubeError {
         #[source]
         source: Box<kube::Error>,
     },
+    #[error("no data-plane pod serves gateway {gateway}: {detail}")]
+    NoDataPlane { gateway: String, detail: String },
     #[error("{what}: {source}")]
     Api {
         what: String,

@@ -2,6 +2,7 @@
 //! embedded store uses, and the two roles a cluster runs — `controller` (status, data-plane
 //! Deployments) and `proxy --gateway NS/NAME` (one gateway's data plane). See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod client;
 pub mod controller;
 pub mod convert;

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use kube::Client;
 use serde_json::json;
+use tokio::sync::watch;
+use waystone_control::admin::{AdminState, LogControl};
 use waystone_control::pipeline::Pipeline;
 use waystone_model::snapshot::{GatewayRole, ObjectKey, Snapshot};
 use waystone_model::translate;
@@ -25,8 +27,13 @@ pub struct ProxyOptions {
     /// A local mesh entry (ztunnel's stand-in), for waypoints tested without ztunnel.
     pub entry_address: Option<SocketAddr>,
     pub workers: usize,
-    /// Written (JSON: gateway, address, listeners) after every swap, for probes and tests.
+    /// Written (JSON: gateway, address, listeners, admin) after every swap, for probes and tests.
     pub ready_file: Option<PathBuf>,
+    /// The admin endpoint (`/ready`, `/config_dump`, `/stats/prometheus`, `/logging`, as in
+    /// `waystone up`); `None`: none.
+    pub admin_address: Option<SocketAddr>,
+    /// How `/logging` changes this process's levels.
+    pub log_control: Option<LogControl>,
 }
 
 /// Keeps only `gateway` and the plugins its chains name.
@@ -65,6 +72,31 @@ pub async fn run_proxy(
         .await
         .map_err(|e| KubeError::Config(e.to_string()))?,
     );
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reports = Arc::new(std::sync::Mutex::new(Default::default()));
+    let admin_state = Arc::new(AdminState {
+        dataplane: dataplane.clone(),
+        ready: ready.clone(),
+        reports: reports.clone(),
+        sources: waystone_control::admin::standard_sources(engines.engine.clone()),
+        process_filter: std::sync::Mutex::new(
+            opts.log_control
+                .as_ref()
+                .map(|l| l.initial.clone())
+                .unwrap_or_else(|| "info".into()),
+        ),
+        log: opts.log_control.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Open before the first sync, so `/ready` can say the configuration is not running yet.
+    let admin = match opts.admin_address {
+        Some(addr) => Some(
+            waystone_control::admin::serve(addr, false, admin_state, stop_rx)
+                .await
+                .map_err(|e| KubeError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
     let source = KubeSource::start(client, &Scope::Gateway(opts.gateway.clone())).await?;
     source.ready().await;
     tracing::info!(gateway = %opts.gateway, "proxy synced with the API server");
@@ -81,7 +113,10 @@ pub async fn run_proxy(
             .build_from(translation, |s| narrow_to_gateway(s, &key))
             .await;
         let found = built.runtime.snapshot.gateway(&opts.gateway).is_some();
+        let plugin_reports = pipeline.plugin_reports(&built.runtime.snapshot);
         let bindings = dataplane.apply(built.runtime).await;
+        *reports.lock().unwrap_or_else(|p| p.into_inner()) = plugin_reports;
+        ready.store(true, std::sync::atomic::Ordering::Release);
         if !found {
             tracing::warn!(gateway = %opts.gateway, "the gateway does not exist or does not translate; serving nothing");
         }
@@ -108,6 +143,7 @@ pub async fn run_proxy(
                 "entry": dataplane.entry_address().map(|a| a.to_string()),
                 "listeners": listeners,
                 "plugins": dataplane.current().plugins.len(),
+                "admin": admin.as_ref().map(|(a, _)| a.to_string()),
             });
             let tmp = path.with_extension("tmp");
             if std::fs::write(&tmp, body.to_string())
@@ -131,6 +167,10 @@ pub async fn run_proxy(
             _ = &mut shutdown => break,
         }
     }
+    let _ = stop_tx.send(true);
     dataplane.shutdown(Duration::from_secs(10)).await;
+    if let Some((_, task)) = admin {
+        let _ = task.await;
+    }
     Ok(())
 }

@@ -204,7 +204,18 @@ pub fn translate(objects: &[Resource], opts: &TranslateOptions) -> Translation {
 
     let mut gateways = Vec::new();
     for (key, gw) in &idx.gateways {
-        gateways.push(gateway_config(key, gw, &idx, &services, opts));
+        let mut config = gateway_config(key, gw, &idx, &services, opts);
+        // A bad annotation must not take the gateway down: it serves with the process
+        // default, and the error refuses the write (embedded) or shows on its status.
+        match access_log_annotation(gw) {
+            Ok(format) => config.access_log = format,
+            Err(message) => errors.push(ObjectError {
+                kind: "Gateway",
+                key: key.clone(),
+                message,
+            }),
+        }
+        gateways.push(config);
     }
 
     let mut used = BTreeSet::new();
@@ -699,16 +710,25 @@ fn gateway_config(
         listeners,
         waypoint_services,
         generation: gw.metadata.generation.unwrap_or(0),
-        access_log: gw
-            .metadata
-            .annotations
-            .get(ACCESS_LOG_ANNOTATION)
-            .and_then(|v| AccessLogFormat::parse(v.trim())),
+        access_log: None,
     }
 }
 
-/// Per-gateway access log format: `off`, `text` or `json` (other values: the process default).
+/// Per-gateway access log format: `off`, `text` or `json`; absent: the process default.
 pub const ACCESS_LOG_ANNOTATION: &str = "waystone.io/access-log";
+
+/// The gateway's access log format from [`ACCESS_LOG_ANNOTATION`]; an unknown value is an
+/// error naming the annotation and the values it accepts.
+pub fn access_log_annotation(gw: &r::Gateway) -> Result<Option<AccessLogFormat>, String> {
+    let Some(value) = gw.metadata.annotations.get(ACCESS_LOG_ANNOTATION) else {
+        return Ok(None);
+    };
+    AccessLogFormat::parse(value.trim()).map(Some).ok_or_else(|| {
+        format!(
+            "metadata.annotations[{ACCESS_LOG_ANNOTATION}]: unknown value {value:?} (allowed: off, text, json)"
+        )
+    })
+}
 
 /// The labels Istio's gateway deployment puts on its pods, which selectors match.
 fn gateway_pod_labels(key: &ObjectKey, gw: &r::Gateway) -> BTreeMap<String, String> {

@@ -1409,3 +1409,44 @@ fn translation_is_deterministic() {
     let b = translate(&objs, &TranslateOptions::default());
     assert_eq!(a, b);
 }
+
+// ---------------------------------------------------------------- access log annotation
+
+fn annotated_ingress(value: &str) -> String {
+    INGRESS.replace(
+        "metadata: {name: ingress}",
+        &format!(
+            "metadata: {{name: ingress, annotations: {{waystone.io/access-log: \"{value}\"}}}}"
+        ),
+    )
+}
+
+#[test]
+fn access_log_annotation_values() {
+    for (value, expected) in [
+        ("off", Some(AccessLogFormat::Off)),
+        ("text", Some(AccessLogFormat::Text)),
+        (" json ", Some(AccessLogFormat::Json)),
+    ] {
+        let s = ok(&annotated_ingress(value));
+        assert_eq!(
+            gw(&s, "default", "ingress").access_log,
+            expected,
+            "{value:?}"
+        );
+    }
+    assert_eq!(gw(&ok(INGRESS), "default", "ingress").access_log, None);
+}
+
+#[test]
+fn unknown_access_log_annotation_is_an_error_but_the_gateway_still_translates() {
+    let t = run(&format!("{}{}", annotated_ingress("verbose"), WAYPOINT));
+    assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+    assert_eq!(
+        t.errors[0].to_string(),
+        "Gateway default/ingress: metadata.annotations[waystone.io/access-log]: unknown value \"verbose\" (allowed: off, text, json)"
+    );
+    let g = gw(&t.snapshot, "default", "ingress");
+    assert_eq!(g.access_log, None, "the process default applies");
+    assert_eq!(g.listeners.len(), 2, "the rest of the gateway is kept");
+}

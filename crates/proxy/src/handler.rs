@@ -32,7 +32,8 @@ use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
 use crate::chain::{ChainRun, Dir, LocalReply, Outcome};
 use crate::metrics::{self, ResponseFlags};
 use crate::observe::{
-    AccessStart, CountingBody, Facts, LocalDetails, ObservedBody, Observer, Pending, TraceStart,
+    AccessStart, CountingBody, Facts, InFlight, LocalDetails, ObservedBody, Observer, Pending,
+    TraceStart,
 };
 use crate::routing::{self, RequestView};
 use crate::runtime::RuntimeConfig;
@@ -197,33 +198,11 @@ pub async fn handle(
         None => body.map_err(BoxError::from).boxed(),
     };
     let req = Request::from_parts(parts, body);
-    let mut facts = Facts {
+    let facts = Facts {
         spans: trace.is_some().then(Default::default),
         detailed: access.is_some() || trace.is_some(),
         ..Default::default()
     };
-    let response = match target {
-        Ok(t) => proxy(req, authority, t, conn, &rt, settings, &mut facts).await,
-        Err(reply) => reply_response(reply),
-    };
-    let mut response = response;
-    let details = response
-        .extensions_mut()
-        .remove::<LocalDetails>()
-        .map(|d| d.0);
-    let flags = details
-        .as_deref()
-        .map_or(ResponseFlags::None, ResponseFlags::from_details);
-    let grpc_status = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let plugin_spans = facts
-        .spans
-        .take()
-        .map(|s| std::mem::take(&mut *s.borrow_mut()))
-        .unwrap_or_default();
     let pending = Box::new(Pending {
         observer: observer.clone(),
         // Names only the access log and spans print: no allocation when both are off.
@@ -239,24 +218,38 @@ pub async fn handle(
         },
         labels,
         format,
-        code: response.status().as_u16(),
-        flags,
-        details: details.map_or(
-            std::borrow::Cow::Borrowed("via_upstream"),
-            std::borrow::Cow::Owned,
-        ),
+        code: 0,
+        flags: ResponseFlags::None,
+        details: std::borrow::Cow::Borrowed("via_upstream"),
         grpc,
-        grpc_status,
+        grpc_status: None,
         started,
         start_time,
         request_bytes,
         access,
         trace,
-        plugin_spans,
-        upstream_host: facts.upstream_host,
-        cluster: facts.cluster,
-        route_name: facts.route_name,
+        plugin_spans: Vec::new(),
+        upstream_host: None,
+        cluster: None,
+        route_name: None,
     });
+    // Recorded as `DC` if the client goes away (and the server drops this future) first.
+    let mut in_flight = InFlight::new(pending, facts);
+    let mut response = match target {
+        Ok(t) => proxy(req, authority, t, conn, &rt, settings, &mut in_flight.facts).await,
+        Err(reply) => reply_response(reply),
+    };
+    let mut pending = in_flight.respond();
+    if let Some(details) = response.extensions_mut().remove::<LocalDetails>() {
+        pending.flags = ResponseFlags::from_details(&details.0);
+        pending.details = std::borrow::Cow::Owned(details.0);
+    }
+    pending.code = response.status().as_u16();
+    pending.grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, ObservedBody::wrap(body, pending))
 }

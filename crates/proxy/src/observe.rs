@@ -264,6 +264,57 @@ impl Pending {
     }
 }
 
+/// A request whose response is not ready yet. Dropped unfinished (the client went away, so
+/// the server dropped the handler), it records the request as Envoy does: response code 0,
+/// `DC`, `downstream_remote_disconnect`, with whatever was known about the upstream.
+pub(crate) struct InFlight {
+    pending: Option<Box<Pending>>,
+    pub facts: Facts,
+}
+
+impl InFlight {
+    pub fn new(pending: Box<Pending>, facts: Facts) -> Self {
+        Self {
+            pending: Some(pending),
+            facts,
+        }
+    }
+
+    /// The response is ready: the request's facts go to its record, which the caller finishes.
+    pub fn respond(mut self) -> Box<Pending> {
+        let mut p = self
+            .pending
+            .take()
+            .expect("an InFlight is responded to once");
+        p.take_facts(&mut self.facts);
+        p
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.pending.take() {
+            p.take_facts(&mut self.facts);
+            p.code = 0;
+            p.details = std::borrow::Cow::Borrowed("downstream_remote_disconnect");
+            p.finish(0, true);
+        }
+    }
+}
+
+impl Pending {
+    fn take_facts(&mut self, facts: &mut Facts) {
+        self.plugin_spans = facts
+            .spans
+            .take()
+            .map(|s| std::mem::take(&mut *s.borrow_mut()))
+            .unwrap_or_default();
+        self.upstream_host = facts.upstream_host;
+        self.cluster = facts.cluster.take();
+        self.route_name = facts.route_name.take();
+    }
+}
+
 /// The response body, counted; records the request when it ends or is dropped.
 pub(crate) struct ObservedBody {
     inner: Body,

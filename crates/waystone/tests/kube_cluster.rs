@@ -432,6 +432,8 @@ fn cluster_walkthrough_status_data_planes_and_api_server_restart() {
             "default/bookinfo-gateway",
             "--gateway-address",
             &gw_addr,
+            "--admin-address",
+            "127.0.0.1:0",
             "--workers",
             "1",
             "--insecure-registry",
@@ -570,6 +572,8 @@ fn cluster_walkthrough_status_data_planes_and_api_server_restart() {
             &ip(2),
             "--entry-address",
             &entry,
+            "--admin-address",
+            "127.0.0.1:0",
             "--workers",
             "1",
             "--insecure-registry",
@@ -929,4 +933,340 @@ fn helm_chart_renders_and_validates_against_the_api_server() {
     ));
     assert!(!can(proxy, "list", "secrets"));
     assert!(!can(proxy, "create", "deployments.apps"));
+}
+
+/// A Pod object standing for the gateway's data-plane pod (no kubelet runs here), labelled as
+/// the controller's Deployment labels its pods, its admin port the one the local
+/// `waystone proxy` bound; with `status` (phase Running, Ready, `pod_ip`) set through the
+/// status subresource when `pod_ip` is given.
+fn data_plane_pod(cluster: &Cluster, name: &str, admin_port: u16, pod_ip: Option<&str>) {
+    cluster.kubectl(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{gateway.networking.k8s.io/gateway-name: bookinfo-gateway, app.kubernetes.io/managed-by: waystone}}\nspec:\n  containers:\n  - name: waystone\n    image: example.test/waystone:dev\n    ports: [{{name: admin, containerPort: {admin_port}}}]\n"
+        )),
+    );
+    if let Some(ip) = pod_ip {
+        let status = format!(
+            "{{\"status\":{{\"phase\":\"Running\",\"podIP\":\"{ip}\",\"podIPs\":[{{\"ip\":\"{ip}\"}}],\"conditions\":[{{\"type\":\"Ready\",\"status\":\"True\"}}]}}}}"
+        );
+        cluster.kubectl(
+            &[
+                "patch",
+                "pod",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status,
+            ],
+            None,
+        );
+    }
+}
+
+impl Cluster {
+    /// The waystone CLI against this cluster, expected to fail: its stderr.
+    fn waystone_err(&self, args: &[&str]) -> String {
+        let out = Command::new(bin())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "waystone {args:?} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    }
+}
+
+#[test]
+fn proxy_config_reads_the_data_plane_pod_and_a_bad_annotation_shows_on_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+    let crds = repo_root().join("crates/waystone/tests/crds");
+    for f in [
+        "istio-extensions.yaml",
+        "gw_gatewayclasses.yaml",
+        "gw_gateways.yaml",
+        "gw_httproutes.yaml",
+    ] {
+        let path = crds.join(f);
+        cluster.kubectl(
+            &["apply", "--validate=false", "-f", path.to_str().unwrap()],
+            None,
+        );
+    }
+    wait_until(
+        WAIT,
+        || cluster.kubectl_ok(&["get", "wasmplugins,gateways,httproutes"]),
+        || "CRDs not served".into(),
+    );
+    let net = private_loopback(60);
+    let ip = |last: u8| format!("{}.{}.{}.{last}", net[0], net[1], net[2]);
+    let productpage = backend("productpage", &ip(100));
+    cluster.kubectl(
+        &["apply", "-f", "-"],
+        Some(&service_yaml("productpage", productpage)),
+    );
+    let url = format!("file://{}", basic_auth_wasm().display());
+    // A value the annotation does not know: the Gateway must still serve, and say why its
+    // access log follows the default.
+    let gateway_yaml = example("bookinfo-gateway.yaml", &url).replacen(
+        "metadata:\n  name: bookinfo-gateway\n",
+        "metadata:\n  name: bookinfo-gateway\n  annotations:\n    waystone.io/access-log: verbose\n",
+        1,
+    );
+    cluster.kubectl(&["apply", "-f", "-"], Some(&gateway_yaml));
+    cluster.kubectl(
+        &["apply", "-f", "-"],
+        Some(&example("basic-auth-at-gateway.yaml", &url)),
+    );
+    let controller = Role::start(
+        &cluster,
+        "controller",
+        &[
+            "controller",
+            "--gateway-class",
+            "istio",
+            "--proxy-image",
+            "example.test/waystone:dev",
+        ],
+    );
+    let ready = dir.path().join("gw.ready");
+    let proxy = Role::start(
+        &cluster,
+        "gw-proxy",
+        &[
+            "proxy",
+            "--gateway",
+            "default/bookinfo-gateway",
+            "--gateway-address",
+            &ip(1),
+            "--admin-address",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ],
+    );
+    wait_until(
+        WAIT,
+        || ready_file(&ready).is_some_and(|v| v["plugins"] == 1),
+        || proxy.log(),
+    );
+    let info = ready_file(&ready).unwrap();
+    let host = info["address"].as_str().unwrap().to_string();
+    let admin: SocketAddr = info["admin"].as_str().unwrap().parse().unwrap();
+    assert_eq!(gateway_get(&host, "/productpage", None), 401);
+    assert_eq!(gateway_get(&host, "/productpage", Some(GW_CREDS)), 200);
+
+    // The proxy role's own admin endpoint, as `waystone up` serves it.
+    let admin_get = |path: &str| {
+        let (status, _, body) = http(&admin.to_string(), path, "localhost", &[]);
+        (status, String::from_utf8_lossy(&body).to_string())
+    };
+    assert_eq!(admin_get("/ready"), (200, "LIVE\n".to_string()));
+    assert_eq!(admin_get("/healthz").0, 200);
+    let (_, stats) = admin_get("/stats/prometheus");
+    let requests: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert_eq!(requests.len(), 2, "{stats}");
+    for code in ["401", "200"] {
+        assert!(
+            requests
+                .iter()
+                .any(|l| l.contains(&format!("response_code=\"{code}\"")) && l.ends_with(" 1")),
+            "{requests:?}"
+        );
+    }
+    let (status, levels) = admin_get("/logging?level=debug");
+    assert_eq!(status, 200, "{levels}");
+    assert!(levels.starts_with("process: debug\n"), "{levels}");
+
+    // The controller reports the annotation on the Gateway; Programmed is unaffected.
+    let gateway = || cluster.get_json("gateway/bookinfo-gateway").unwrap();
+    wait_until(
+        WAIT,
+        || {
+            let gw = gateway();
+            condition(&gw, "/status/conditions", "Accepted").as_deref() == Some("False")
+                && condition(&gw, "/status/conditions", "Programmed").as_deref() == Some("True")
+        },
+        || format!("{:#}\n{}", gateway(), controller.log()),
+    );
+    let accepted = gateway()["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+        .unwrap();
+    assert_eq!(accepted["reason"], "Invalid");
+    assert_eq!(
+        accepted["message"],
+        "metadata.annotations[waystone.io/access-log]: unknown value \"verbose\" (allowed: off, text, json); the rest of the gateway is served"
+    );
+
+    // The controller's Deployment declares the admin port and probes /ready on it.
+    let deploy = cluster
+        .get_json("deployment/bookinfo-gateway-waystone")
+        .unwrap();
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "admin" && p["containerPort"] == 15000),
+        "{container:#}"
+    );
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "admin");
+
+    // No data-plane pod yet (nothing runs the Deployment here): the error names the gateway.
+    let err = cluster.waystone_err(&["proxy-config", "bookinfo-gateway", "chains"]);
+    // (The kube client warns first that this kubeconfig skips TLS verification.)
+    assert_eq!(
+        err.lines().last().unwrap(),
+        "error: no data-plane pod serves gateway default/bookinfo-gateway: no pod has the labels \
+         gateway.networking.k8s.io/gateway-name=bookinfo-gateway,app.kubernetes.io/managed-by=waystone"
+    );
+    data_plane_pod(&cluster, "bookinfo-gateway-waystone-a", admin.port(), None);
+    let err = cluster.waystone_err(&["proxy-config", "bookinfo-gateway", "chains"]);
+    assert!(
+        err.contains(
+            "none of its pods is running and ready: bookinfo-gateway-waystone-a (Pending)"
+        ),
+        "{err}"
+    );
+    // The API server refuses to proxy to a loopback pod IP (its proxy guard against loopback
+    // and link-local addresses): the error says so.
+    cluster.kubectl(
+        &[
+            "patch",
+            "pod",
+            "bookinfo-gateway-waystone-a",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            "{\"status\":{\"phase\":\"Running\",\"podIP\":\"127.0.0.1\",\"podIPs\":[{\"ip\":\"127.0.0.1\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\"}]}}",
+        ],
+        None,
+    );
+    let err = cluster.waystone_err(&["proxy-config", "bookinfo-gateway", "chains"]);
+    assert!(err.contains("address not allowed"), "{err}");
+    cluster.kubectl(
+        &[
+            "delete",
+            "pod",
+            "bookinfo-gateway-waystone-a",
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    );
+    // 0.0.0.0 passes that guard on this 1.20 server, and Linux delivers a connection to it on
+    // this host: the API server's own pod proxy reaches the local `waystone proxy`.
+    data_plane_pod(
+        &cluster,
+        "bookinfo-gateway-waystone-b",
+        admin.port(),
+        Some("0.0.0.0"),
+    );
+
+    let plugins: Value = serde_json::from_str(&cluster.waystone(&[
+        "proxy-config",
+        "bookinfo-gateway",
+        "plugins",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let digest = plugins[0]["digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{plugins:#}");
+    assert_eq!(plugins[0]["state"], "Loaded", "{plugins:#}");
+    assert_eq!(plugins[0]["url"], url.as_str(), "{plugins:#}");
+    assert_eq!(
+        cluster.waystone(&[
+            "proxy-config",
+            "bookinfo-gateway",
+            "chains",
+            "-n",
+            "default"
+        ]),
+        "LISTENER     PORT     ORDER     PLUGIN                            PHASE     PRIORITY     FAIL STRATEGY     STATE\n\
+         http         80       1         default.basic-auth-at-gateway     AUTHN     -            FAIL_CLOSE        Loaded\n"
+    );
+    let routes = cluster.waystone(&["proxy-config", "bookinfo-gateway", "routes"]);
+    let rows: Vec<Vec<&str>> = routes
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][..3], ["LISTENER", "ADDRESS", "ROUTE"], "{routes}");
+    assert_eq!(
+        rows[1][..3],
+        ["http", &format!("{host}:80"), "default/bookinfo"],
+        "{routes}"
+    );
+    let rows: Vec<Vec<String>> = cluster
+        .waystone(&["proxy-config", "bookinfo-gateway", "plugins"])
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "NAME", "KIND", "PHASE", "PRIORITY", "URL", "DIGEST", "STATE", "LAST", "ERROR"
+            ],
+            vec![
+                "default.basic-auth-at-gateway",
+                "WasmPlugin",
+                "AUTHN",
+                "-",
+                url.as_str(),
+                &digest[..19],
+                "Loaded",
+                "-"
+            ],
+        ]
+    );
+    let endpoints = cluster.waystone(&["proxy-config", "bookinfo-gateway", "endpoints"]);
+    assert!(endpoints.contains(&productpage.to_string()), "{endpoints}");
+    // The gateway's own dump is what the admin port serves.
+    let yaml = cluster.waystone(&["proxy-config", "bookinfo-gateway", "-o", "yaml"]);
+    assert!(
+        yaml.contains("accessLog: null"),
+        "the process default: {yaml}"
+    );
+
+    let describe = cluster.waystone(&["describe", "wasmplugin", "basic-auth-at-gateway"]);
+    let expected = format!(
+        "Name:           basic-auth-at-gateway\n\
+         Namespace:      default\n\
+         Kind:           WasmPlugin\n\
+         Phase:          AUTHN\n\
+         Priority:       <unset>\n\
+         Fail Strategy:  FAIL_CLOSE\n\
+         Module:\n\
+        \x20 URL:          {url}\n\
+        \x20 Digest:       {digest}\n\
+        \x20 State:        Loaded\n\
+        \x20 Last Error:   <none>\n\
+         Attached To:\n\
+        \x20 KIND      NAME                       LISTENER/SERVICE   PORT   POSITION\n\
+        \x20 Gateway   default/bookinfo-gateway   http               80     1/1\n\
+         Conditions:\n"
+    );
+    assert!(
+        describe.starts_with(&expected),
+        "got:\n{describe}\nwanted:\n{expected}"
+    );
 }

@@ -550,3 +550,37 @@ fn metrics_dump_access_log_traces_proxy_config_and_describe() {
     let (status, _) = w.admin_get("/logging?level=loud");
     assert_eq!(status, 400);
 }
+
+#[test]
+fn an_unknown_access_log_annotation_is_refused_at_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = private_loopback(3);
+    let w = Waystone::start(&dir.path().join("data"), net, "");
+    let gateway = |value: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: loud\n  annotations:\n    waystone.io/access-log: {value}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {{name: http, port: 80, protocol: HTTP}}\n"
+        )
+    };
+    let out = w.cli_stdin(&["apply", "-f", "-"], Some(&gateway("verbose")));
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: Gateway default/loud: metadata.annotations[waystone.io/access-log]: unknown value \"verbose\" (allowed: off, text, json)\n"
+    );
+    // Nothing was stored, and nothing runs.
+    let out = w.cli(&["get", "gateway", "loud"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"loud\" not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, dump) = w.admin_get("/config_dump");
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["gateways"], serde_json::json!([]), "{dump:#}");
+    // A known value is stored and runs with that format.
+    w.apply(&gateway("text"));
+    let (_, dump) = w.admin_get("/config_dump");
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["gateways"][0]["accessLog"], "text", "{dump:#}");
+}

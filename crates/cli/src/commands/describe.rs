@@ -22,7 +22,7 @@ pub async fn run(client: &ApiClient, args: DescribeArgs) -> CliResult {
     let object = client
         .get_or_not_found(info.kind, namespace, &args.name)
         .await?;
-    let dump = client.config_dump().await?;
+    let dump = client.all_config_dumps().await?;
     print!("{}", describe_plugin(&object, &dump));
     Ok(())
 }

@@ -82,6 +82,8 @@ pub fn proxy(args: ProxyArgs, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> 
                 .unwrap_or(1)
         }),
         ready_file: args.ready_file,
+        admin_address: Some(args.admin_address),
+        log_control: crate::log_control(),
     };
     runtime()?.block_on(async {
         let client = waystone_kube::connect(kubeconfig).await.map_err(failed)?;

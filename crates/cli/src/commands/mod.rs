@@ -73,10 +73,10 @@ pub fn run(command: Command, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> C
             block_on(async { label::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::ProxyConfig(a) => {
-            block_on(async { proxy_config::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+            block_on(async { proxy_config::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::Describe(a) => {
-            block_on(async { describe::run(&ApiClient::from_data_dir(data_dir)?, a).await })
+            block_on(async { describe::run(&connect(data_dir, kubeconfig).await?, a).await })
         }
         Command::Waypoint(w) => block_on(async {
             let client = connect(data_dir, kubeconfig).await?;

@@ -1,5 +1,7 @@
 //! `waystone proxy-config GATEWAY [chains|routes|plugins|endpoints]`: istioctl's proxy-config,
-//! read from the config dump of the running `waystone up` (`GET /v1/config_dump`).
+//! read from the config dump of the running `waystone up` (`GET /v1/config_dump`), or with
+//! `--kubeconfig`/`KUBECONFIG` from the gateway's data-plane pod (`/config_dump` on its admin
+//! port, through the API server's pod proxy).
 
 use serde_json::{Value, json};
 
@@ -10,8 +12,8 @@ use crate::table::{ISTIOCTL, Table};
 use crate::{CliError, CliResult};
 
 pub async fn run(client: &ApiClient, args: ProxyConfigArgs) -> CliResult {
-    let dump = client.config_dump().await?;
     let namespace = args.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    let dump = client.gateway_config_dump(namespace, &args.gateway).await?;
     print!(
         "{}",
         render(&dump, &args.gateway, namespace, args.section, args.output)?
