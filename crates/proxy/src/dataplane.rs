@@ -34,6 +34,9 @@ pub struct DataPlaneConfig {
     pub hbone: Option<crate::hbone::HboneConfig>,
     /// Access logs and tracing.
     pub observability: crate::observe::ObservabilityConfig,
+    /// How long an HTTP/1.1 head waits for a stalled body while its trailers are not known yet
+    /// (see `stream.rs`).
+    pub trailer_wait: std::time::Duration,
 }
 
 impl Default for DataPlaneConfig {
@@ -48,6 +51,7 @@ impl Default for DataPlaneConfig {
             node_id: "waystone".into(),
             hbone: None,
             observability: Default::default(),
+            trailer_wait: crate::stream::HEAD_STALL,
         }
     }
 }
@@ -128,6 +132,7 @@ impl DataPlane {
             config: ArcSwap::from_pointee(RuntimeConfig::empty()),
             settings: HandlerSettings {
                 max_buffered_body: cfg.max_buffered_body,
+                trailer_wait: cfg.trailer_wait,
                 node_id: cfg.node_id.clone(),
                 observer: Arc::new(observer),
             },

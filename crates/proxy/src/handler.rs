@@ -67,6 +67,7 @@ pub struct ConnInfo {
 #[derive(Clone)]
 pub struct HandlerSettings {
     pub max_buffered_body: usize,
+    pub trailer_wait: std::time::Duration,
     pub node_id: String,
     pub(crate) observer: Arc<Observer>,
 }
@@ -508,6 +509,7 @@ async fn proxy(
         Err(reply) => return local_reply_through_chain(run, reply).await,
     };
     let limit = settings.max_buffered_body;
+    let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
         let upstream = build_upstream(method, &path, &authority, headers, endpoint, body);
         forward(upstream).await
@@ -534,7 +536,7 @@ async fn proxy(
             forward(upstream).await
         };
         let (pumped, forwarded) = {
-            let pump = stream::pump(&mut run, Dir::Request, body, tx, limit, head_tx);
+            let pump = stream::pump(&mut run, Dir::Request, body, tx, limit, head_tx, wait);
             tokio::pin!(pump, send);
             let mut pumped = None;
             let mut forwarded = None;
@@ -613,7 +615,16 @@ async fn proxy(
     };
     tokio::task::spawn_local(async move {
         let mut run = run;
-        let result = stream::pump(&mut run, Dir::Response, rbody, tx.clone(), limit, head_tx).await;
+        let result = stream::pump(
+            &mut run,
+            Dir::Response,
+            rbody,
+            tx.clone(),
+            limit,
+            head_tx,
+            wait,
+        )
+        .await;
         let err: Option<BoxError> = match result {
             Ok(()) => None,
             // The headers have left: like Envoy, the stream is reset.

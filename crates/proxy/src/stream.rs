@@ -31,7 +31,8 @@ pub type FrameResult = Result<Frame<Bytes>, BoxError>;
 
 /// Frames in flight between the chain and the side that reads them.
 pub const CHANNEL_FRAMES: usize = 16;
-/// How long a message head waits for more body while its trailers are not known yet.
+/// How long a message head waits for more body while its trailers are not known yet (the
+/// default of `DataPlaneConfig::trailer_wait`).
 pub const HEAD_STALL: Duration = Duration::from_millis(20);
 /// How much body a waiting head may hold back.
 pub const HEAD_HOLD_BYTES: usize = 64 << 10;
@@ -56,6 +57,14 @@ impl hyper::body::Body for ChannelBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.rx.poll_recv(cx)
+    }
+
+    /// The pump drops its sender as soon as it has sent the last frame (in the same poll of
+    /// its task, on this worker), so an empty closed channel is the end. Saying so matters:
+    /// hyper stops polling a body once a content-length is written, and the access log would
+    /// otherwise take the drop for a client that went away (`DC`).
+    fn is_end_stream(&self) -> bool {
+        self.rx.is_closed() && self.rx.is_empty()
     }
 }
 
@@ -129,6 +138,7 @@ pub async fn pump<B>(
     tx: mpsc::Sender<FrameResult>,
     limit: usize,
     head: Option<HeadSignal>,
+    head_stall: Duration,
 ) -> Result<(), PumpError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
@@ -142,7 +152,7 @@ where
     };
     loop {
         let frame = if out.head.is_some() {
-            match tokio::time::timeout(HEAD_STALL, body.frame()).await {
+            match tokio::time::timeout(head_stall, body.frame()).await {
                 Ok(f) => f,
                 Err(_) => {
                     out.commit(None);
@@ -201,9 +211,9 @@ where
 }
 
 pub fn trailers_to_wasm(t: &http::HeaderMap) -> WasmHeaders {
-    let mut out = WasmHeaders::default();
+    let mut out = WasmHeaders::with_capacity(t.len(), 0);
     for (k, v) in t {
-        out.add(k.as_str(), v.as_bytes().to_vec());
+        out.add_exact(k.as_str(), v.as_bytes());
     }
     out
 }

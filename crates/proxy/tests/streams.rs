@@ -399,6 +399,9 @@ async fn start(
         gateway_address: ip,
         entry_address: None,
         max_buffered_body,
+        // The trailer tests send their trailers right after the body; on a loaded machine
+        // the default 20 ms stall could pass in between and drop the plugin's added trailer.
+        trailer_wait: Duration::from_secs(5),
         ..Default::default()
     })
     .await
