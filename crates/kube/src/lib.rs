@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use controller::{ControllerOptions, run_controller};
 pub use error::KubeError;
-pub use proxy::{ProxyOptions, run_proxy};
+pub use proxy::{ProxyHbone, ProxyIdentity, ProxyOptions, run_proxy};
 use waystone_fetch::{FetchConfig, Fetcher};
 use waystone_model::TranslateOptions;
 use waystone_wasm::{EngineConfig, WasmEngine};

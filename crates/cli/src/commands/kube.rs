@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use waystone_kube::{ControllerOptions, Engines, ProxyOptions};
+use waystone_kube::{ControllerOptions, Engines, ProxyHbone, ProxyIdentity, ProxyOptions};
 use waystone_model::snapshot::ObjectKey;
+use waystone_proxy::hbone::{IdentityFiles, IstioCaClient, IstioCaOptions, SpiffeId};
 
 use super::shutdown_signal;
 use super::up::INSECURE_ENV;
-use crate::args::{ControllerArgs, ProxyArgs};
+use crate::args::{ControllerArgs, ProxyArgs, ProxyHboneArgs};
 use crate::{CliError, CliResult};
 
 fn insecure(flags: &[String]) -> Vec<String> {
@@ -73,7 +74,7 @@ pub fn proxy(args: ProxyArgs, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> 
     };
     let engines = Engines::new(data_dir, insecure(&args.insecure_registries)).map_err(failed)?;
     let opts = ProxyOptions {
-        gateway,
+        gateway: gateway.clone(),
         gateway_address: args.gateway_address,
         entry_address: args.entry_address,
         workers: args.workers.map(usize::from).unwrap_or_else(|| {
@@ -82,6 +83,7 @@ pub fn proxy(args: ProxyArgs, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> 
                 .unwrap_or(1)
         }),
         ready_file: args.ready_file,
+        hbone: proxy_hbone(&args.hbone, &gateway)?,
     };
     runtime()?.block_on(async {
         let client = waystone_kube::connect(kubeconfig).await.map_err(failed)?;
@@ -89,4 +91,52 @@ pub fn proxy(args: ProxyArgs, data_dir: &Path, kubeconfig: Option<&PathBuf>) -> 
             .await
             .map_err(failed)
     })
+}
+
+/// `waystone proxy`'s HBONE identity: Istio's CA (`--istio-ca`), files (`--hbone-cert`), or
+/// none (plain HTTP/h2c on every listener).
+fn proxy_hbone(args: &ProxyHboneArgs, gateway: &ObjectKey) -> Result<Option<ProxyHbone>, CliError> {
+    let identity = if args.istio_ca {
+        let id = SpiffeId::new(
+            &args.trust_domain,
+            args.pod_namespace.as_deref().unwrap_or(&gateway.namespace),
+            &args
+                .service_account
+                .clone()
+                .unwrap_or_else(|| waystone_kube::controller::data_plane_name(&gateway.name)),
+        );
+        let mut opts = IstioCaOptions::new(id);
+        opts.address = args.ca_address.clone();
+        opts.tls_server_name = args.ca_server_name.clone();
+        opts.root_cert = args.ca_root_cert.clone();
+        opts.token_file = args.ca_token_file.clone();
+        opts.cluster_id = args.cluster_id.clone();
+        opts.cert_ttl = args.cert_ttl;
+        opts.grace_ratio = args.cert_grace_ratio;
+        // Checked here so that a typo fails at once rather than in the retry loop.
+        IstioCaClient::new(opts.clone()).map_err(|e| CliError::Failed(e.to_string()))?;
+        ProxyIdentity::IstioCa(opts)
+    } else if let (Some(cert), Some(key), Some(roots)) =
+        (&args.hbone_cert, &args.hbone_key, &args.hbone_roots)
+    {
+        ProxyIdentity::Files {
+            trust_domain: args.trust_domain.clone(),
+            files: IdentityFiles {
+                cert_chain: cert.clone(),
+                key: key.clone(),
+                roots: roots.clone(),
+            },
+        }
+    } else {
+        if !args.hbone_endpoints.is_empty() {
+            return Err(CliError::Failed(
+                "--hbone-endpoint needs an HBONE identity: --istio-ca or --hbone-cert".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    Ok(Some(ProxyHbone {
+        identity,
+        endpoints: args.hbone_endpoints.clone(),
+    }))
 }
