@@ -140,3 +140,99 @@ fn proxy_hbone(args: &ProxyHboneArgs, gateway: &ObjectKey) -> Result<Option<Prox
         endpoints: args.hbone_endpoints.clone(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn hbone(args: &[&str]) -> Result<Option<ProxyHbone>, CliError> {
+        let mut argv = vec!["waystone", "proxy", "--gateway", "apps/waypoint"];
+        argv.extend_from_slice(args);
+        let Command::Proxy(p) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!()
+        };
+        proxy_hbone(&p.hbone, &ObjectKey::new("apps", "waypoint"))
+    }
+
+    #[test]
+    fn istio_ca_flags_name_the_pod_identity_and_the_ca() {
+        let Some(ProxyHbone {
+            identity: ProxyIdentity::IstioCa(o),
+            ..
+        }) = hbone(&["--istio-ca", "--ca-root-cert", "/r.pem", "--cert-ttl", "1h"]).unwrap()
+        else {
+            panic!("an Istio CA identity")
+        };
+        // The controller runs the proxy as ServiceAccount <gateway>-waystone in the
+        // gateway's namespace.
+        assert_eq!(
+            o.id.to_string(),
+            "spiffe://cluster.local/ns/apps/sa/waypoint-waystone"
+        );
+        assert_eq!(o.address, "istiod.istio-system.svc:15012");
+        assert_eq!(
+            o.token_file,
+            PathBuf::from("/var/run/secrets/tokens/istio-token")
+        );
+        assert_eq!(o.root_cert, PathBuf::from("/r.pem"));
+        assert_eq!(o.cert_ttl, std::time::Duration::from_secs(3600));
+        assert_eq!(o.grace_ratio, 0.5);
+        assert_eq!(o.cluster_id, "Kubernetes");
+
+        let Some(ProxyHbone {
+            identity: ProxyIdentity::IstioCa(o),
+            ..
+        }) = hbone(&[
+            "--istio-ca",
+            "--ca-address",
+            "https://10.0.0.1:15012",
+            "--service-account",
+            "wp",
+            "--pod-namespace",
+            "mesh",
+            "--trust-domain",
+            "example.org",
+            "--cert-grace-ratio",
+            "0.8",
+        ])
+        .unwrap()
+        else {
+            panic!("an Istio CA identity")
+        };
+        assert_eq!(o.id.to_string(), "spiffe://example.org/ns/mesh/sa/wp");
+        assert_eq!(o.grace_ratio, 0.8);
+
+        let e = hbone(&["--istio-ca", "--cert-grace-ratio", "1.5"]).unwrap_err();
+        assert!(e.to_string().contains("grace ratio 1.5"), "{e}");
+        let e = hbone(&["--istio-ca", "--ca-address", "http://istiod:15010"]).unwrap_err();
+        assert!(e.to_string().contains("istiod:15010"), "{e}");
+    }
+
+    #[test]
+    fn file_flags_and_no_hbone() {
+        assert!(hbone(&[]).unwrap().is_none());
+        assert!(hbone(&["--hbone-endpoint", "10.0.0.5"]).is_err());
+        let Some(ProxyHbone {
+            identity: ProxyIdentity::Files { files, .. },
+            endpoints,
+        }) = hbone(&[
+            "--hbone-cert",
+            "c.pem",
+            "--hbone-key",
+            "k.pem",
+            "--hbone-roots",
+            "r.pem",
+            "--hbone-endpoint",
+            "10.0.0.5",
+        ])
+        .unwrap()
+        else {
+            panic!("a file identity")
+        };
+        assert_eq!(files.key, PathBuf::from("k.pem"));
+        assert_eq!(endpoints, vec!["10.0.0.5".to_string()]);
+    }
+}
