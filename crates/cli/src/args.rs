@@ -251,6 +251,11 @@ pub struct ControllerArgs {
     #[arg(long)]
     pub no_deploy: bool,
 
+    /// Waypoint Deployments take their HBONE identity from Istio's CA (the proxy's
+    /// --istio-ca; mounts the istio-ca token and the istio-ca-root-cert ConfigMap)
+    #[arg(long)]
+    pub waypoint_istio_ca: bool,
+
     /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,

@@ -6,6 +6,7 @@ pub mod client;
 pub mod controller;
 pub mod convert;
 mod error;
+pub mod mesh_identity;
 pub mod proxy;
 pub mod source;
 

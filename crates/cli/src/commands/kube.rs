@@ -51,6 +51,7 @@ pub fn controller(
         opts.proxy_image = image;
     }
     opts.deploy = !args.no_deploy;
+    opts.waypoint_istio_ca = args.waypoint_istio_ca;
     let engines = Engines::new(data_dir, insecure(&args.insecure_registries)).map_err(failed)?;
     runtime()?.block_on(async {
         let client = waystone_kube::connect(kubeconfig).await.map_err(failed)?;
