@@ -42,6 +42,8 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Istio's `SECRET_GRACE_PERIOD_RATIO`: renew once half of the lifetime has passed.
 pub const DEFAULT_GRACE_RATIO: f64 = 0.5;
+/// Shortest time between two successful renewals.
+const MIN_RENEWAL_GAP: Duration = Duration::from_millis(500);
 
 /// Why a certificate request to the Istio CA failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -709,7 +711,10 @@ async fn rotate(
             Ok(issued) => {
                 backoff = opts.retry_initial;
                 not_after = issued.not_after;
-                next = issued.refresh_at(opts.grace_ratio);
+                // A CA granting absurdly short lifetimes must not make us hammer it.
+                next = issued
+                    .refresh_at(opts.grace_ratio)
+                    .max(SystemTime::now() + MIN_RENEWAL_GAP);
                 tracing::info!(ca = %opts.address, expires = %fmt_time(not_after),
                     renew_at = %fmt_time(next), "HBONE certificate renewed by the Istio CA");
                 tx.send_modify(|s| {
