@@ -251,6 +251,11 @@ pub struct ControllerArgs {
     #[arg(long)]
     pub no_deploy: bool,
 
+    /// Waypoint Deployments take their HBONE identity from Istio's CA (the proxy's
+    /// --istio-ca; mounts the istio-ca token and the istio-ca-root-cert ConfigMap)
+    #[arg(long)]
+    pub waypoint_istio_ca: bool,
+
     /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
@@ -287,6 +292,86 @@ pub struct ProxyArgs {
     /// A registry (HOST:PORT, or '*') that may be reached over plain HTTP; repeatable
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+
+    #[command(flatten)]
+    pub hbone: ProxyHboneArgs,
+}
+
+/// HBONE on `waystone proxy`: the waypoint's `mesh` listener takes mTLS HTTP/2 CONNECT with an
+/// identity from Istio's CA or from files.
+#[derive(Debug, Args)]
+pub struct ProxyHboneArgs {
+    /// HBONE identity from Istio's CA (istiod's IstioCertificateService, as istio-agent and
+    /// ztunnel use it), renewed before it expires
+    #[arg(long, conflicts_with = "hbone_cert")]
+    pub istio_ca: bool,
+
+    /// The CA's address (the mesh config's caAddress)
+    #[arg(long, env = "CA_ADDR", value_name = "HOST:PORT",
+          default_value = waystone_proxy::hbone::istio_ca::DEFAULT_CA_ADDRESS)]
+    pub ca_address: String,
+
+    /// The name the CA's serving certificate must carry [default: the host of --ca-address]
+    #[arg(long, value_name = "NAME")]
+    pub ca_server_name: Option<String>,
+
+    /// Trust roots for the CA's serving certificate, also trusted for HBONE peers (PEM)
+    #[arg(long, value_name = "FILE", default_value = waystone_proxy::hbone::istio_ca::DEFAULT_ROOT_CERT)]
+    pub ca_root_cert: PathBuf,
+
+    /// The pod's projected service-account token with audience istio-ca (re-read at each
+    /// request: kubelet rotates it)
+    #[arg(long, value_name = "FILE", default_value = waystone_proxy::hbone::istio_ca::DEFAULT_TOKEN_FILE)]
+    pub ca_token_file: PathBuf,
+
+    /// Sent to the CA as the ClusterID header
+    #[arg(long, env = "CLUSTER_ID", value_name = "NAME", default_value = waystone_proxy::hbone::istio_ca::DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
+
+    /// Requested certificate lifetime (the CA may shorten it)
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_positive_duration)]
+    pub cert_ttl: Duration,
+
+    /// Renew once this fraction of the certificate's lifetime has passed (Istio's
+    /// SECRET_GRACE_PERIOD_RATIO)
+    #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", value_name = "RATIO", default_value_t = waystone_proxy::hbone::istio_ca::DEFAULT_GRACE_RATIO)]
+    pub cert_grace_ratio: f64,
+
+    /// The pod's namespace, for the SPIFFE identity [default: the gateway's namespace]
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NS")]
+    pub pod_namespace: Option<String>,
+
+    /// The pod's service account, for the SPIFFE identity [default: <gateway>-waystone, the one
+    /// the controller creates]
+    #[arg(long, env = "SERVICE_ACCOUNT", value_name = "NAME")]
+    pub service_account: Option<String>,
+
+    /// HBONE identity from files (PEM certificate chain; needs --hbone-key and --hbone-roots),
+    /// reloaded when they change
+    #[arg(long, value_name = "FILE", requires_all = ["hbone_key", "hbone_roots"])]
+    pub hbone_cert: Option<PathBuf>,
+
+    /// The private key for --hbone-cert (PEM)
+    #[arg(long, value_name = "FILE", requires = "hbone_cert")]
+    pub hbone_key: Option<PathBuf>,
+
+    /// Trust roots HBONE peers must chain to (PEM)
+    #[arg(long, value_name = "FILE", requires = "hbone_cert")]
+    pub hbone_roots: Option<PathBuf>,
+
+    /// SPIFFE trust domain of this workload and its HBONE peers
+    #[arg(
+        long,
+        env = "TRUST_DOMAIN",
+        value_name = "DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
+
+    /// An endpoint reached through HBONE: IP (its ztunnel at IP:15008) or ENDPOINT=TUNNEL
+    /// (both IP:PORT); repeatable
+    #[arg(long = "hbone-endpoint", value_name = "IP|ENDPOINT=TUNNEL")]
+    pub hbone_endpoints: Vec<String>,
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {

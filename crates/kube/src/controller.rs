@@ -35,6 +35,8 @@ pub struct ControllerOptions {
     pub deploy: bool,
     /// A pass runs at least this often (Secrets are read by name, not watched).
     pub resync: Duration,
+    /// Waypoint Deployments take their HBONE identity from Istio's CA (`--istio-ca`).
+    pub waypoint_istio_ca: bool,
 }
 
 impl Default for ControllerOptions {
@@ -45,6 +47,7 @@ impl Default for ControllerOptions {
             proxy_image: format!("ghcr.io/waystone/waystone:{}", env!("CARGO_PKG_VERSION")),
             deploy: true,
             resync: Duration::from_secs(60),
+            waypoint_istio_ca: false,
         }
     }
 }
@@ -186,7 +189,14 @@ impl Controller {
         let waypoint = snapshot
             .gateway(&key)
             .is_some_and(|c| matches!(c.role, GatewayRole::Waypoint { .. }));
-        let objects = data_plane_objects(g, &key, &self.opts.proxy_image, waypoint);
+        let mut objects = data_plane_objects(g, &key, &self.opts.proxy_image, waypoint);
+        if waypoint && self.opts.waypoint_istio_ca {
+            for (kind, body) in &mut objects {
+                if *kind == "Deployment" {
+                    crate::mesh_identity::add_istio_ca(body);
+                }
+            }
+        }
         let mut service = Value::Null;
         for (kind, body) in objects {
             let ar = owned_resource(kind);

@@ -7,6 +7,7 @@ pub mod client;
 pub mod controller;
 pub mod convert;
 mod error;
+pub mod mesh_identity;
 pub mod proxy;
 pub mod source;
 
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use controller::{ControllerOptions, run_controller};
 pub use error::KubeError;
-pub use proxy::{ProxyOptions, run_proxy};
+pub use proxy::{ProxyHbone, ProxyIdentity, ProxyOptions, run_proxy};
 use waystone_fetch::{FetchConfig, Fetcher};
 use waystone_model::TranslateOptions;
 use waystone_wasm::{EngineConfig, WasmEngine};

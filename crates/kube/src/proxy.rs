@@ -14,6 +14,9 @@ use waystone_control::admin::{AdminState, LogControl};
 use waystone_control::pipeline::Pipeline;
 use waystone_model::snapshot::{GatewayRole, ObjectKey, Snapshot};
 use waystone_model::translate;
+use waystone_proxy::hbone::{
+    CaRotation, HboneConfig, Identity, IdentityFiles, IstioCaClient, IstioCaOptions,
+};
 use waystone_proxy::{DataPlane, DataPlaneConfig};
 
 use crate::Engines;
@@ -34,6 +37,81 @@ pub struct ProxyOptions {
     pub admin_address: Option<SocketAddr>,
     /// How `/logging` changes this process's levels.
     pub log_control: Option<LogControl>,
+    /// HBONE on the waypoint's `mesh` listener (`None`: plain HTTP/h2c).
+    pub hbone: Option<ProxyHbone>,
+}
+
+/// Where a proxy's HBONE identity comes from, and which endpoints take HBONE.
+#[derive(Debug, Clone)]
+pub struct ProxyHbone {
+    pub identity: ProxyIdentity,
+    /// `--hbone-endpoint` values: `IP` or `ENDPOINT=TUNNEL`.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProxyIdentity {
+    /// PEM files, reloaded when they change.
+    Files {
+        trust_domain: String,
+        files: IdentityFiles,
+    },
+    /// Istio's CA, renewed before expiry.
+    IstioCa(IstioCaOptions),
+}
+
+/// How often identity files are checked for a rotation.
+const FILE_RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// The data plane's HBONE settings. With Istio's CA, the first certificate is awaited (with
+/// backoff, as istio-agent does: a waypoint without an identity cannot serve HBONE); the
+/// returned rotation renews it for as long as it is kept. `None` when shut down meanwhile.
+async fn start_hbone(
+    hbone: &ProxyHbone,
+    shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> Result<Option<(HboneConfig, Option<CaRotation>)>, KubeError> {
+    let outbound = waystone_control::hbone::parse_endpoints(&hbone.endpoints)
+        .map_err(|e| KubeError::Config(format!("{e:#}")))?;
+    let config = |identity| HboneConfig {
+        identity,
+        inbound: true,
+        entry: false,
+        outbound: outbound.clone(),
+    };
+    match &hbone.identity {
+        ProxyIdentity::Files {
+            trust_domain,
+            files,
+        } => {
+            let identity = Arc::new(
+                Identity::from_files(trust_domain, files.clone())
+                    .map_err(|e| KubeError::Config(e.to_string()))?,
+            );
+            identity.spawn_reloader(FILE_RELOAD_EVERY);
+            Ok(Some((config(identity), None)))
+        }
+        ProxyIdentity::IstioCa(opts) => {
+            let mut backoff = opts.retry_initial;
+            loop {
+                let client = IstioCaClient::new(opts.clone())
+                    .map_err(|e| KubeError::Config(e.to_string()))?;
+                match CaRotation::start(client).await {
+                    Ok(rotation) => {
+                        let identity = rotation.identity().clone();
+                        return Ok(Some((config(identity), Some(rotation))));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "no HBONE certificate yet");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut *shutdown => return Ok(None),
+                }
+                backoff = (backoff * 2).min(opts.retry_max);
+            }
+        }
+    }
 }
 
 /// Keeps only `gateway` and the plugins its chains name.
@@ -62,11 +140,20 @@ pub async fn run_proxy(
     opts: ProxyOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), KubeError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (hbone, _rotation) = match &opts.hbone {
+        Some(h) => match start_hbone(h, &mut shutdown).await? {
+            Some((config, rotation)) => (Some(config), rotation),
+            None => return Ok(()),
+        },
+        None => (None, None),
+    };
     let dataplane = Arc::new(
         DataPlane::start(DataPlaneConfig {
             workers: opts.workers.max(1),
             gateway_address: opts.gateway_address,
             entry_address: opts.entry_address,
+            hbone,
             ..Default::default()
         })
         .await
@@ -103,7 +190,6 @@ pub async fn run_proxy(
     let translate_opts = engines.translate.clone();
     let mut pipeline = Pipeline::new(engines.engine, engines.fetcher, engines.translate);
     let changed = source.changed();
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut retry = Duration::from_secs(2);
     loop {
         let objects = source.objects().await;

@@ -355,7 +355,7 @@ fn build_state(
 
 /// The leaf's notAfter, read with a minimal DER walk (tbsCertificate → validity), so that
 /// rotation can be scheduled before expiry without a full X.509 parser.
-fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         let (&tag, rest) = input.split_first()?;
         let (&len0, rest) = rest.split_first()?;

@@ -7,12 +7,13 @@
 //! - [`client`]: HBONE to endpoints and from the local mesh entry to waypoints, one pooled h2
 //!   session per (worker, tunnel address) carrying many CONNECT streams.
 //! - [`identity`]: SPIFFE certificates from files, reloaded on change; [`ca`]: a local CA.
-//! - [`istio_ca`]: certificates from istiod's `IstioCertificateService`.
+//! - [`istio_ca`]: certificates from istiod's `IstioCertificateService`, renewed before expiry.
 
 pub mod ca;
 pub mod client;
 pub(crate) mod entry;
 pub mod identity;
+pub mod istio_ca;
 pub(crate) mod server;
 
 use std::collections::{HashMap, HashSet};
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 pub use client::{HboneClient, HboneStream};
 pub use identity::{Identity, IdentityFiles, SpiffeId};
+pub use istio_ca::{CaFailure, CaRotation, IstioCaClient, IstioCaOptions, RotationStatus};
 
 /// The port HBONE is served on, by waypoints and by ztunnel in front of workloads.
 pub const HBONE_PORT: u16 = 15008;
@@ -50,8 +52,11 @@ pub enum HboneError {
         authority: String,
         status: u16,
     },
-    #[error("Istio CA {endpoint}: {reason}")]
-    IstioCa { endpoint: String, reason: String },
+    #[error("Istio CA {address}: {failure}")]
+    IstioCa {
+        address: String,
+        failure: istio_ca::CaFailure,
+    },
 }
 
 /// Which endpoints are reached through HBONE rather than plain TCP.
