@@ -18,6 +18,7 @@ pub mod metrics;
 mod observe;
 mod routing;
 mod runtime;
+mod tcp;
 pub mod trace;
 mod worker;
 

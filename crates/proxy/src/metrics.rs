@@ -449,9 +449,15 @@ pub enum Callback {
     ResponseBody,
     /// `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`, run together at end of stream.
     Done,
+    /// L4 (NETWORK) plugins.
+    NewConnection,
+    DownstreamData,
+    UpstreamData,
+    /// `proxy_on_downstream_connection_close` and `proxy_on_upstream_connection_close`.
+    ConnectionClose,
 }
 
-pub const CALLBACKS: [Callback; 7] = [
+pub const CALLBACKS: [Callback; 11] = [
     Callback::Start,
     Callback::ContextCreate,
     Callback::RequestHeaders,
@@ -459,6 +465,10 @@ pub const CALLBACKS: [Callback; 7] = [
     Callback::ResponseHeaders,
     Callback::ResponseBody,
     Callback::Done,
+    Callback::NewConnection,
+    Callback::DownstreamData,
+    Callback::UpstreamData,
+    Callback::ConnectionClose,
 ];
 
 impl Callback {
@@ -471,6 +481,10 @@ impl Callback {
             Callback::ResponseHeaders => "proxy_on_response_headers",
             Callback::ResponseBody => "proxy_on_response_body",
             Callback::Done => "proxy_on_done",
+            Callback::NewConnection => "proxy_on_new_connection",
+            Callback::DownstreamData => "proxy_on_downstream_data",
+            Callback::UpstreamData => "proxy_on_upstream_data",
+            Callback::ConnectionClose => "proxy_on_connection_close",
         }
     }
 }
@@ -486,6 +500,8 @@ pub enum CallOutcome {
     Memory,
     /// Any other host error (an unusable instance, an unknown context).
     Error,
+    /// An L4 plugin closed its connection (`proxy_close_stream`).
+    Close,
 }
 
 impl CallOutcome {
@@ -512,6 +528,7 @@ impl CallOutcome {
             CallOutcome::Deadline => "deadline",
             CallOutcome::Memory => "memory",
             CallOutcome::Error => "error",
+            CallOutcome::Close => "close",
         }
     }
 }
