@@ -218,6 +218,7 @@ pub fn translate(objects: &[Resource], opts: &TranslateOptions) -> Translation {
         for ws in &g.waypoint_services {
             for p in &ws.ports {
                 used.extend(p.chain.iter().cloned());
+                used.extend(p.network_chain.iter().cloned());
             }
         }
     }

@@ -308,3 +308,141 @@ async fn a_trap_closes_the_connection_when_failing_closed_and_is_bypassed_when_o
     assert_eq!(read_exactly(&mut s, 5).await, b"more\n");
     dp.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The waypoint's HBONE relay of a TCP service port runs the port's NETWORK plugins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_tcp_ports_run_network_plugins_on_the_hbone_relay() {
+    use waystone_proxy::hbone::ca::LocalCa;
+    use waystone_proxy::hbone::{HboneClient, HboneConfig, HboneOutbound, Identity, SpiffeId};
+
+    plugin_lines();
+    let ip = net(5);
+    let backend = echo_backend(ip).await;
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: default, labels: {{istio.io/use-waypoint: waypoint}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: default}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: default}}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{{name: tcp-db, port: 5432}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints: [{{addresses: ["{ip}"]}}]
+ports: [{{name: tcp-db, port: {port}}}]
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: wp-l4, namespace: default}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]
+  url: file:///unused.wasm
+  type: NETWORK
+  pluginConfig: {{rewrite_from: "ping", rewrite_to: "PONG", log_properties: true}}
+"#,
+        ip = backend.ip(),
+        port = backend.port()
+    );
+    let engine = engine(Duration::from_secs(1), 64 << 20);
+    let tcp = compile(&engine, &plugin_wasm("rust_tcp"));
+    let rt = runtime(&yaml, |_| tcp.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::load_or_create(&dir.path().join("ca")).unwrap();
+    let identity = |ns: &str, sa: &str| {
+        let issued = ca
+            .issue(
+                &SpiffeId::new("cluster.local", ns, sa),
+                Duration::from_secs(86_400),
+            )
+            .unwrap();
+        Arc::new(
+            Identity::from_pem(
+                "cluster.local",
+                issued.cert_chain_pem.as_bytes(),
+                issued.key_pem.as_bytes(),
+                ca.root_pem().as_bytes(),
+            )
+            .unwrap(),
+        )
+    };
+    let dp = waystone_proxy::DataPlane::start(waystone_proxy::DataPlaneConfig {
+        workers: 1,
+        gateway_address: ip,
+        entry_address: None,
+        hbone: Some(HboneConfig {
+            identity: identity("istio-system", "waypoint"),
+            inbound: true,
+            entry: false,
+            outbound: HboneOutbound::default(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let waypoint = apply(&dp, rt, "waypoint").await;
+    let client = HboneClient::new(identity("default", "sleep"));
+    let mut s = client
+        .connect(waypoint, "10.96.0.20:5432", None)
+        .await
+        .unwrap();
+    s.write_all(b"ping\n").await.unwrap();
+    let mut reply = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut reply))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&reply, b"PONG\n");
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("end in time")
+        .unwrap();
+    assert!(rest.is_empty());
+    let logs = wait_for_log("default.wp-l4", "end", 1).await;
+    // The CONNECT authority is the destination the plugin sees.
+    assert!(
+        logs[1].starts_with("properties source=")
+            && logs[1].contains(" destination=10.96.0.20:5432 "),
+        "{logs:?}"
+    );
+    let callbacks: Vec<&str> = logs
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.starts_with("properties") && !l.starts_with("upstream="))
+        .collect();
+    assert_eq!(
+        callbacks,
+        [
+            "new_connection",
+            "downstream_data size=5 eos=false",
+            "upstream_data size=5 eos=false",
+            "downstream_data size=0 eos=true",
+            "upstream_data size=0 eos=true",
+            "upstream_close peer=unknown",
+            "downstream_close peer=local",
+            "done",
+            "bytes downstream=5 upstream=5",
+            "end",
+        ]
+    );
+    assert!(logs.contains(&format!("upstream={backend}")), "{logs:?}");
+    dp.shutdown(Duration::from_secs(1)).await;
+}
