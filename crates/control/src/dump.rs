@@ -164,6 +164,15 @@ pub fn config_dump(input: &DumpInput<'_>) -> Value {
                         "hostname": l.hostname,
                         "address": address,
                         "routes": routes,
+                        "tcpRoutes": l.tcp_routes.iter().map(|r| json!({
+                            "route": r.route.to_string(),
+                            "rule": r.rule_index,
+                            "backends": r.backends.iter().map(|b| json!({
+                                "service": b.service.to_string(),
+                                "port": b.port,
+                                "weight": b.weight,
+                            })).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
                         "chain": chain(&l.chain),
                     })
                 })
@@ -176,7 +185,12 @@ pub fn config_dump(input: &DumpInput<'_>) -> Value {
                         "service": s.service.to_string(),
                         "ports": s.ports.iter().map(|p| json!({
                             "port": p.port,
+                            "protocol": match p.protocol {
+                                waystone_model::snapshot::PortProtocol::Http => "HTTP",
+                                waystone_model::snapshot::PortProtocol::Tcp => "TCP",
+                            },
                             "chain": chain(&p.chain),
+                            "networkChain": chain(&p.network_chain),
                         })).collect::<Vec<_>>(),
                     })
                 })

@@ -536,12 +536,15 @@ pub fn gateway_status(
             ls.iter()
                 .find(|o| o.get("name").and_then(|n| n.as_str()) == Some(&l.name))
         });
-        let attached: std::collections::BTreeSet<&ObjectKey> =
-            l.routes.iter().map(|r| &r.route).collect();
+        let (attached, kind): (std::collections::BTreeSet<&ObjectKey>, _) = if l.is_tcp() {
+            (l.tcp_routes.iter().map(|r| &r.route).collect(), "TCPRoute")
+        } else {
+            (l.routes.iter().map(|r| &r.route).collect(), "HTTPRoute")
+        };
         listeners.push(json!({
             "name": l.name,
             "attachedRoutes": attached.len(),
-            "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+            "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": kind}],
             "conditions": conditions(&c, old, generation),
         }));
     }

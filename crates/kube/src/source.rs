@@ -52,6 +52,9 @@ pub async fn api_resource(client: &Client, kind: &str) -> Result<ApiResource, Ku
     })
 }
 
+/// Kinds whose CRD a cluster may lack; they are watched only where served.
+pub const OPTIONAL_KINDS: &[&str] = &["TCPRoute"];
+
 struct Watched {
     ar: ApiResource,
     store: Store<DynamicObject>,
@@ -76,7 +79,7 @@ impl Drop for KubeSource {
 
 impl KubeSource {
     /// Discovers the kinds and starts one reflector per kind. Fails when a kind is not served
-    /// (a CRD missing), naming it.
+    /// (a CRD missing), naming it, except the [`OPTIONAL_KINDS`], which are then not watched.
     pub async fn start(client: Client, scope: &Scope) -> Result<Self, KubeError> {
         let changed = Arc::new(Notify::new());
         let mut watched = Vec::new();
@@ -85,7 +88,16 @@ impl KubeSource {
             if info.kind == "Secret" {
                 continue;
             }
-            let ar = api_resource(&client, info.kind).await?;
+            let ar = match api_resource(&client, info.kind).await {
+                Ok(ar) => ar,
+                // TCPRoute ships in the Gateway API's experimental channel only: a cluster with
+                // the standard CRDs serves gateways without it, and Waystone runs there too.
+                Err(e) if OPTIONAL_KINDS.contains(&info.kind) => {
+                    tracing::info!(kind = info.kind, error = %e, "kind not served by this cluster; not watching it");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let mut cfg = watcher::Config::default();
             if let (Scope::Gateway(key), "Gateway") = (scope, info.kind) {

@@ -37,7 +37,7 @@ impl KindInfo {
     /// manifests copied from older docs use it.
     pub fn accepts_version(&self, version: &str) -> bool {
         version == self.version
-            || (self.group == GATEWAY_GROUP && version == "v1beta1" && self.kind != "EndpointSlice")
+            || (self.group == GATEWAY_GROUP && version == "v1beta1" && self.version == "v1")
     }
 }
 
@@ -53,8 +53,9 @@ pub(crate) const HTTP_ROUTE: usize = 5;
 pub(crate) const WASM_PLUGIN: usize = 6;
 pub(crate) const TRAFFIC_EXTENSION: usize = 7;
 pub(crate) const SECRET: usize = 8;
+pub(crate) const TCP_ROUTE: usize = 9;
 
-static KINDS: [KindInfo; 9] = [
+static KINDS: [KindInfo; 10] = [
     KindInfo {
         kind: "Namespace",
         group: "",
@@ -133,6 +134,16 @@ static KINDS: [KindInfo; 9] = [
         version: "v1",
         plural: "secrets",
         singular: "secret",
+        short_names: &[],
+        namespaced: true,
+    },
+    // Experimental channel only: v1alpha2 is the one version served.
+    KindInfo {
+        kind: "TCPRoute",
+        group: GATEWAY_GROUP,
+        version: "v1alpha2",
+        plural: "tcproutes",
+        singular: "tcproute",
         short_names: &[],
         namespaced: true,
     },

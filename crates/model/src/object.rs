@@ -19,6 +19,7 @@ pub enum Resource {
     WasmPlugin(WasmPlugin),
     TrafficExtension(TrafficExtension),
     Secret(Secret),
+    TcpRoute(TcpRoute),
 }
 
 macro_rules! each {
@@ -33,6 +34,7 @@ macro_rules! each {
             Resource::WasmPlugin($o) => $e,
             Resource::TrafficExtension($o) => $e,
             Resource::Secret($o) => $e,
+            Resource::TcpRoute($o) => $e,
         }
     };
 }
@@ -164,6 +166,7 @@ impl Resource {
             Resource::WasmPlugin(_) => kinds::WASM_PLUGIN,
             Resource::TrafficExtension(_) => kinds::TRAFFIC_EXTENSION,
             Resource::Secret(_) => kinds::SECRET,
+            Resource::TcpRoute(_) => kinds::TCP_ROUTE,
         })
     }
 
@@ -227,6 +230,7 @@ impl Resource {
             | Resource::Gateway(_)
             | Resource::GatewayClass(_)
             | Resource::HttpRoute(_)
+            | Resource::TcpRoute(_)
             | Resource::WasmPlugin(_)
             | Resource::TrafficExtension(_) => m.remove("spec").unwrap_or(Value::Null),
             // Secret (type/data/stringData) and EndpointSlice (addressType/endpoints/ports)
@@ -291,6 +295,7 @@ impl Resource {
             "WasmPlugin" => typed(map).map(Resource::WasmPlugin),
             "TrafficExtension" => typed(map).map(Resource::TrafficExtension),
             "Secret" => typed(map).map(Resource::Secret),
+            "TCPRoute" => typed(map).map(Resource::TcpRoute),
             other => Err(ParseError::object("", format!("unknown kind \"{other}\""))),
         };
         res.map_err(identify)

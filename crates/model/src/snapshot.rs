@@ -196,8 +196,28 @@ pub struct ListenerConfig {
     pub hostname: Option<String>,
     /// Ingress only: the routes attached to this listener, in Gateway API precedence order.
     pub routes: Vec<RouteConfig>,
-    /// Ingress only: the plugin chain, in execution order.
+    /// Ingress only: the plugin chain, in execution order. On a `TCP` listener these are the
+    /// `NETWORK` plugins, on any other the `HTTP` ones.
     pub chain: Vec<PluginId>,
+    /// Ingress `TCP` listeners only: the TCPRoute rules attached, oldest route first; the first
+    /// one with a backend carries the listener's bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<TcpRouteConfig>,
+}
+
+impl ListenerConfig {
+    /// A listener whose connections are relayed as bytes (protocol `TCP`).
+    pub fn is_tcp(&self) -> bool {
+        self.protocol == "TCP"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TcpRouteConfig {
+    /// `namespace/name` of the TCPRoute, and the rule index.
+    pub route: ObjectKey,
+    pub rule_index: usize,
+    pub backends: Vec<Backend>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,7 +272,52 @@ pub struct WaypointService {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PortChain {
     pub port: u16,
+    /// `HTTP` plugins, for a port the waypoint serves as HTTP (empty on a TCP port).
     pub chain: Vec<PluginId>,
+    /// How the waypoint serves the port.
+    #[serde(default)]
+    pub protocol: PortProtocol,
+    /// `NETWORK` plugins, for a TCP port (empty on an HTTP port).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_chain: Vec<PluginId>,
+}
+
+/// How a waypoint treats a service port: Istio reads `appProtocol`, else the port name's
+/// prefix (`http-web`, `tcp-db`). A port that says neither is served as HTTP here (Istio
+/// sniffs the first bytes instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum PortProtocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+impl PortProtocol {
+    /// Istio's protocol names (case-insensitive, `kubernetes.io/h2c` and `kubernetes.io/ws`
+    /// included): HTTP-like ones give `Http`; `tcp`, `tls`, `https` and the database protocols
+    /// give `Tcp`; anything else is `None` (not said).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "http_proxy" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c"
+            | "kubernetes.io/ws" => Some(Self::Http),
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => {
+                Some(Self::Tcp)
+            }
+            _ => None,
+        }
+    }
+
+    /// `appProtocol` first, then the name up to its first `-`; unsaid means HTTP.
+    pub fn of_port(port: &ServicePortConfig) -> Self {
+        port.app_protocol
+            .as_deref()
+            .and_then(Self::from_name)
+            .or_else(|| {
+                let name = port.name.as_deref()?;
+                Self::from_name(name.split('-').next().unwrap_or(name))
+            })
+            .unwrap_or(Self::Http)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

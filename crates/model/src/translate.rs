@@ -114,6 +114,7 @@ struct Index<'a> {
     classes: BTreeMap<&'a str, &'a r::GatewayClass>,
     gateways: BTreeMap<ObjectKey, &'a r::Gateway>,
     routes: Vec<(ObjectKey, &'a r::HttpRoute)>,
+    tcp_routes: Vec<(ObjectKey, &'a r::TcpRoute)>,
     services: BTreeMap<ObjectKey, &'a r::Service>,
     slices: Vec<(ObjectKey, &'a r::EndpointSlice)>,
     secrets: BTreeMap<ObjectKey, &'a r::Secret>,
@@ -141,6 +142,7 @@ pub fn translate(objects: &[Resource], opts: &TranslateOptions) -> Translation {
         classes: BTreeMap::new(),
         gateways: BTreeMap::new(),
         routes: Vec::new(),
+        tcp_routes: Vec::new(),
         services: BTreeMap::new(),
         slices: Vec::new(),
         secrets: BTreeMap::new(),
@@ -173,6 +175,7 @@ pub fn translate(objects: &[Resource], opts: &TranslateOptions) -> Translation {
                 idx.gateways.insert(key.clone(), g);
             }
             Resource::HttpRoute(h) => idx.routes.push((key.clone(), h)),
+            Resource::TcpRoute(t) => idx.tcp_routes.push((key.clone(), t)),
             Resource::Service(s) => {
                 idx.services.insert(key.clone(), s);
             }
@@ -226,6 +229,7 @@ pub fn translate(objects: &[Resource], opts: &TranslateOptions) -> Translation {
         for ws in &g.waypoint_services {
             for p in &ws.ports {
                 used.extend(p.chain.iter().cloned());
+                used.extend(p.network_chain.iter().cloned());
             }
         }
     }
@@ -666,12 +670,21 @@ fn gateway_config(
         .iter()
         .filter_map(|l| {
             let port = u16::try_from(l.port).ok()?;
-            let (routes, chain) = if is_waypoint {
-                (Vec::new(), Vec::new())
+            let tcp = l.protocol == "TCP";
+            let (routes, tcp_routes, chain) = if is_waypoint {
+                (Vec::new(), Vec::new(), Vec::new())
             } else {
+                // Istio puts NETWORK plugins in the network filter chain of TCP listeners and
+                // HTTP plugins in the HTTP filter chain of HTTP ones.
+                let kind = if tcp {
+                    PluginType::Network
+                } else {
+                    PluginType::Http
+                };
                 (
                     listener_routes(key, l, idx),
-                    ingress_chain(key, gw, port, idx, opts),
+                    listener_tcp_routes(key, l, idx),
+                    ingress_chain(key, gw, port, kind, idx, opts),
                 )
             };
             Some(ListenerConfig {
@@ -681,6 +694,7 @@ fn gateway_config(
                 hostname: l.hostname.clone(),
                 routes,
                 chain,
+                tcp_routes,
             })
         })
         .collect();
@@ -693,9 +707,23 @@ fn gateway_config(
                 ports: s
                     .ports
                     .iter()
-                    .map(|p| PortChain {
-                        port: p.port,
-                        chain: waypoint_chain(key, &s.key, p.port, idx, opts),
+                    .map(|p| {
+                        let protocol = PortProtocol::of_port(p);
+                        let chain = |kind| waypoint_chain(key, &s.key, p.port, kind, idx, opts);
+                        match protocol {
+                            PortProtocol::Http => PortChain {
+                                port: p.port,
+                                chain: chain(PluginType::Http),
+                                protocol,
+                                network_chain: Vec::new(),
+                            },
+                            PortProtocol::Tcp => PortChain {
+                                port: p.port,
+                                chain: Vec::new(),
+                                protocol,
+                                network_chain: chain(PluginType::Network),
+                            },
+                        }
                     })
                     .collect(),
             })
@@ -750,6 +778,7 @@ fn ingress_chain(
     key: &ObjectKey,
     gw: &r::Gateway,
     port: u16,
+    kind: PluginType,
     idx: &Index<'_>,
     opts: &TranslateOptions,
 ) -> Vec<PluginId> {
@@ -757,7 +786,7 @@ fn ingress_chain(
     let exts = idx
         .extensions
         .iter()
-        .filter(|e| e.config.plugin_type == PluginType::Http)
+        .filter(|e| e.config.plugin_type == kind)
         .filter(|e| {
             refs_gateway(e, key) || selector_matches(e, key, &pod_labels, &opts.root_namespace)
         })
@@ -774,13 +803,14 @@ fn waypoint_chain(
     waypoint: &ObjectKey,
     service: &ObjectKey,
     port: u16,
+    kind: PluginType,
     idx: &Index<'_>,
     opts: &TranslateOptions,
 ) -> Vec<PluginId> {
     let exts = idx
         .extensions
         .iter()
-        .filter(|e| e.config.plugin_type == PluginType::Http)
+        .filter(|e| e.config.plugin_type == kind)
         .filter(|e| {
             refs_gateway(e, waypoint)
                 || refs_waypoint_class(e, &opts.root_namespace)
@@ -853,6 +883,76 @@ fn listener_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec<Rou
     }
     candidates.sort_by(|a, b| a.0.cmp(&b.0));
     candidates.into_iter().map(|(_, c)| c).collect()
+}
+
+/// TCPRoutes attached to a `TCP` listener (same parentRef rules as HTTPRoutes, no hostnames),
+/// oldest first, then by namespace/name: Gateway API gives a listener's traffic to the oldest
+/// route when several claim it.
+fn listener_tcp_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec<TcpRouteConfig> {
+    if l.protocol != "TCP" || !allows_route_kind(l, "TCPRoute") {
+        return Vec::new();
+    }
+    let mut candidates = Vec::new();
+    for (rkey, route) in &idx.tcp_routes {
+        let attached = route.spec.parent_refs.iter().any(|p| {
+            p.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+                && p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+                && p.namespace.as_deref().unwrap_or(&rkey.namespace) == key.namespace
+                && p.name == key.name
+                && p.section_name.as_ref().is_none_or(|s| *s == l.name)
+                && p.port.is_none_or(|port| port == l.port)
+        });
+        if !attached || !namespace_allowed(l, &key.namespace, &rkey.namespace, idx) {
+            continue;
+        }
+        let created = route
+            .metadata
+            .creation_timestamp
+            .clone()
+            .unwrap_or_default();
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            let backends = rule
+                .backend_refs
+                .iter()
+                .filter(|b| {
+                    b.kind.as_deref().unwrap_or("Service") == "Service"
+                        && matches!(b.group.as_deref().unwrap_or(""), "" | "core")
+                })
+                .filter_map(|b| {
+                    Some(Backend {
+                        service: ObjectKey::new(
+                            b.namespace
+                                .clone()
+                                .unwrap_or_else(|| rkey.namespace.clone()),
+                            b.name.clone(),
+                        ),
+                        port: u16::try_from(b.port?).ok()?,
+                        weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
+                    })
+                })
+                .collect();
+            let config = TcpRouteConfig {
+                route: rkey.clone(),
+                rule_index: i,
+                backends,
+            };
+            candidates.push(((created.clone(), rkey.clone(), i), config));
+        }
+    }
+    candidates.sort_by(|a, b| a.0.cmp(&b.0));
+    candidates.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Whether `allowedRoutes.kinds` admits `kind`; unset or empty means the kinds that fit the
+/// listener's protocol.
+fn allows_route_kind(l: &r::Listener, kind: &str) -> bool {
+    match l.allowed_routes.as_ref().and_then(|a| a.kinds.as_ref()) {
+        None => true,
+        Some(kinds) if kinds.is_empty() => true,
+        Some(kinds) => kinds.iter().any(|k| {
+            k.kind == kind && k.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+        }),
+    }
 }
 
 fn allows_http_route(l: &r::Listener) -> bool {

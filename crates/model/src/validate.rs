@@ -76,6 +76,7 @@ pub(crate) fn validate(res: &Resource) -> Result<(), ValidationError> {
         Resource::EndpointSlice(e) => validate_endpoint_slice(e, &mut issues),
         Resource::Gateway(g) => validate_gateway(g, &mut issues),
         Resource::HttpRoute(r) => validate_http_route(r, &mut issues),
+        Resource::TcpRoute(r) => validate_tcp_route(r, &mut issues),
         Resource::WasmPlugin(p) => validate_wasm_plugin(p, &mut issues),
         Resource::TrafficExtension(t) => validate_traffic_extension(t, &mut issues),
         Resource::Secret(s) => validate_secret(s, &mut issues),
@@ -313,6 +314,61 @@ fn check_hostname(h: &str) -> Result<(), String> {
             "hostname \"{h}\" must be a DNS name, optionally starting with a \"*.\" wildcard label"
         )
     })
+}
+
+/// The CRD's rules: 1-16 rules, each with 1-16 backends; a Service backend needs a port.
+fn validate_tcp_route(r: &TcpRoute, issues: &mut Issues) {
+    if r.spec.parent_refs.len() > 32 {
+        issues.add("spec.parentRefs", "at most 32 parent references");
+    }
+    for (i, p) in r.spec.parent_refs.iter().enumerate() {
+        if p.name.is_empty() {
+            issues.add(format!("spec.parentRefs[{i}].name"), "required");
+        }
+        if let Some(port) = p.port
+            && let Err(why) = check_port(port)
+        {
+            issues.add(format!("spec.parentRefs[{i}].port"), why);
+        }
+    }
+    if r.spec.rules.is_empty() {
+        issues.add("spec.rules", "at least one rule is required");
+    }
+    if r.spec.rules.len() > 16 {
+        issues.add("spec.rules", "at most 16 rules");
+    }
+    for (i, rule) in r.spec.rules.iter().enumerate() {
+        if rule.backend_refs.is_empty() || rule.backend_refs.len() > 16 {
+            issues.add(
+                format!("spec.rules[{i}].backendRefs"),
+                "between 1 and 16 backends are required",
+            );
+        }
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let f = format!("spec.rules[{i}].backendRefs[{j}]");
+            if b.name.is_empty() {
+                issues.add(format!("{f}.name"), "required");
+            }
+            let kind = b.kind.as_deref().unwrap_or("Service");
+            let group = b.group.as_deref().unwrap_or("");
+            match b.port {
+                Some(port) => {
+                    if let Err(why) = check_port(port) {
+                        issues.add(format!("{f}.port"), why);
+                    }
+                }
+                None if kind == "Service" && (group.is_empty() || group == "core") => {
+                    issues.add(format!("{f}.port"), "required when referring to a Service");
+                }
+                None => {}
+            }
+            if let Some(w) = b.weight
+                && !(0..=1_000_000).contains(&w)
+            {
+                issues.add(format!("{f}.weight"), "must be between 0 and 1000000");
+            }
+        }
+    }
 }
 
 fn validate_http_route(r: &HttpRoute, issues: &mut Issues) {

@@ -306,7 +306,11 @@ fn kind_info_names() {
         "extensions.istio.io/v1alpha1"
     );
     assert_eq!(lookup_kind("svc").unwrap().api_version(), "v1");
-    assert_eq!(all_kinds().len(), 9);
+    assert_eq!(all_kinds().len(), 10);
+    assert_eq!(
+        lookup_kind("tcproutes").unwrap().api_version(),
+        "gateway.networking.k8s.io/v1alpha2"
+    );
     assert!(!lookup_kind("gc").unwrap().namespaced);
     assert!(lookup_kind("secret").unwrap().namespaced);
 }

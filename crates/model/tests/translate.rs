@@ -1410,6 +1410,178 @@ fn translation_is_deterministic() {
     assert_eq!(a, b);
 }
 
+// ---------------------------------------------------------------- L4 (TCPRoute, NETWORK plugins)
+
+const TCP_GATEWAY: &str = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress}
+spec:
+  gatewayClassName: istio
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+  - {name: db, port: 5432, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: pg}
+spec:
+  ports: [{name: tcp-pg, port: 5432}]
+"#;
+
+fn tcp_route(name: &str, section: &str, backend: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: ingress, sectionName: {section}}}]\n  rules:\n  - backendRefs: [{{name: {backend}, port: 5432}}]\n"
+    )
+}
+
+#[test]
+fn network_plugins_run_on_tcp_listeners_and_http_plugins_on_http_ones() {
+    let yaml = [
+        TCP_GATEWAY.to_string(),
+        plugin("http-one", TARGET_INGRESS),
+        plugin("l4-one", &format!("{TARGET_INGRESS}\n  type: NETWORK")),
+        tcp_route("to-pg", "db", "pg"),
+    ]
+    .concat();
+    let s = ok(&yaml);
+    assert_eq!(
+        listener_chain(&s, "default", "ingress", "http"),
+        ["default/http-one"]
+    );
+    assert_eq!(
+        listener_chain(&s, "default", "ingress", "db"),
+        ["default/l4-one"]
+    );
+    // Both are referenced, so both are loaded.
+    assert_eq!(s.plugins.len(), 2);
+    let db = gw(&s, "default", "ingress")
+        .listeners
+        .iter()
+        .find(|l| l.name == "db")
+        .unwrap();
+    assert!(db.is_tcp());
+    assert_eq!(db.tcp_routes.len(), 1);
+    assert_eq!(db.tcp_routes[0].route, ObjectKey::new("default", "to-pg"));
+    assert_eq!(
+        db.tcp_routes[0].backends,
+        [Backend {
+            service: ObjectKey::new("default", "pg"),
+            port: 5432,
+            weight: 1
+        }]
+    );
+    // HTTP listeners take no TCPRoutes, TCP listeners no HTTPRoutes.
+    let http = gw(&s, "default", "ingress")
+        .listeners
+        .iter()
+        .find(|l| l.name == "http")
+        .unwrap();
+    assert!(http.tcp_routes.is_empty());
+}
+
+#[test]
+fn tcp_routes_attach_by_section_and_oldest_first() {
+    let yaml = [
+        TCP_GATEWAY.to_string(),
+        tcp_route("older", "db", "pg"),
+        tcp_route("newer", "db", "other"),
+        tcp_route("wrong-section", "http", "pg"),
+    ]
+    .concat();
+    let s = ok(&yaml);
+    let routes: Vec<String> = gw(&s, "default", "ingress")
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.tcp_routes
+                .iter()
+                .map(|r| format!("{}:{}", l.name, r.route.name))
+        })
+        .collect();
+    assert_eq!(routes, ["db:older", "db:newer"]);
+}
+
+#[test]
+fn tcp_route_is_parsed_strictly_and_validated() {
+    let bad_field = "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: ingress}]\n  rules: [{backendRefs: [{name: pg, port: 5432}], matches: []}]\n";
+    let err = parse_manifests(bad_field, "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("spec.rules[0]") && err.contains("matches"),
+        "{err}"
+    );
+    let v1 = tcp_route("r", "db", "pg").replace("v1alpha2", "v1");
+    let err = parse_manifests(&v1, "t.yaml").unwrap_err().to_string();
+    assert!(err.contains("unsupported apiVersion"), "{err}");
+    let no_port = "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: ingress}]\n  rules: [{backendRefs: [{name: pg}]}]\n";
+    let t = run(&[TCP_GATEWAY, no_port].concat());
+    assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+    assert!(
+        t.errors[0].to_string().contains("backendRefs[0].port"),
+        "{}",
+        t.errors[0]
+    );
+}
+
+#[test]
+fn waypoint_ports_are_tcp_or_http_by_app_protocol_then_name_prefix() {
+    let svc = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec:
+  ports:
+  - {name: http-web, port: 80}
+  - {name: tcp-db, port: 5432}
+  - {name: web, port: 8080, appProtocol: tcp}
+  - {name: tcp-but-h2c, port: 8443, appProtocol: kubernetes.io/h2c}
+  - {name: plain, port: 9000}
+"#;
+    let yaml = [
+        WAYPOINT.to_string(),
+        NS_DEFAULT_ENROLLED.to_string(),
+        svc.to_string(),
+        plugin("http-one", TARGET_WAYPOINT),
+        plugin("l4-one", &format!("{TARGET_WAYPOINT}\n  type: NETWORK")),
+    ]
+    .concat();
+    let s = ok(&yaml);
+    let ws = gw(&s, "default", "waypoint")
+        .waypoint_services
+        .iter()
+        .find(|w| w.service.name == "mixed")
+        .unwrap();
+    let got: Vec<(u16, PortProtocol, Vec<String>, Vec<String>)> = ws
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol, names(&p.chain), names(&p.network_chain)))
+        .collect();
+    let http = |port| {
+        (
+            port,
+            PortProtocol::Http,
+            vec!["default/http-one".to_string()],
+            vec![],
+        )
+    };
+    let tcp = |port| {
+        (
+            port,
+            PortProtocol::Tcp,
+            vec![],
+            vec!["default/l4-one".to_string()],
+        )
+    };
+    assert_eq!(
+        got,
+        [http(80), tcp(5432), tcp(8080), http(8443), http(9000)]
+    );
+}
+
 // ---------------------------------------------------------------- access log annotation
 
 fn annotated_ingress(value: &str) -> String {

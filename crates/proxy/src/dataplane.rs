@@ -140,9 +140,12 @@ impl DataPlane {
             drain,
             connections: AtomicU64::new(0),
             hbone: cfg.hbone.as_ref().map(|h| HboneShared {
-                inbound: h
-                    .inbound
-                    .then(|| Arc::new(crate::hbone::server::Inbound::new(h.identity.clone()))),
+                inbound: h.inbound.then(|| {
+                    Arc::new(crate::hbone::server::Inbound::new(
+                        h.identity.clone(),
+                        cfg.node_id.clone(),
+                    ))
+                }),
                 entry: h.entry,
                 waypoints: Default::default(),
             }),
@@ -305,12 +308,12 @@ impl DataPlane {
                     });
                     continue;
                 }
-                if !matches!(protocol.as_str(), "HTTP" | "HBONE") {
+                if !matches!(protocol.as_str(), "HTTP" | "HBONE" | "TCP") {
                     results.push(ListenerBinding {
                         name: name.clone(),
                         port: *port,
                         result: Err(format!(
-                            "protocol {protocol} is not supported yet (HTTP and HBONE are)"
+                            "protocol {protocol} is not supported yet (HTTP, HBONE and TCP are)"
                         )),
                     });
                     continue;
@@ -531,6 +534,13 @@ async fn serve_connection(
         }
     };
     let _ = socket.set_nodelay(true);
+    if let Entry::Gateway { gateway, listener } = &*entry
+        && is_tcp_listener(&shared, gateway, listener)
+    {
+        let drain = shared.drain.subscribe();
+        serve_tcp(&shared, socket, conn, gateway, listener, drain).await;
+        return;
+    }
     if let Some((inbound, waypoint)) = hbone_listener(&shared, &entry) {
         let (handle_shared, config_shared) = (shared.clone(), shared.clone());
         let handle: crate::hbone::server::HandleFn = std::rc::Rc::new(move |req| {
@@ -598,6 +608,97 @@ async fn serve_connection(
         }
     }
 }
+
+/// An ingress gateway's listener of protocol `TCP`: its connections are relayed as bytes.
+fn is_tcp_listener(shared: &Shared, gateway: &ObjectKey, listener: &str) -> bool {
+    let rt = shared.config.load();
+    rt.snapshot.gateway(gateway).is_some_and(|gw| {
+        gw.role == waystone_model::snapshot::GatewayRole::Ingress
+            && gw
+                .listeners
+                .iter()
+                .any(|l| l.name == listener && l.is_tcp())
+    })
+}
+
+/// One connection on a `TCP` listener: the listener's NETWORK plugins, then the bytes to an
+/// endpoint of the first TCPRoute backend (Envoy's wasm network filter before `tcp_proxy`).
+async fn serve_tcp(
+    shared: &Shared,
+    socket: tokio::net::TcpStream,
+    conn: ConnInfo,
+    gateway: &ObjectKey,
+    listener: &str,
+    drain: watch::Receiver<u8>,
+) {
+    let rt = shared.config.load_full();
+    let Some(l) = rt
+        .snapshot
+        .gateway(gateway)
+        .and_then(|gw| gw.listeners.iter().find(|l| l.name == listener))
+    else {
+        return;
+    };
+    let target = l
+        .tcp_routes
+        .iter()
+        .find(|r| !r.backends.is_empty())
+        .and_then(|route| {
+            let backend = crate::routing::pick_backend(&route.backends, &TCP_PICKS)?;
+            let service = rt.snapshot.service(&backend.service)?;
+            let port = service.ports.iter().find(|p| p.port == backend.port)?;
+            Some((route, service, port))
+        });
+    let (cluster_name, route_name) = match &target {
+        Some((route, service, port)) => (
+            format!(
+                "outbound|{}||{}.{}.svc.cluster.local",
+                port.port, service.key.name, service.key.namespace
+            ),
+            format!("{}/{}", route.route, route.rule_index),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let props = crate::tcp::properties(
+        conn.peer,
+        conn.local,
+        conn.id,
+        &shared.settings.node_id,
+        cluster_name,
+        route_name,
+    );
+    let (mut chain, closed) = crate::tcp::L4Chain::start(&l.chain, &rt, props);
+    let endpoint = target.and_then(|(_, _, port)| crate::routing::pick_endpoint(port, &TCP_PICKS));
+    let upstream = match (closed, endpoint) {
+        (None, Some(endpoint)) => {
+            match crate::hbone::client::connect_endpoint(endpoint, None).await {
+                Ok(up) => Some((endpoint, up)),
+                Err(e) => {
+                    tracing::debug!(%endpoint, error = %e, "TCP listener: upstream connect failed");
+                    None
+                }
+            }
+        }
+        (None, None) => {
+            tracing::debug!(gateway = %gateway, listener, "TCP listener: no route or no healthy endpoint");
+            None
+        }
+        (Some(_), _) => None,
+    };
+    match upstream {
+        Some((endpoint, up)) => {
+            chain.set_upstream(endpoint);
+            crate::tcp::relay(socket, up, chain, Some(drain)).await;
+        }
+        None => {
+            // tcp_proxy closes the downstream connection itself: a local close.
+            drop(socket);
+            chain.end(waystone_wasm::PeerType::Local);
+        }
+    }
+}
+
+static TCP_PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The HBONE server and waypoint for a connection on a waypoint listener of protocol HBONE,
 /// when the data plane terminates HBONE; `None` serves plain HTTP/h2c.

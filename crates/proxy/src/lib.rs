@@ -19,6 +19,7 @@ mod observe;
 mod routing;
 mod runtime;
 mod stream;
+mod tcp;
 pub mod trace;
 mod worker;
 

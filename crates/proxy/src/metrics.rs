@@ -451,9 +451,15 @@ pub enum Callback {
     ResponseTrailers,
     /// `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`, run together at end of stream.
     Done,
+    /// L4 (NETWORK) plugins.
+    NewConnection,
+    DownstreamData,
+    UpstreamData,
+    /// `proxy_on_downstream_connection_close` and `proxy_on_upstream_connection_close`.
+    ConnectionClose,
 }
 
-pub const CALLBACKS: [Callback; 9] = [
+pub const CALLBACKS: [Callback; 13] = [
     Callback::Start,
     Callback::ContextCreate,
     Callback::RequestHeaders,
@@ -463,6 +469,10 @@ pub const CALLBACKS: [Callback; 9] = [
     Callback::RequestTrailers,
     Callback::ResponseTrailers,
     Callback::Done,
+    Callback::NewConnection,
+    Callback::DownstreamData,
+    Callback::UpstreamData,
+    Callback::ConnectionClose,
 ];
 
 impl Callback {
@@ -477,6 +487,10 @@ impl Callback {
             Callback::RequestTrailers => "proxy_on_request_trailers",
             Callback::ResponseTrailers => "proxy_on_response_trailers",
             Callback::Done => "proxy_on_done",
+            Callback::NewConnection => "proxy_on_new_connection",
+            Callback::DownstreamData => "proxy_on_downstream_data",
+            Callback::UpstreamData => "proxy_on_upstream_data",
+            Callback::ConnectionClose => "proxy_on_connection_close",
         }
     }
 }
@@ -492,6 +506,8 @@ pub enum CallOutcome {
     Memory,
     /// Any other host error (an unusable instance, an unknown context).
     Error,
+    /// An L4 plugin closed its connection (`proxy_close_stream`).
+    Close,
 }
 
 impl CallOutcome {
@@ -518,6 +534,7 @@ impl CallOutcome {
             CallOutcome::Deadline => "deadline",
             CallOutcome::Memory => "memory",
             CallOutcome::Error => "error",
+            CallOutcome::Close => "close",
         }
     }
 }

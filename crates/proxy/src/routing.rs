@@ -319,6 +319,7 @@ mod tests {
             hostname: None,
             routes,
             chain: vec![],
+            tcp_routes: vec![],
         }
     }
 

@@ -127,13 +127,16 @@ pub(crate) fn tunnel_destination() -> Option<String> {
 
 /// Adds the tunnel's identity facts to a request's plugin-visible properties.
 pub(crate) fn annotate(props: &mut waystone_wasm::StreamProperties) {
-    let _ = TUNNEL.try_with(|t| {
-        props.source = Some(t.source);
-        props.mtls = Some(waystone_wasm::MtlsProperties {
-            peer_principal: t.peer.to_string(),
-            local_principal: t.local.to_string(),
-            tls_version: "TLSv1.3".to_string(),
-        });
+    let _ = TUNNEL.try_with(|t| annotate_with(t, props));
+}
+
+/// Adds `t`'s identity facts to plugin-visible properties.
+pub(crate) fn annotate_with(t: &Tunnel, props: &mut waystone_wasm::StreamProperties) {
+    props.source = Some(t.source);
+    props.mtls = Some(waystone_wasm::MtlsProperties {
+        peer_principal: t.peer.to_string(),
+        local_principal: t.local.to_string(),
+        tls_version: "TLSv1.3".to_string(),
     });
 }
 

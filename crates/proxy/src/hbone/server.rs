@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use waystone_model::snapshot::ObjectKey;
+use waystone_model::snapshot::{ObjectKey, PluginId, PortProtocol};
 
 use super::identity::{Identity, SpiffeId};
 use super::{LocalExec, Tunnel, client, with_tunnel};
@@ -27,12 +27,13 @@ use crate::runtime::RuntimeConfig;
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a CONNECT stream carries, decided from its destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Plan {
     /// HTTP through the destination port's plugin chain (the shared handler).
     Http,
-    /// No plugins on that port: bytes relayed to this endpoint.
-    Tcp(SocketAddr),
+    /// A TCP port, or an HTTP port without HTTP plugins: bytes relayed to this endpoint,
+    /// through the port's NETWORK plugins (if any).
+    Tcp(SocketAddr, Vec<PluginId>),
 }
 
 static PICKS: AtomicUsize = AtomicUsize::new(0);
@@ -67,15 +68,15 @@ pub(crate) fn plan(
                 format!("service {} does not use waypoint {waypoint}", service.key),
             )
         })?;
-    let has_chain = served
-        .ports
-        .iter()
-        .any(|p| p.port == port.port && !p.chain.is_empty());
-    if has_chain {
+    let port_chain = served.ports.iter().find(|p| p.port == port.port);
+    if port_chain.is_some_and(|p| p.protocol == PortProtocol::Http && !p.chain.is_empty()) {
         return Ok(Plan::Http);
     }
+    let network_chain = port_chain
+        .map(|p| p.network_chain.clone())
+        .unwrap_or_default();
     routing::pick_endpoint(port, &PICKS)
-        .map(Plan::Tcp)
+        .map(|endpoint| Plan::Tcp(endpoint, network_chain))
         .ok_or_else(|| {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -91,13 +92,16 @@ pub(crate) type HandleFn =
 pub(crate) struct Inbound {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub identity: Arc<Identity>,
+    /// `node.id` for L4 plugins on relayed streams.
+    pub node_id: String,
 }
 
 impl Inbound {
-    pub fn new(identity: Arc<Identity>) -> Self {
+    pub fn new(identity: Arc<Identity>, node_id: String) -> Self {
         Self {
             acceptor: tokio_rustls::TlsAcceptor::from(identity.server_config()),
             identity,
+            node_id,
         }
     }
 }
@@ -134,6 +138,7 @@ pub(crate) async fn serve(
         return;
     };
     let local = inbound.identity.spiffe_id();
+    let node_id: Rc<str> = Rc::from(inbound.node_id.as_str());
     let service = service_fn(move |req: Request<Incoming>| {
         let tunnel = Tunnel {
             destination: String::new(),
@@ -141,7 +146,15 @@ pub(crate) async fn serve(
             local: local.clone(),
             source: forwarded_for(&req).unwrap_or(conn.peer),
         };
-        let reply = accept_stream(req, tunnel, conn, &waypoint, &*config, handle.clone());
+        let reply = accept_stream(
+            req,
+            tunnel,
+            conn,
+            &waypoint,
+            &*config,
+            handle.clone(),
+            &node_id,
+        );
         async move { Ok::<_, std::convert::Infallible>(reply) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(LocalExec);
@@ -187,6 +200,7 @@ fn accept_stream(
     waypoint: &ObjectKey,
     config: &dyn Fn() -> Arc<RuntimeConfig>,
     handle: HandleFn,
+    node_id: &Rc<str>,
 ) -> Response<Body> {
     if req.method() != Method::CONNECT {
         return status(
@@ -197,11 +211,13 @@ fn accept_stream(
     let Some(authority) = req.uri().authority().map(|a| a.as_str().to_string()) else {
         return status(StatusCode::BAD_REQUEST, "CONNECT without :authority".into());
     };
-    let plan = match plan(&config(), waypoint, &authority) {
+    let rt = config();
+    let plan = match plan(&rt, waypoint, &authority) {
         Ok(p) => p,
         Err((code, text)) => return status(code, text),
     };
     tunnel.destination = authority;
+    let node_id = node_id.clone();
     tokio::task::spawn_local(async move {
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
@@ -212,7 +228,7 @@ fn accept_stream(
         };
         match plan {
             Plan::Http => serve_http(upgraded, tunnel, handle).await,
-            Plan::Tcp(endpoint) => {
+            Plan::Tcp(endpoint, chain) if chain.is_empty() => {
                 let mut downstream = TokioIo::new(upgraded);
                 match client::connect_endpoint(endpoint, Some(tunnel.source.ip())).await {
                     Ok(mut upstream) => {
@@ -223,6 +239,18 @@ fn accept_stream(
                     }
                 }
             }
+            Plan::Tcp(endpoint, chain) => {
+                relay_l4(
+                    TokioIo::new(upgraded),
+                    tunnel,
+                    conn,
+                    endpoint,
+                    &chain,
+                    &rt,
+                    &node_id,
+                )
+                .await
+            }
         }
     });
     Response::new(
@@ -230,6 +258,57 @@ fn accept_stream(
             .map_err(|never| match never {})
             .boxed(),
     )
+}
+
+/// A TCP port's NETWORK plugins on the tunnel's bytes, as a waypoint's Envoy runs them in
+/// front of `tcp_proxy`.
+async fn relay_l4(
+    downstream: TokioIo<hyper::upgrade::Upgraded>,
+    tunnel: Tunnel,
+    conn: ConnInfo,
+    endpoint: SocketAddr,
+    chain: &[PluginId],
+    rt: &RuntimeConfig,
+    node_id: &str,
+) {
+    // The CONNECT authority is the original destination (service VIP:port); a name stays
+    // the listener's own address.
+    let destination = tunnel.destination.parse().unwrap_or(conn.local);
+    let cluster_name =
+        routing::resolve_service(&rt.snapshot, &tunnel.destination, &rt.default_namespace)
+            .map(|(service, port)| {
+                format!(
+                    "outbound|{}||{}.{}.svc.cluster.local",
+                    port.port, service.key.name, service.key.namespace
+                )
+            })
+            .unwrap_or_default();
+    let mut props = crate::tcp::properties(
+        tunnel.source,
+        destination,
+        conn.id,
+        node_id,
+        cluster_name,
+        String::new(),
+    );
+    super::annotate_with(&tunnel, &mut props);
+    let (mut l4, closed) = crate::tcp::L4Chain::start(chain, rt, props);
+    if closed.is_some() {
+        drop(downstream);
+        l4.end(waystone_wasm::PeerType::Local);
+        return;
+    }
+    match client::connect_endpoint(endpoint, Some(tunnel.source.ip())).await {
+        Ok(upstream) => {
+            l4.set_upstream(endpoint);
+            crate::tcp::relay(downstream, upstream, l4, None).await;
+        }
+        Err(e) => {
+            tracing::debug!(%endpoint, error = %e, "HBONE relay: upstream connect failed");
+            drop(downstream);
+            l4.end(waystone_wasm::PeerType::Local);
+        }
+    }
 }
 
 /// The tunnel's inner bytes as HTTP/1.1 or h2c, each request through the shared handler

@@ -1,0 +1,226 @@
+//! L4 (`type: NETWORK`) test plugin on the Rust SDK, proxy-wasm 0.2 (ABI 0.2.1).
+//!
+//! Each connection logs every callback it gets, one line each, so a test can compare the
+//! exact order. `pluginConfig` picks what it does to the bytes:
+//! - `rewrite_from`/`rewrite_to`: replaces every occurrence in downstream data (buffer 2);
+//! - `upstream_from`/`upstream_to`: the same for upstream data (buffer 3);
+//! - `hold_until`: pauses downstream data until the buffered bytes end with this text, so
+//!   the proxy must hold them and hand them back together with what follows;
+//! - `close_on`: downstream data containing it closes the connection (`proxy_close_stream`);
+//! - `trap_on`: downstream data containing it makes the plugin trap (a Rust panic aborts);
+//! - `log_properties`: logs `source.address`, `destination.address`, `connection.id` on a new
+//!   connection and `upstream.address` in `on_log`.
+//!
+//! The connection's last line is `end` (from `on_log`): a harness waits for it.
+
+use proxy_wasm::traits::{Context, RootContext, StreamContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, PeerType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+#[derive(Default, Clone)]
+struct Config {
+    rewrite: Option<(String, String)>,
+    upstream_rewrite: Option<(String, String)>,
+    hold_until: String,
+    close_on: String,
+    trap_on: String,
+    log_properties: bool,
+}
+
+#[derive(Default)]
+struct Root {
+    config: Config,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = self.get_plugin_configuration().unwrap_or_default();
+        let json: serde_json::Value = if raw.is_empty() {
+            serde_json::Value::Null
+        } else {
+            match serde_json::from_slice(&raw) {
+                Ok(v) => v,
+                Err(e) => {
+                    log(LogLevel::Error, &format!("bad configuration: {e}"));
+                    return false;
+                }
+            }
+        };
+        let text = |k: &str| {
+            json.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let pair = |from: &str, to: &str| {
+            let from = text(from);
+            (!from.is_empty()).then(|| (from, text(to)))
+        };
+        self.config = Config {
+            rewrite: pair("rewrite_from", "rewrite_to"),
+            upstream_rewrite: pair("upstream_from", "upstream_to"),
+            hold_until: text("hold_until"),
+            close_on: text("close_on"),
+            trap_on: text("trap_on"),
+            log_properties: json.get("log_properties").and_then(|v| v.as_bool()) == Some(true),
+        };
+        true
+    }
+
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Conn {
+            config: self.config.clone(),
+            downstream_bytes: 0,
+            upstream_bytes: 0,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::StreamContext)
+    }
+}
+
+struct Conn {
+    config: Config,
+    /// Bytes this plugin let through in each direction (after its rewrites).
+    downstream_bytes: usize,
+    upstream_bytes: usize,
+}
+
+impl Conn {
+    fn property(&self, path: &[&str]) -> String {
+        match self.get_property(path.to_vec()) {
+            Some(v) if path == ["connection", "id"] && v.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&v);
+                u64::from_le_bytes(b).to_string()
+            }
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => "-".to_string(),
+        }
+    }
+}
+
+impl Context for Conn {
+    fn on_done(&mut self) -> bool {
+        log(LogLevel::Info, "done");
+        true
+    }
+}
+
+impl StreamContext for Conn {
+    fn on_new_connection(&mut self) -> Action {
+        log(LogLevel::Info, "new_connection");
+        if self.config.log_properties {
+            let line = format!(
+                "properties source={} destination={} connection_id={}",
+                self.property(&["source", "address"]),
+                self.property(&["destination", "address"]),
+                self.property(&["connection", "id"]),
+            );
+            log(LogLevel::Info, &line);
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        log(
+            LogLevel::Info,
+            &format!("downstream_data size={size} eos={end_of_stream}"),
+        );
+        let data = self.get_downstream_data(0, size).unwrap_or_default();
+        let text = String::from_utf8_lossy(&data).into_owned();
+        if !self.config.trap_on.is_empty() && text.contains(&self.config.trap_on) {
+            log(LogLevel::Warn, "trapping on purpose");
+            panic!("trap_on payload seen");
+        }
+        if !self.config.close_on.is_empty() && text.contains(&self.config.close_on) {
+            log(LogLevel::Info, "closing the connection");
+            self.close_downstream();
+            return Action::Pause;
+        }
+        if !self.config.hold_until.is_empty()
+            && !end_of_stream
+            && !text.ends_with(&self.config.hold_until)
+        {
+            log(LogLevel::Info, &format!("holding {size} bytes"));
+            return Action::Pause;
+        }
+        let mut passed = data.len();
+        if let Some((from, to)) = &self.config.rewrite
+            && text.contains(from.as_str())
+        {
+            let rewritten = text.replace(from.as_str(), to);
+            self.set_downstream_data(0, size, rewritten.as_bytes());
+            passed = rewritten.len();
+        }
+        self.downstream_bytes += passed;
+        Action::Continue
+    }
+
+    fn on_downstream_close(&mut self, peer: PeerType) {
+        log(
+            LogLevel::Info,
+            &format!("downstream_close peer={}", peer_name(peer)),
+        );
+    }
+
+    fn on_upstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        log(
+            LogLevel::Info,
+            &format!("upstream_data size={size} eos={end_of_stream}"),
+        );
+        let mut passed = size;
+        if let Some((from, to)) = &self.config.upstream_rewrite {
+            let data = self.get_upstream_data(0, size).unwrap_or_default();
+            let text = String::from_utf8_lossy(&data).into_owned();
+            if text.contains(from.as_str()) {
+                let rewritten = text.replace(from.as_str(), to);
+                self.set_upstream_data(0, size, rewritten.as_bytes());
+                passed = rewritten.len();
+            }
+        }
+        self.upstream_bytes += passed;
+        Action::Continue
+    }
+
+    fn on_upstream_close(&mut self, peer: PeerType) {
+        log(
+            LogLevel::Info,
+            &format!("upstream_close peer={}", peer_name(peer)),
+        );
+    }
+
+    fn on_log(&mut self) {
+        log(
+            LogLevel::Info,
+            &format!(
+                "bytes downstream={} upstream={}",
+                self.downstream_bytes, self.upstream_bytes
+            ),
+        );
+        if self.config.log_properties {
+            let line = format!("upstream={}", self.property(&["upstream", "address"]));
+            log(LogLevel::Info, &line);
+        }
+        log(LogLevel::Info, "end");
+    }
+}
+
+fn peer_name(peer: PeerType) -> &'static str {
+    match peer {
+        PeerType::Local => "local",
+        PeerType::Remote => "remote",
+        _ => "unknown",
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = proxy_wasm::hostcalls::log(level, message);
+}
