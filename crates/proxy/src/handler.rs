@@ -504,9 +504,21 @@ async fn proxy(
         return local_reply_through_chain(run, no_endpoint(target.service)).await;
     };
     facts.upstream_host = Some(endpoint);
-    let (method, path, authority, headers) = match wasm_to_request(&run.stream.request_headers) {
-        Ok(v) => v,
-        Err(reply) => return local_reply_through_chain(run, reply).await,
+    let (method, path, authority, headers) = if run.stream.request_headers.is_modified() {
+        match wasm_to_request(&run.stream.request_headers) {
+            Ok(v) => v,
+            Err(reply) => return local_reply_through_chain(run, reply).await,
+        }
+    } else {
+        // No plugin changed the head: send the parsed one on, as without plugins, instead
+        // of parsing every name and copying every value back.
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let method = std::mem::take(&mut parts.method);
+        (method, path, authority, std::mem::take(&mut parts.headers))
     };
     let limit = settings.max_buffered_body;
     let wait = settings.trailer_wait;
@@ -592,21 +604,78 @@ async fn proxy(
         run.finish();
         return reply_response(reply);
     }
+    // As for the request: an unchanged head goes out as the upstream sent it.
+    let response_head = |run: &ChainRun, rparts: http::response::Parts, body: Body| {
+        if run.stream.response_headers.is_modified() {
+            wasm_to_response(&run.stream.response_headers, body)
+        } else {
+            Response::from_parts(rparts, body)
+        }
+    };
     if response_eos || !run.wants_stream(Dir::Response) {
-        let response = wasm_to_response(
-            &run.stream.response_headers,
-            rbody.map_err(BoxError::from).boxed(),
-        );
+        let response = response_head(&run, rparts, rbody.map_err(BoxError::from).boxed());
         run.finish();
         return response;
     }
-    // The response headers leave now; the body follows chunk by chunk through the response
-    // plugins, on a task of this worker that owns the chain until the body ends.
-    let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
-    let mut response = wasm_to_response(&run.stream.response_headers, ChannelBody::new(rx).boxed());
+    // A small response usually arrives whole with its head. Then its body goes through the
+    // body callbacks here and leaves with the head in one write, instead of the head first
+    // and the body from a task through a channel (two writes, two wake-ups).
+    let mut rbody = rbody;
+    let mut first = None;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(&mut rbody).poll_frame(&mut cx) {
+        std::task::Poll::Pending => {}
+        std::task::Poll::Ready(Some(Ok(frame))) if !(frame.is_data() && rbody.is_end_stream()) => {
+            first = Some(frame);
+        }
+        std::task::Poll::Ready(Some(Err(_))) => {
+            run.finish();
+            return reply_response(LocalReply::text(
+                502,
+                "upstream_body_error",
+                "upstream response body failed\n",
+            ));
+        }
+        std::task::Poll::Ready(whole) => {
+            let data = whole
+                .and_then(|f| f.ok())
+                .and_then(|f| f.into_data().ok())
+                .unwrap_or_default();
+            let len = data.len();
+            let out = match run
+                .body_chunk(Dir::Response, data.to_vec(), true, limit)
+                .await
+            {
+                Ok(out) => out,
+                Err(reply) => {
+                    run.finish();
+                    return reply_response(reply);
+                }
+            };
+            let changed = out.len() != len;
+            let out_len = out.len();
+            let mut response = response_head(&run, rparts, full(out));
+            if changed
+                && response
+                    .headers()
+                    .contains_key(http::header::CONTENT_LENGTH)
+            {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from(out_len));
+            }
+            run.finish();
+            return response;
+        }
+    }
+    let rbody = stream::Prepend::new(first, rbody);
     let declare = client_takes_trailers
         && parts.version != http::Version::HTTP_2
         && !rparts.headers.contains_key(http::header::CONTENT_LENGTH);
+    // The response headers leave now; the body follows chunk by chunk through the response
+    // plugins, on a task of this worker that owns the chain until the body ends.
+    let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
+    let mut response = response_head(&run, rparts, ChannelBody::new(rx).boxed());
     let (head_tx, head_rx) = if declare {
         let (t, r) = oneshot::channel();
         (Some(t), Some(r))

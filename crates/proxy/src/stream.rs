@@ -68,6 +68,37 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// A body whose first frame was already read (to see whether it came whole), put back.
+pub struct Prepend<B> {
+    first: Option<Frame<Bytes>>,
+    inner: B,
+}
+
+impl<B> Prepend<B> {
+    pub fn new(first: Option<Frame<Bytes>>, inner: B) -> Self {
+        Self { first, inner }
+    }
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Prepend<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(frame) = self.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+}
+
 /// Why a pump stopped before the end of the body.
 pub enum PumpError {
     /// A plugin answered the stream, or held more than the limit.
