@@ -576,8 +576,13 @@ impl PluginInstance {
             status,
             ..Delivery::default()
         };
+        // Envoy makes every callout the root context's (proxy-wasm-cpp-host retargets
+        // `proxy_http_call` to the root), so the answer names the root; SDKs route it to the
+        // caller themselves (AssemblyScript's runtime looks the token up on the root context it
+        // is given, and reads out of bounds when given another). Host calls still act on the
+        // caller's stream until the plugin switches with `proxy_set_effective_context`.
         let args = (
-            ctx as i32,
+            ROOT_CONTEXT as i32,
             token as i32,
             n_headers as i32,
             body_size as i32,
@@ -714,7 +719,8 @@ impl PluginInstance {
         let r = self.call(
             callback,
             f,
-            (ctx as i32, token as i32, arg),
+            // The root's, as for HTTP calls (see on_http_call_response).
+            (ROOT_CONTEXT as i32, token as i32, arg),
             ctx,
             stream.into(),
         );
