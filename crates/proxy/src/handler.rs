@@ -429,12 +429,15 @@ async fn proxy(
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     ensure_request_id(&mut parts.headers);
-    let cluster_name = format!(
-        "outbound|{}||{}.{}.svc.cluster.local",
-        target.port.port, target.service.key.name, target.service.key.namespace
-    );
+    // Istio's cluster name, formatted only for the access log, spans and plugins.
+    let cluster_name = || {
+        format!(
+            "outbound|{}||{}.{}.svc.cluster.local",
+            target.port.port, target.service.key.name, target.service.key.namespace
+        )
+    };
     if facts.detailed {
-        facts.cluster = Some(cluster_name.clone());
+        facts.cluster = Some(cluster_name());
         if !target.route_name.is_empty() {
             facts.route_name = Some(target.route_name.clone());
         }
@@ -476,7 +479,7 @@ async fn proxy(
         protocol: protocol_name(parts.version).to_string(),
         start_time: Some(std::time::SystemTime::now()),
         route_name: target.route_name.clone(),
-        cluster_name,
+        cluster_name: cluster_name(),
         node_id: settings.node_id.clone(),
         ..Default::default()
     };
