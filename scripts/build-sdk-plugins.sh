@@ -105,7 +105,11 @@ for w in "${want[@]}"; do
     go) build_go ;;
     envoy)
         ensure_pypi_tools
-        "$PY/envoy/_bin/envoy" --version | grep -q "/$ENVOY_VERSION/" || die "unexpected envoy version"
+        # Captured first: `envoy --version | grep -q` under pipefail fails whenever grep
+        # exits before envoy has written everything (SIGPIPE).
+        envoy_version="$("$PY/envoy/_bin/envoy" --version)" || die "envoy --version failed"
+        [[ "$envoy_version" == */"$ENVOY_VERSION"/* ]] ||
+            die "unexpected envoy version: $envoy_version (want $ENVOY_VERSION)"
         ;;
     *) die "unknown part '$w' (rust, c, as, go, envoy)" ;;
     esac
