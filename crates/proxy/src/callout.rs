@@ -335,7 +335,7 @@ pub enum GrpcStreamInput {
 }
 
 /// Where a stream's events go: (filter index of the owning context, token, event).
-pub type GrpcEvents = tokio::sync::mpsc::UnboundedSender<(usize, u32, GrpcStreamEvent)>;
+pub type GrpcEvents = crate::local_channel::Sender<(usize, u32, GrpcStreamEvent)>;
 
 /// A request body fed message by message by the plugin.
 struct StreamRequestBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);

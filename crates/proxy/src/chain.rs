@@ -20,6 +20,7 @@ use waystone_wasm::{
 };
 
 use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
+use crate::local_channel;
 use crate::metrics::{self, CallOutcome, Callback};
 use crate::trace::PluginSpan;
 
@@ -84,13 +85,13 @@ pub struct ChainRun {
     /// Actions other contexts (a root context, after `proxy_set_effective_context`) aimed at
     /// this request's contexts, with the filter index (`worker::route_context_actions`).
     actions_tx: worker::ActionSender,
-    actions: mpsc::UnboundedReceiver<(usize, ContextAction)>,
+    actions: local_channel::Receiver<(usize, ContextAction)>,
     /// The sending side of each open gRPC stream of this request's contexts, by token.
     grpc_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>>,
     /// Initial metadata and messages of those streams as they arrive (their end comes through
     /// `callouts`).
     grpc_events_tx: callout::GrpcEvents,
-    grpc_events: mpsc::UnboundedReceiver<(usize, u32, GrpcStreamEvent)>,
+    grpc_events: local_channel::Receiver<(usize, u32, GrpcStreamEvent)>,
 }
 
 /// The direction of a body or trailers phase: request filters run in chain order, response
@@ -135,8 +136,8 @@ struct CallStart(Instant, Option<SystemTime>);
 
 impl ChainRun {
     pub fn new(stream: HttpStream) -> Self {
-        let (actions_tx, actions) = mpsc::unbounded_channel();
-        let (grpc_events_tx, grpc_events) = mpsc::unbounded_channel();
+        let (actions_tx, actions) = local_channel::channel();
+        let (grpc_events_tx, grpc_events) = local_channel::channel();
         Self {
             filters: Vec::new(),
             stream,
@@ -206,11 +207,9 @@ impl ChainRun {
     /// True when some plugin of the chain has a body or trailers callback for `dir`: only then
     /// does the proxy look at the body's frames (otherwise they pass untouched).
     pub fn wants_stream(&self, dir: Dir) -> bool {
-        self.filters.iter().any(|f| {
-            !f.bypassed
-                && (f.plugin.module.has_export(dir.body_export())
-                    || f.plugin.module.has_export(dir.trailers_export()))
-        })
+        self.filters
+            .iter()
+            .any(|f| !f.bypassed && f.plugin.module.handles_body(dir.stream_type()))
     }
 
     /// Indices of the active filters in the order `dir` runs them.

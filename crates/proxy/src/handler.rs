@@ -20,9 +20,6 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use waystone_model::snapshot::{
     AccessLogFormat, GatewayConfig, GatewayRole, ObjectKey, PluginId, ServiceConfig,
     ServicePortConfig,
@@ -75,21 +72,13 @@ pub struct HandlerSettings {
 static PICKS: AtomicUsize = AtomicUsize::new(0);
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
-thread_local! {
-    static CLIENT: Client<crate::hbone::client::Connector, Body> = {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new()).build(crate::hbone::client::Connector::new(connector))
-    };
-}
-
 /// Where a request goes after routing: a service port, and the plugin chain that applies.
 struct Target<'a> {
     service: &'a ServiceConfig,
     port: &'a ServicePortConfig,
     chain: &'a [PluginId],
-    route_name: String,
+    /// The HTTPRoute rule that matched (gateway listeners only).
+    route: Option<&'a waystone_model::snapshot::RouteConfig>,
     /// The gateway or waypoint that reports this request (none: straight from the mesh entry).
     gateway: Option<&'a GatewayConfig>,
 }
@@ -344,7 +333,7 @@ fn select_target<'a, B>(
                 service,
                 port,
                 chain: &l.chain,
-                route_name: format!("{}/{}", route.route, route.rule_index),
+                route: Some(route),
                 gateway: Some(gw),
             })
         }
@@ -360,7 +349,7 @@ fn select_target<'a, B>(
                     service,
                     port,
                     chain: &[],
-                    route_name: String::new(),
+                    route: None,
                     gateway: None,
                 }),
             }
@@ -405,7 +394,7 @@ fn waypoint_target<'a>(
         service,
         port,
         chain,
-        route_name: String::new(),
+        route: None,
         gateway: Some(gw),
     })
 }
@@ -438,8 +427,8 @@ async fn proxy(
     };
     if facts.detailed {
         facts.cluster = Some(cluster_name());
-        if !target.route_name.is_empty() {
-            facts.route_name = Some(target.route_name.clone());
+        if let Some(route) = target.route {
+            facts.route_name = Some(route_name(route));
         }
     }
 
@@ -461,7 +450,7 @@ async fn proxy(
             endpoint,
             body,
         );
-        return match forward(upstream).await {
+        return match forward(endpoint, upstream).await {
             Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
             Err(reply) => reply_response(reply),
         };
@@ -478,7 +467,7 @@ async fn proxy(
             .map(str::to_string),
         protocol: protocol_name(parts.version).to_string(),
         start_time: Some(std::time::SystemTime::now()),
-        route_name: target.route_name.clone(),
+        route_name: target.route.map(route_name).unwrap_or_default(),
         cluster_name: cluster_name(),
         node_id: settings.node_id.clone(),
         ..Default::default()
@@ -527,7 +516,7 @@ async fn proxy(
     let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
         let upstream = build_upstream(method, &path, &authority, headers, endpoint, body);
-        forward(upstream).await
+        forward(endpoint, upstream).await
     } else {
         // The body goes upstream chunk by chunk as the request plugins let it through.
         let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
@@ -548,7 +537,7 @@ async fn proxy(
             {
                 upstream.headers_mut().insert(http::header::TRAILER, names);
             }
-            forward(upstream).await
+            forward(endpoint, upstream).await
         };
         let (pumped, forwarded) = {
             let pump = stream::pump(&mut run, Dir::Request, body, tx, limit, head_tx, wait);
@@ -791,24 +780,42 @@ fn protocol_name(v: http::Version) -> &'static str {
     }
 }
 
+/// The route's name in logs, spans and the `route_name` property: `namespace/name/rule`.
+fn route_name(route: &waystone_model::snapshot::RouteConfig) -> String {
+    format!("{}/{}", route.route, route.rule_index)
+}
+
 fn ensure_request_id(headers: &mut http::HeaderMap) {
-    if headers.contains_key("x-request-id") {
+    if headers.contains_key(&X_REQUEST_ID) {
         return;
     }
     let n = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
     let r: u64 = rand::random();
-    let id = format!(
-        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
-        (r >> 32) as u32,
-        (r >> 16) as u16,
-        r & 0xfff,
-        (n >> 48) & 0xfff,
-        n & 0xffff_ffff_ffff
-    );
-    // Hand the string's buffer to the header value instead of copying it.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(id)) {
-        headers.insert("x-request-id", v);
+    let id = request_id_text(r, n);
+    // Only hex digits and dashes: always a valid header value.
+    if let Ok(v) = HeaderValue::from_bytes(&id) {
+        headers.insert(X_REQUEST_ID.clone(), v);
     }
+}
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// A UUID-shaped id (version 4, variant a) of 64 random bits and a 60-bit counter, written
+/// by hand: `format!` costs several thousand instructions on every request.
+fn request_id_text(r: u64, n: u64) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 36];
+    let mut put = |at: usize, digits: usize, v: u64| {
+        for i in 0..digits {
+            out[at + i] = HEX[((v >> (4 * (digits - 1 - i))) & 0xf) as usize];
+        }
+    };
+    put(0, 8, r >> 32);
+    put(9, 4, (r >> 16) & 0xffff);
+    put(14, 4, 0x4000 | (r & 0xfff));
+    put(19, 4, 0xa000 | ((n >> 48) & 0xfff));
+    put(24, 12, n & 0xffff_ffff_ffff);
+    out
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -954,31 +961,45 @@ fn build_upstream(
         .get_all(http::header::TE)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
+    // Looking each name up parses and hashes it: most requests carry none of them, so one
+    // pass over the names decides whether any removal is needed.
+    if headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        for h in HOP_BY_HOP {
+            headers.remove(*h);
+        }
     }
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-    if !authority.is_empty()
-        && let Ok(v) = HeaderValue::from_str(authority)
-    {
-        headers.insert(http::header::HOST, v);
+    match HeaderValue::from_str(authority) {
+        Ok(v) if !authority.is_empty() => {
+            headers.insert(http::header::HOST, v);
+        }
+        // No authority from the client: the endpoint names itself, as an HTTP client would.
+        _ => {
+            if let Ok(v) = HeaderValue::from_str(&endpoint.to_string()) {
+                headers.insert(http::header::HOST, v);
+            }
+        }
     }
     headers
-        .entry("x-forwarded-proto")
+        .entry(X_FORWARDED_PROTO.clone())
         .or_insert(HeaderValue::from_static("http"));
-    let uri = format!("http://{endpoint}{path}");
     let mut req = Request::new(body);
     *req.method_mut() = method;
-    *req.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    // Origin form: the connection already says which endpoint this is for.
+    *req.uri_mut() = http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static("/"));
     *req.headers_mut() = headers;
     req
 }
 
-async fn forward(req: Request<Body>) -> Result<Response<Incoming>, LocalReply> {
-    let fut = CLIENT.with(|c| c.request(req));
-    fut.await.map_err(|err| {
+static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+
+async fn forward(
+    endpoint: SocketAddr,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, LocalReply> {
+    crate::upstream::send(endpoint, req).await.map_err(|err| {
         tracing::debug!(error = %err, "upstream request failed");
         LocalReply::text(
             503,
@@ -986,4 +1007,28 @@ async fn forward(req: Request<Body>) -> Result<Response<Incoming>, LocalReply> {
             format!("upstream connect error: {err}\n"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_id_text;
+
+    #[test]
+    fn request_ids_are_uuid_v4_shaped() {
+        for (r, n) in [
+            (0u64, 0u64),
+            (u64::MAX, u64::MAX),
+            (0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321),
+        ] {
+            let want = format!(
+                "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+                (r >> 32) as u32,
+                (r >> 16) as u16,
+                r & 0xfff,
+                (n >> 48) & 0xfff,
+                n & 0xffff_ffff_ffff
+            );
+            assert_eq!(std::str::from_utf8(&request_id_text(r, n)).unwrap(), want);
+        }
+    }
 }

@@ -14,6 +14,7 @@ mod chain;
 mod dataplane;
 mod handler;
 pub mod hbone;
+mod local_channel;
 pub mod metrics;
 mod observe;
 mod routing;
@@ -21,6 +22,7 @@ mod runtime;
 mod stream;
 mod tcp;
 pub mod trace;
+mod upstream;
 mod worker;
 
 pub use access_log::{AccessLogSink, AccessRecord};

@@ -37,7 +37,7 @@ pub const PLUGIN_CALL_BUCKETS_S: [f64; 13] = [
 /// A fast hasher for the thread-local series maps: their keys are a few small integers chosen
 /// by this process (not by clients), so SipHash's flooding resistance buys nothing here.
 #[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl std::hash::Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -65,7 +65,9 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
-type KeyMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
+/// A map keyed by small internal ids (revisions, addresses, enums): hashing them with SipHash
+/// would cost more than the rest of the lookup, and no client chooses them.
+pub(crate) type KeyMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// Adds to a counter that only the current thread writes: a plain load and store (no locked
 /// read-modify-write); scrapes on other threads read whole values, never torn ones.

@@ -17,6 +17,7 @@ use waystone_wasm::{
 
 use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::chain::deliver_grpc;
+use crate::metrics::KeyMap;
 use crate::runtime::LoadedPlugin;
 
 /// Work sent to a worker: a future factory run on its local task set.
@@ -101,26 +102,26 @@ pub type SharedInstance = Rc<RefCell<PluginInstance>>;
 
 thread_local! {
     /// This worker's instances, by plugin revision.
-    static INSTANCES: RefCell<HashMap<u64, SharedInstance>> = RefCell::new(HashMap::new());
+    static INSTANCES: RefCell<KeyMap<u64, SharedInstance>> = RefCell::default();
     /// The snapshot the latest request on this worker ran with: what callouts of root contexts
     /// (ticks, queues) and `proxy_http_call`'s upstream check resolve names against.
     static RESOLVER: RefCell<Option<Resolver>> = const { RefCell::new(None) };
     /// Set when the worker drains: root drivers end.
     static STOPPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Per instance (by address), where its driver takes root-context callouts.
-    static ROOT_CALLOUTS: RefCell<HashMap<usize, mpsc::UnboundedSender<PendingCallout>>> =
-        RefCell::new(HashMap::new());
+    static ROOT_CALLOUTS: RefCell<KeyMap<usize, mpsc::UnboundedSender<PendingCallout>>> =
+        RefCell::default();
     /// Per instance (by address), how many root-context callouts are in flight: while some are,
     /// a paused request of that plugin may still be resumed by the root context.
-    static ROOT_IN_FLIGHT: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
+    static ROOT_IN_FLIGHT: RefCell<KeyMap<usize, usize>> = RefCell::default();
     /// HTTP contexts alive on this worker, by (instance address, context id): where actions a
     /// plugin aims at them (`proxy_set_effective_context` + continue/close/local reply) go,
     /// with the filter index of that context in its request's chain.
-    static CONTEXTS: RefCell<HashMap<(usize, u32), (usize, ActionSender)>> =
-        RefCell::new(HashMap::new());
+    static CONTEXTS: RefCell<KeyMap<(usize, u32), (usize, ActionSender)>> =
+        RefCell::default();
 }
 
-pub type ActionSender = mpsc::UnboundedSender<(usize, ContextAction)>;
+pub type ActionSender = crate::local_channel::Sender<(usize, ContextAction)>;
 
 /// Makes `ctx` of `instance` reachable by actions other contexts of that instance aim at it.
 pub fn register_context(instance: &SharedInstance, ctx: u32, idx: usize, tx: ActionSender) {
@@ -255,7 +256,8 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
         let mut stream_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>> =
             HashMap::new();
         let mut stream_tasks: HashMap<u32, tokio::task::AbortHandle> = HashMap::new();
-        let (events_tx, mut events_rx) = mpsc::unbounded_channel::<(usize, u32, GrpcStreamEvent)>();
+        let (events_tx, mut events_rx) =
+            crate::local_channel::channel::<(usize, u32, GrpcStreamEvent)>();
         let mut next_tick: Option<Instant> = None;
         loop {
             if STOPPING.with(|s| s.get()) {

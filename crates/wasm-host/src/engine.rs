@@ -15,7 +15,7 @@ use crate::error::HostError;
 use crate::hostcalls;
 use crate::shared::{MetricSample, SharedState};
 use crate::state::HostState;
-use crate::types::AbiVersion;
+use crate::types::{AbiVersion, StreamType};
 
 /// How often the epoch advances; per-call deadlines are rounded up to it.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -147,13 +147,19 @@ impl WasmEngine {
                     name: String::new(),
                     reason: format!("{e:#}"),
                 })?;
-        let exports = module.exports().map(|e| e.name().to_owned()).collect();
+        let exports: HashSet<String> = module.exports().map(|e| e.name().to_owned()).collect();
+        let any = |names: [&str; 2]| names.iter().any(|n| exports.contains(*n));
+        let body_or_trailers = [
+            any(["proxy_on_request_body", "proxy_on_request_trailers"]),
+            any(["proxy_on_response_body", "proxy_on_response_trailers"]),
+        ];
         Ok(CompiledModule {
             inner: Arc::new(CompiledInner {
                 engine: self.clone(),
                 pre,
                 abi,
                 exports,
+                body_or_trailers,
             }),
         })
     }
@@ -227,6 +233,8 @@ pub(crate) struct CompiledInner {
     pub(crate) pre: InstancePre<HostState>,
     pub(crate) abi: AbiVersion,
     exports: HashSet<String>,
+    /// Exports a body or trailers callback for requests, for responses: asked per request.
+    body_or_trailers: [bool; 2],
 }
 
 impl CompiledModule {
@@ -236,6 +244,16 @@ impl CompiledModule {
 
     pub fn has_export(&self, name: &str) -> bool {
         self.inner.exports.contains(name)
+    }
+
+    /// Whether the module has a body or trailers callback for `stream` (`Request` or
+    /// `Response`): only then must a proxy show it that side's body frames.
+    pub fn handles_body(&self, stream: StreamType) -> bool {
+        match stream {
+            StreamType::Request => self.inner.body_or_trailers[0],
+            StreamType::Response => self.inner.body_or_trailers[1],
+            StreamType::Downstream | StreamType::Upstream => false,
+        }
     }
 }
 

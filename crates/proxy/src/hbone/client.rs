@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,6 @@ use http::{Method, Request};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -209,15 +207,6 @@ pub enum Upstream {
     Hbone(HboneStream),
 }
 
-impl Connection for Upstream {
-    fn connected(&self) -> Connected {
-        match self {
-            Upstream::Tcp(s) => s.connected(),
-            Upstream::Hbone(_) => Connected::new(),
-        }
-    }
-}
-
 impl AsyncRead for Upstream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -280,7 +269,7 @@ pub(crate) fn worker_outbound() -> Option<Arc<WorkerOutbound>> {
 }
 
 /// Opens an upstream byte stream to `endpoint`: through HBONE when it takes HBONE.
-pub(crate) async fn connect_endpoint(
+pub async fn connect_endpoint(
     endpoint: SocketAddr,
     source: Option<IpAddr>,
 ) -> Result<Upstream, HboneError> {
@@ -305,51 +294,4 @@ pub(crate) async fn connect_endpoint(
         })?;
     let _ = tcp.set_nodelay(true);
     Ok(Upstream::Tcp(tcp))
-}
-
-/// The handler's upstream connector: plain TCP (hyper's `HttpConnector`), or a CONNECT
-/// stream when the worker's outbound HBONE settings list the endpoint.
-#[derive(Clone)]
-pub struct Connector {
-    http: HttpConnector,
-}
-
-impl Connector {
-    pub fn new(http: HttpConnector) -> Self {
-        Self { http }
-    }
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = TokioIo<Upstream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.http.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let endpoint: Option<SocketAddr> = uri.authority().and_then(|a| a.as_str().parse().ok());
-        let hbone = endpoint.and_then(|ep| {
-            let o = worker_outbound()?;
-            let tunnel = o.routes.tunnel_for(ep)?;
-            Some((o, tunnel, ep))
-        });
-        match hbone {
-            Some((o, tunnel, ep)) => Box::pin(async move {
-                let stream = o.client.connect(tunnel, &ep.to_string(), None).await?;
-                Ok(TokioIo::new(Upstream::Hbone(stream)))
-            }),
-            None => {
-                let fut = self.http.call(uri);
-                Box::pin(async move {
-                    let io = fut.await?;
-                    Ok(TokioIo::new(Upstream::Tcp(io.into_inner())))
-                })
-            }
-        }
-    }
 }
