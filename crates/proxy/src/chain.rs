@@ -213,12 +213,10 @@ impl ChainRun {
     }
 
     /// Indices of the active filters in the order `dir` runs them.
-    fn order(&self, dir: Dir) -> Vec<usize> {
+    fn order(&self, dir: Dir) -> impl Iterator<Item = usize> + use<> {
         let n = self.filters.len();
-        match dir {
-            Dir::Request => (0..n).collect(),
-            Dir::Response => (0..n).rev().collect(),
-        }
+        let reverse = dir == Dir::Response;
+        (0..n).map(move |i| if reverse { n - 1 - i } else { i })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -579,6 +577,9 @@ impl ChainRun {
             let mut inst = f.instance.borrow_mut();
             (inst.take_callouts(), inst.take_grpc_commands())
         };
+        if calls.is_empty() && grpc.is_empty() {
+            return;
+        }
         let Some(resolver) = self.resolver.clone() else {
             return;
         };
