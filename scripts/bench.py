@@ -547,6 +547,8 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--micro", type=Path, help="criterion estimates.json of the basic_auth per-request bench")
+    ap.add_argument("--cached-module-ms", type=float,
+                    help="basic_auth ready from the module and compiled-module caches (scripts/bench-fetch.sh), ms")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="waystone-bench-"))
@@ -624,6 +626,8 @@ def main() -> int:
         for p in procs:
             p.stop()
 
+    if args.cached_module_ms is not None:
+        extra["cached_module_ready_ms"] = args.cached_module_ms
     if args.micro and args.micro.exists():
         est = json.loads(args.micro.read_text())
         extra["wasm_overhead_basic_auth_us"] = est["median"]["point_estimate"] / 1000.0

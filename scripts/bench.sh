@@ -29,6 +29,11 @@ cargo build --release --locked -p waystone --quiet
 log "criterion: per-request Wasm cost"
 cargo bench --locked -p waystone-wasm --bench per_request --quiet -- --noplot 2>&1 | grep -E '^(per_request|\s+time:)' || true
 micro="${CARGO_TARGET_DIR:-$REPO/target}/criterion/per_request/basic_auth_allowed/new/estimates.json"
+log "plugin load: cold (registry + compile) and cached (module + compiled-module caches)"
+loads=$(scripts/bench-fetch.sh)
+echo "$loads"
+# The warm basic_auth row's total: what a restart or a re-apply pays for a cached module.
+cached_ms=$(awk '$1 == "basic_auth" && $3 == "warm" { print $6 }' <<<"$loads")
 
 # nginx-light's package starts a system nginx on port 80; the benchmark runs its
 # own instances and needs none.
@@ -37,4 +42,5 @@ python3 scripts/bench.py \
     --envoy "$envoy" \
     --wasm-dir "$REPO/target/wasm" \
     --micro "$micro" \
+    ${cached_ms:+--cached-module-ms "$cached_ms"} \
     "${report[@]}" "${args[@]}"
