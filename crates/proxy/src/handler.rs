@@ -12,7 +12,9 @@
 //!
 //! A local reply (from a plugin or from the proxy) skips to phase 5 with the reply.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -22,12 +24,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use waystone_model::snapshot::{
     AccessLogFormat, GatewayConfig, GatewayRole, ObjectKey, PluginId, ServiceConfig,
-    ServicePortConfig,
+    ServicePortConfig, Snapshot,
 };
 use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
 
 use crate::chain::{ChainRun, Dir, LocalReply, Outcome};
-use crate::metrics::{self, ResponseFlags};
+use crate::metrics::{self, KeyMap, ResponseFlags};
 use crate::observe::{
     AccessStart, CountingBody, Facts, InFlight, LocalDetails, ObservedBody, Observer, Pending,
     TraceStart,
@@ -418,13 +420,17 @@ async fn proxy(
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     ensure_request_id(&mut parts.headers);
-    // Istio's cluster name, formatted only for the access log, spans and plugins.
+    // Istio's cluster name, only for the access log, spans and plugins.
     let cluster_name = || {
-        format!(
-            "outbound|{}||{}.{}.svc.cluster.local",
-            target.port.port, target.service.key.name, target.service.key.namespace
-        )
+        snapshot_name(&rt.snapshot, target.port, || {
+            format!(
+                "outbound|{}||{}.{}.svc.cluster.local",
+                target.port.port, target.service.key.name, target.service.key.namespace
+            )
+        })
+        .to_string()
     };
+    let route_name = |route| snapshot_name(&rt.snapshot, route, || route_name(route)).to_string();
     if facts.detailed {
         facts.cluster = Some(cluster_name());
         if let Some(route) = target.route {
@@ -783,6 +789,35 @@ fn protocol_name(v: http::Version) -> &'static str {
 /// The route's name in logs, spans and the `route_name` property: `namespace/name/rule`.
 fn route_name(route: &waystone_model::snapshot::RouteConfig) -> String {
     format!("{}/{}", route.route, route.rule_index)
+}
+
+thread_local! {
+    /// Names derived from one snapshot's objects (cluster and route names), formatted once per
+    /// worker and snapshot instead of on every request. Keyed by the object's address, which
+    /// is stable and unique while the snapshot it belongs to is held here.
+    static SNAPSHOT_NAMES: RefCell<SnapshotNames> = RefCell::default();
+}
+
+/// The snapshot the names belong to (held, so no address is reused), and the names.
+type SnapshotNames = (Option<Arc<Snapshot>>, KeyMap<usize, Rc<str>>);
+
+fn snapshot_name<T>(
+    snapshot: &Arc<Snapshot>,
+    object: &T,
+    make: impl FnOnce() -> String,
+) -> Rc<str> {
+    SNAPSHOT_NAMES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let (held, names) = &mut *cache;
+        if !held.as_ref().is_some_and(|h| Arc::ptr_eq(h, snapshot)) {
+            *held = Some(snapshot.clone());
+            names.clear();
+        }
+        names
+            .entry(object as *const T as usize)
+            .or_insert_with(|| Rc::from(make()))
+            .clone()
+    })
 }
 
 fn ensure_request_id(headers: &mut http::HeaderMap) {
