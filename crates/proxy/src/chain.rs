@@ -926,7 +926,10 @@ impl ChainRun {
     /// Awaits `fut` (the upstream's answer) while delivering the events of the run's contexts,
     /// as Envoy does at any time of the stream: gRPC stream messages, callout answers, actions
     /// of other contexts. A plugin may answer or reset the stream meanwhile.
-    pub async fn while_waiting<T>(&mut self, fut: impl std::future::Future<Output = T>) -> Result<T, Halt> {
+    pub async fn while_waiting<T>(
+        &mut self,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, Halt> {
         tokio::pin!(fut);
         loop {
             tokio::select! {

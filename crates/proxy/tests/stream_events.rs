@@ -178,7 +178,7 @@ struct Backend {
     echoed: mpsc::UnboundedReceiver<()>,
 }
 
-/// `/hold`: `held` once released. `/two`: `one`, then `two` once released.
+/// `/hold`: `held` once released. `…/two`: `one`, then `two` once released.
 /// `/echo.Echo/Stream`: answers each gRPC message with `echo:<message>` and stays open.
 /// Otherwise: `body=<request body>`.
 async fn backend(ip: IpAddr) -> Backend {
@@ -205,7 +205,7 @@ async fn backend(ip: IpAddr) -> Backend {
                             hold.notified().await;
                             let _ = tx.send(Bytes::from("held")).await;
                         }
-                        "/two" => {
+                        p if p.ends_with("/two") => {
                             let _ = tx.send(Bytes::from("one")).await;
                             tokio::spawn(async move {
                                 two.notified().await;
@@ -403,7 +403,10 @@ async fn a_request_body_paused_mid_stream_flows_on_when_the_callout_resumes_it()
         (metric(&t.engine, "body_calls") == 2).then_some(())
     })
     .await;
-    assert!(t.backend.first_bytes.try_recv().is_err(), "held body leaked");
+    assert!(
+        t.backend.first_bytes.try_recv().is_err(),
+        "held body leaked"
+    );
     // The answer resumes the request: the held body leaves before the body ends.
     t.backend.hold.notify_one();
     let first = within("the held body upstream", t.backend.first_bytes.recv())
@@ -425,7 +428,7 @@ async fn a_request_body_paused_mid_stream_flows_on_when_the_callout_resumes_it()
 async fn a_response_body_paused_mid_stream_flows_on_when_the_callout_resumes_it() {
     let t = start(1).await;
     let mut s = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-    s.write_all(b"GET /B HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /B/two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -450,7 +453,7 @@ async fn a_response_body_paused_mid_stream_flows_on_when_the_callout_resumes_it(
 async fn grpc_stream_messages_arrive_while_the_response_streams_and_end_with_it() {
     let mut t = start(2).await;
     let mut s = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-    s.write_all(b"GET /g HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /g/two HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     // The request did not wait for the stream: the response's first part arrives...
@@ -518,7 +521,10 @@ async fn close_stream_resets_over_http1_and_h2() {
         .expect_err("a reset stream has no response");
     // hyper's client error wraps h2's `Reset(stream, reason, Remote)`.
     let shown = format!("{err:?}");
-    assert!(shown.contains("Reset(") && shown.contains("Remote"), "{shown}");
+    assert!(
+        shown.contains("Reset(") && shown.contains("Remote"),
+        "{shown}"
+    );
     let ok = within("the next stream", sender.send_request(req("/x")))
         .await
         .unwrap();
