@@ -52,6 +52,53 @@ impl LocalReply {
 pub enum Outcome {
     Continue,
     Respond(LocalReply),
+    /// A plugin closed the stream (`proxy_close_stream`): reset it without a response.
+    Reset(StreamReset),
+}
+
+/// A stream a plugin reset, as Envoy's `resetStream()`: HTTP/1.1 closes the connection without a
+/// response, h2 sends RST_STREAM. Also the error a listener's service returns for it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("plugin {plugin} closed the stream (proxy_close_stream)")]
+pub struct StreamReset {
+    pub plugin: String,
+}
+
+impl StreamReset {
+    /// Envoy's `response_code_details` for a stream a Proxy-Wasm plugin closed.
+    pub const DETAILS: &'static str = "wasm_close_stream";
+}
+
+/// How the chain ended a body or trailers phase early.
+pub enum Halt {
+    Reply(LocalReply),
+    Reset(StreamReset),
+}
+
+impl From<LocalReply> for Halt {
+    fn from(r: LocalReply) -> Self {
+        Halt::Reply(r)
+    }
+}
+
+/// What one event of the run's contexts (a callout's answer, a gRPC stream's report, an action
+/// another context aimed at one of them) did to the stream.
+enum Effect {
+    Nothing,
+    /// Filter `.0` asked to continue the `.1` side.
+    Continued(usize, StreamType),
+    /// Filter `.0` faulted and is bypassed (fail open): what it held flows on.
+    Bypassed(usize),
+    Halt(Halt),
+}
+
+/// An event of the run's contexts, as it arrived.
+enum Event {
+    Stream(usize, u32, GrpcStreamEvent),
+    Answer(usize, Answer),
+    Action(usize, ContextAction),
+    /// A call the plugin cancelled was joined.
+    Cancelled,
 }
 
 struct ActiveFilter {
@@ -304,20 +351,39 @@ impl ChainRun {
     /// shown what it held back plus what the filters before it let through; `Continue` passes
     /// that on, `Pause` keeps it (more than `limit` bytes held: `Err` with Envoy's 413 for a
     /// request, 500 for a response). A pause on the last chunk waits for the plugin to resume
-    /// (its callouts' answers) or answer the stream.
+    /// (its callouts' answers) or answer the stream; a pause before it holds the data while
+    /// the pump goes on reading, and [`ChainRun::on_event`] releases it when the plugin resumes.
     pub async fn body_chunk(
         &mut self,
         dir: Dir,
         chunk: Vec<u8>,
         eos: bool,
         limit: usize,
-    ) -> Result<Vec<u8>, LocalReply> {
+    ) -> Result<Vec<u8>, Halt> {
         match dir {
             Dir::Request => self.stream.request_body_bytes += chunk.len() as u64,
             Dir::Response => self.stream.response_body_bytes += chunk.len() as u64,
         }
+        self.run_body(dir, None, chunk, eos, limit).await
+    }
+
+    /// Runs body data through the filters of `dir` that come after filter `after` (all of them
+    /// when `None`).
+    async fn run_body(
+        &mut self,
+        dir: Dir,
+        after: Option<usize>,
+        chunk: Vec<u8>,
+        eos: bool,
+        limit: usize,
+    ) -> Result<Vec<u8>, Halt> {
         let mut carry = chunk;
+        let mut skipping = after.is_some();
         for idx in self.order(dir) {
+            if skipping {
+                skipping = Some(idx) != after;
+                continue;
+            }
             let f = &self.filters[idx];
             if f.bypassed || !f.plugin.module.has_export(dir.body_export()) {
                 continue;
@@ -361,7 +427,7 @@ impl ChainRun {
                 Flow::Hold => {
                     // Only what a plugin holds counts against the limit; passing data never does.
                     if body.len() > limit {
-                        return Err(too_large(dir));
+                        return Err(Halt::Reply(too_large(dir)));
                     }
                     *self.held_mut(dir, idx) = body;
                     return Ok(Vec::new());
@@ -378,7 +444,7 @@ impl ChainRun {
         &mut self,
         dir: Dir,
         trailers: WasmHeaders,
-    ) -> Result<(Vec<u8>, WasmHeaders), LocalReply> {
+    ) -> Result<(Vec<u8>, WasmHeaders), Halt> {
         match dir {
             Dir::Request => self.stream.request_trailers = trailers,
             Dir::Response => self.stream.response_trailers = trailers,
@@ -438,12 +504,12 @@ impl ChainRun {
         dir: Dir,
         result: Result<Action, HostError>,
         end_of_stream: bool,
-    ) -> Result<Flow, LocalReply> {
+    ) -> Result<Flow, Halt> {
         let action = match result {
             Ok(action) => action,
             Err(err) => {
                 return match self.runtime_fault(idx, &err) {
-                    Some(Outcome::Respond(reply)) => Err(reply),
+                    Some(Outcome::Respond(reply)) => Err(Halt::Reply(reply)),
                     // Bypassed (fail open): what it was shown flows on.
                     _ => Ok(Flow::Pass),
                 };
@@ -451,7 +517,10 @@ impl ChainRun {
         };
         self.dispatch(idx);
         if let Some(local) = self.stream.local_response.take() {
-            return Err(plugin_reply(&self.filters[idx].plugin, local));
+            return Err(Halt::Reply(plugin_reply(&self.filters[idx].plugin, local)));
+        }
+        if let Some(reset) = self.take_close(idx) {
+            return Err(Halt::Reset(reset));
         }
         let continued = self.stream.continue_requested.take().is_some();
         if action == Action::Continue || continued {
@@ -462,18 +531,28 @@ impl ChainRun {
         }
         match self.wait_for_resume(idx, dir).await {
             Resume::Continued => Ok(Flow::Pass),
-            Resume::Respond(Outcome::Respond(reply)) => Err(reply),
+            Resume::Respond(Outcome::Respond(reply)) => Err(Halt::Reply(reply)),
+            Resume::Respond(Outcome::Reset(reset)) => Err(Halt::Reset(reset)),
             Resume::Respond(Outcome::Continue) => Ok(Flow::Pass),
             Resume::NothingToWaitFor => {
                 let name = &self.filters[idx].plugin.spec.name;
                 tracing::warn!(plugin = %name, "plugin paused the end of the stream with nothing left to resume it");
-                Err(LocalReply::text(
+                Err(Halt::Reply(LocalReply::text(
                     500,
                     format!("wasm:{name}:paused"),
                     format!("plugin {name} paused the stream\n"),
-                ))
+                )))
             }
         }
+    }
+
+    /// A `proxy_close_stream` of filter `idx`'s own stream during its last callback.
+    fn take_close(&self, idx: usize) -> Option<StreamReset> {
+        let f = &self.filters[idx];
+        let closed = f.instance.borrow_mut().take_close_request();
+        matches!(closed, Some(StreamType::Request | StreamType::Response)).then(|| StreamReset {
+            plugin: f.plugin.spec.name.clone(),
+        })
     }
 
     /// Runs the response-headers callbacks, last plugin first. A plugin that pauses with
@@ -541,6 +620,9 @@ impl ChainRun {
                         &self.filters[idx].plugin,
                         local,
                     )));
+                }
+                if let Some(reset) = self.take_close(idx) {
+                    return Some(Outcome::Reset(reset));
                 }
                 let mut continued = self.stream.continue_requested.take().is_some();
                 if action == Action::Pause && !continued {
@@ -671,120 +753,199 @@ impl ChainRun {
         Ok(())
     }
 
-    /// Delivers callout answers while the plugin at `idx` holds the `dir` side of the stream,
-    /// until it resumes or answers it, or nothing is left in flight.
+    /// Delivers the events of the run's contexts while the plugin at `idx` holds the `dir` side
+    /// of the stream, until it resumes or answers it, or nothing is left in flight.
     async fn wait_for_resume(&mut self, idx: usize, dir: Dir) -> Resume {
         loop {
             let own = !self.callouts.is_empty();
             // The plugin's root context may resume the request too (a tick, its own callout's
             // answer): wait while it could.
-            if !own && !worker::root_may_act(&self.filters[idx].instance) {
+            let event = if !own && !worker::root_may_act(&self.filters[idx].instance) {
                 match self.actions.try_recv() {
-                    Ok((owner, action)) => match self.apply_action(idx, dir, owner, action) {
-                        Some(r) => return r,
-                        None => continue,
-                    },
+                    Ok((owner, action)) => Event::Action(owner, action),
                     Err(_) => return Resume::NothingToWaitFor,
                 }
-            }
-            tokio::select! {
-                Some((owner, token, event)) = self.grpc_events.recv() => {
-                    if let Err(err) = self.deliver_stream_event(owner, token, event) {
-                        if let Some(out) = self.runtime_fault(owner, &err) {
-                            return Resume::Respond(out);
-                        }
-                        continue;
-                    }
-                    self.dispatch(owner);
-                    if let Some(local) = self.stream.local_response.take() {
-                        return Resume::Respond(Outcome::Respond(plugin_reply(
-                            &self.filters[owner].plugin,
-                            local,
-                        )));
-                    }
-                    if self.stream.continue_requested.take() == Some(dir.stream_type()) {
+            } else {
+                tokio::select! {
+                    event = self.next_event() => event,
+                    // Looks again now and then whether the root context can still act.
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if !own => continue,
+                }
+            };
+            match self.handle_event(event) {
+                Effect::Nothing => {}
+                Effect::Continued(owner, stream) => {
+                    if owner == idx && stream == dir.stream_type() {
                         return Resume::Continued;
                     }
                 }
-                Some(joined) = self.callouts.join_next(), if own => {
-                    let Ok((owner, answer)) = joined else {
-                        continue; // aborted (cancelled) call
-                    };
-                    // What a stream reported before it ended comes first.
-                    while let Ok((o, token, event)) = self.grpc_events.try_recv() {
-                        if let Err(err) = self.deliver_stream_event(o, token, event)
-                            && let Some(out) = self.runtime_fault(o, &err)
-                        {
-                            return Resume::Respond(out);
-                        }
-                    }
-                    if let Answer::Grpc(token, _) = &answer {
-                        self.grpc_inputs.remove(token);
-                        self.grpc_calls.remove(token);
-                    }
-                    let result = {
-                        let f = &self.filters[owner];
-                        let mut inst = f.instance.borrow_mut();
-                        deliver(&mut inst, answer, &mut self.stream)
-                    };
-                    if let Err(err) = result {
-                        if let Some(out) = self.runtime_fault(owner, &err) {
-                            return Resume::Respond(out);
-                        }
-                        if owner == idx {
-                            return Resume::Continued;
-                        }
-                        continue;
-                    }
-                    self.dispatch(owner);
-                    if let Some(local) = self.stream.local_response.take() {
-                        return Resume::Respond(Outcome::Respond(plugin_reply(
-                            &self.filters[owner].plugin,
-                            local,
-                        )));
-                    }
-                    if self.stream.continue_requested.take() == Some(dir.stream_type()) {
+                Effect::Bypassed(owner) => {
+                    if owner == idx {
                         return Resume::Continued;
                     }
                 }
-                Some((owner, action)) = self.actions.recv() => {
-                    if let Some(r) = self.apply_action(idx, dir, owner, action) {
-                        return r;
-                    }
+                Effect::Halt(Halt::Reply(reply)) => {
+                    return Resume::Respond(Outcome::Respond(reply));
                 }
-                // Looks again now and then whether the root context can still act.
-                _ = tokio::time::sleep(std::time::Duration::from_millis(200)), if !own => {}
+                Effect::Halt(Halt::Reset(reset)) => return Resume::Respond(Outcome::Reset(reset)),
             }
         }
     }
 
-    /// An action another context aimed at filter `owner`'s context, while filter `idx` holds
-    /// the `dir` side: `Some` when it ends the wait.
-    fn apply_action(
-        &mut self,
-        idx: usize,
-        dir: Dir,
-        owner: usize,
-        action: ContextAction,
-    ) -> Option<Resume> {
+    /// The next event of the run's contexts: what their gRPC streams report, their callouts'
+    /// answers, actions other contexts aim at them. Pending until there is one.
+    async fn next_event(&mut self) -> Event {
+        let calls = !self.callouts.is_empty();
+        tokio::select! {
+            Some((owner, token, event)) = self.grpc_events.recv() => Event::Stream(owner, token, event),
+            Some(joined) = self.callouts.join_next(), if calls => match joined {
+                Ok((owner, answer)) => Event::Answer(owner, answer),
+                Err(_) => Event::Cancelled,
+            },
+            Some((owner, action)) = self.actions.recv() => Event::Action(owner, action),
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Delivers `event` to the context it belongs to, with this request's stream, and says
+    /// what that did.
+    fn handle_event(&mut self, event: Event) -> Effect {
+        let owner = match event {
+            Event::Cancelled => return Effect::Nothing,
+            Event::Action(owner, action) => return self.apply_action(owner, action),
+            Event::Stream(owner, token, event) => {
+                if self.filters[owner].bypassed {
+                    return Effect::Nothing;
+                }
+                if let Err(err) = self.deliver_stream_event(owner, token, event) {
+                    return self.fault_effect(owner, &err);
+                }
+                owner
+            }
+            Event::Answer(owner, answer) => {
+                // What a stream reported before it ended comes first.
+                while let Ok((o, token, event)) = self.grpc_events.try_recv() {
+                    if self.filters[o].bypassed {
+                        continue;
+                    }
+                    if let Err(err) = self.deliver_stream_event(o, token, event) {
+                        match self.fault_effect(o, &err) {
+                            Effect::Halt(h) => return Effect::Halt(h),
+                            _ => continue,
+                        }
+                    }
+                }
+                if let Answer::Grpc(token, _) = &answer {
+                    self.grpc_inputs.remove(token);
+                    self.grpc_calls.remove(token);
+                }
+                if self.filters[owner].bypassed {
+                    return Effect::Nothing;
+                }
+                let result = {
+                    let f = &self.filters[owner];
+                    let mut inst = f.instance.borrow_mut();
+                    deliver(&mut inst, answer, &mut self.stream)
+                };
+                if let Err(err) = result {
+                    return self.fault_effect(owner, &err);
+                }
+                owner
+            }
+        };
+        self.dispatch(owner);
+        if let Some(local) = self.stream.local_response.take() {
+            return Effect::Halt(Halt::Reply(plugin_reply(
+                &self.filters[owner].plugin,
+                local,
+            )));
+        }
+        if let Some(reset) = self.take_close(owner) {
+            return Effect::Halt(Halt::Reset(reset));
+        }
+        match self.stream.continue_requested.take() {
+            Some(stream) => Effect::Continued(owner, stream),
+            None => Effect::Nothing,
+        }
+    }
+
+    fn fault_effect(&mut self, owner: usize, err: &HostError) -> Effect {
+        match self.runtime_fault(owner, err) {
+            Some(Outcome::Respond(reply)) => Effect::Halt(Halt::Reply(reply)),
+            Some(Outcome::Reset(reset)) => Effect::Halt(Halt::Reset(reset)),
+            _ => Effect::Bypassed(owner),
+        }
+    }
+
+    /// An action another context aimed at filter `owner`'s context.
+    fn apply_action(&mut self, owner: usize, action: ContextAction) -> Effect {
         let plugin = &self.filters[owner].plugin;
         match action {
-            ContextAction::LocalResponse { response, .. } => Some(Resume::Respond(
-                Outcome::Respond(plugin_reply(plugin, response)),
-            )),
-            ContextAction::Continue { stream, .. } => {
-                (owner == idx && stream == dir.stream_type()).then_some(Resume::Continued)
+            ContextAction::LocalResponse { response, .. } => {
+                Effect::Halt(Halt::Reply(plugin_reply(plugin, response)))
             }
-            // Envoy resets the stream; the closest an HTTP exchange here gets is a local 503.
-            ContextAction::Close { .. } => {
-                let name = &plugin.spec.name;
-                Some(Resume::Respond(Outcome::Respond(LocalReply::text(
-                    503,
-                    format!("wasm:{name}:closed"),
-                    format!("plugin {name} closed the stream\n"),
-                ))))
+            ContextAction::Continue { stream, .. } => Effect::Continued(owner, stream),
+            // Envoy resets the stream (`resetStream()`), whichever side was named.
+            ContextAction::Close { .. } => Effect::Halt(Halt::Reset(StreamReset {
+                plugin: plugin.spec.name.clone(),
+            })),
+        }
+    }
+
+    /// Handles one event while the pump reads the `dir` body: returns the body data a resumed
+    /// filter released (run through the filters after it), to send on.
+    pub async fn on_event(
+        &mut self,
+        dir: Dir,
+        event: PendingEvent,
+        limit: usize,
+    ) -> Result<Vec<u8>, Halt> {
+        let owner = match self.handle_event(event.0) {
+            Effect::Nothing => return Ok(Vec::new()),
+            Effect::Continued(owner, stream) if stream == dir.stream_type() => owner,
+            Effect::Continued(..) => return Ok(Vec::new()),
+            Effect::Bypassed(owner) => owner,
+            Effect::Halt(h) => return Err(h),
+        };
+        let held = std::mem::take(self.held_mut(dir, owner));
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Envoy's continueDecoding/continueEncoding: the buffered body goes on to the next
+        // filters; the end of the stream has not been seen yet (else the pump would be waiting
+        // in `body_chunk`).
+        self.run_body(dir, Some(owner), held, false, limit).await
+    }
+
+    /// The next event of the run's contexts, for a pump that also reads a body (see
+    /// [`ChainRun::on_event`]).
+    pub async fn event(&mut self) -> PendingEvent {
+        PendingEvent(self.next_event().await)
+    }
+
+    /// Awaits `fut` (the upstream's answer) while delivering the events of the run's contexts,
+    /// as Envoy does at any time of the stream: gRPC stream messages, callout answers, actions
+    /// of other contexts. A plugin may answer or reset the stream meanwhile.
+    pub async fn while_waiting<T>(
+        &mut self,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, Halt> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Ok(out),
+                event = self.next_event() => match self.handle_event(event) {
+                    Effect::Halt(h) => return Err(h),
+                    Effect::Nothing | Effect::Continued(..) | Effect::Bypassed(_) => {}
+                },
             }
         }
+    }
+
+    /// True while a callout or gRPC stream of the run's contexts is in flight.
+    pub fn has_callouts(&self) -> bool {
+        !self.callouts.is_empty()
     }
 
     async fn settle_response(
@@ -801,6 +962,9 @@ impl ChainRun {
                         &self.filters[idx].plugin,
                         local,
                     )));
+                }
+                if let Some(reset) = self.take_close(idx) {
+                    return Some(Outcome::Reset(reset));
                 }
                 let continued = self.stream.continue_requested.take().is_some();
                 if action == Action::Pause && !continued {
@@ -835,6 +999,9 @@ impl Drop for ChainRun {
         }
     }
 }
+
+/// An event of the run's contexts, taken by [`ChainRun::event`].
+pub struct PendingEvent(Event);
 
 enum Resume {
     Continued,

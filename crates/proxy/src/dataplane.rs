@@ -568,7 +568,7 @@ async fn serve_connection(
             {
                 return Ok(crate::hbone::entry::forward(req, conn, tunnel, dest).await);
             }
-            Ok::<_, std::convert::Infallible>(
+            handler::into_service_result(
                 handler::handle(req, &entry, conn, rt, &shared.settings).await,
             )
         }

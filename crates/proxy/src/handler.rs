@@ -28,7 +28,7 @@ use waystone_model::snapshot::{
 };
 use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
 
-use crate::chain::{ChainRun, Dir, LocalReply, Outcome};
+use crate::chain::{ChainRun, Dir, Halt, LocalReply, Outcome, StreamReset};
 use crate::metrics::{self, KeyMap, ResponseFlags};
 use crate::observe::{
     AccessStart, CountingBody, Facts, InFlight, LocalDetails, ObservedBody, Observer, Pending,
@@ -236,7 +236,12 @@ pub async fn handle(
         pending.flags = ResponseFlags::from_details(&details.0);
         pending.details = std::borrow::Cow::Owned(details.0);
     }
-    pending.code = response.status().as_u16();
+    // A reset stream has no response: Envoy logs code 0.
+    pending.code = if response.extensions().get::<StreamReset>().is_some() {
+        0
+    } else {
+        response.status().as_u16()
+    };
     pending.grpc_status = response
         .headers()
         .get("grpc-status")
@@ -494,8 +499,10 @@ async fn proxy(
             .get_all(http::header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if let Outcome::Respond(reply) = run.request_headers(target.chain, rt, request_eos).await {
-        return local_reply_through_chain(run, reply).await;
+    match run.request_headers(target.chain, rt, request_eos).await {
+        Outcome::Continue => {}
+        Outcome::Respond(reply) => return local_reply_through_chain(run, reply).await,
+        Outcome::Reset(reset) => return reset_through_chain(run, reset),
     }
 
     let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
@@ -522,7 +529,10 @@ async fn proxy(
     let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
         let upstream = build_upstream(method, &path, &authority, headers, endpoint, body);
-        forward(endpoint, upstream).await
+        match run.while_waiting(forward(endpoint, upstream)).await {
+            Ok(r) => r,
+            Err(halt) => return halt_through_chain(run, halt).await,
+        }
     } else {
         // The body goes upstream chunk by chunk as the request plugins let it through.
         let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
@@ -545,31 +555,32 @@ async fn proxy(
             }
             forward(endpoint, upstream).await
         };
-        let (pumped, forwarded) = {
+        tokio::pin!(send);
+        let mut forwarded = None;
+        let pumped = {
             let pump = stream::pump(&mut run, Dir::Request, body, tx, limit, head_tx, wait);
-            tokio::pin!(pump, send);
-            let mut pumped = None;
-            let mut forwarded = None;
-            while pumped.is_none() || forwarded.is_none() {
+            tokio::pin!(pump);
+            loop {
                 tokio::select! {
-                    r = &mut pump, if pumped.is_none() => {
-                        let failed = r.is_err();
-                        pumped = Some(r);
-                        // The request ends here: the upstream exchange is dropped.
-                        if failed {
-                            break;
-                        }
-                    }
+                    r = &mut pump => break r,
                     r = &mut send, if forwarded.is_none() => forwarded = Some(r),
                 }
             }
-            (pumped, forwarded)
         };
+        // The request body has ended: the chain's contexts still get their events while the
+        // upstream answers. A failed pump ends the request: the upstream exchange is dropped.
+        if pumped.is_ok() && forwarded.is_none() {
+            match run.while_waiting(&mut send).await {
+                Ok(r) => forwarded = Some(r),
+                Err(halt) => return halt_through_chain(run, halt).await,
+            }
+        }
         match pumped {
-            Some(Err(PumpError::Local(reply))) => {
+            Err(PumpError::Local(reply)) => {
                 return local_reply_through_chain(run, reply).await;
             }
-            Some(Err(PumpError::Body(err))) => {
+            Err(PumpError::Reset(reset)) => return reset_through_chain(run, reset),
+            Err(PumpError::Body(err)) => {
                 tracing::debug!(error = %err, "request body failed");
                 let reply = LocalReply::text(
                     400,
@@ -598,9 +609,13 @@ async fn proxy(
     run.stream.properties.response_code = Some(rparts.status.as_u16());
     run.stream.response_headers = response_to_wasm(rparts.status, &rparts.headers);
     let response_eos = rbody.is_end_stream();
-    if let Outcome::Respond(reply) = run.response_headers(response_eos).await {
-        run.finish();
-        return reply_response(reply);
+    match run.response_headers(response_eos).await {
+        Outcome::Continue => {}
+        Outcome::Respond(reply) => {
+            run.finish();
+            return reply_response(reply);
+        }
+        Outcome::Reset(reset) => return reset_through_chain(run, reset),
     }
     // As for the request: an unchanged head goes out as the upstream sent it.
     let response_head = |run: &ChainRun, rparts: http::response::Parts, body: Body| {
@@ -610,7 +625,9 @@ async fn proxy(
             Response::from_parts(rparts, body)
         }
     };
-    if response_eos || !run.wants_stream(Dir::Response) {
+    // Callouts and gRPC streams in flight keep the chain until the body ends, so their
+    // events still reach the plugins (Envoy cancels them only when the stream ends).
+    if response_eos || !(run.wants_stream(Dir::Response) || run.has_callouts()) {
         let response = response_head(&run, rparts, rbody.map_err(BoxError::from).boxed());
         run.finish();
         return response;
@@ -645,10 +662,11 @@ async fn proxy(
                 .await
             {
                 Ok(out) => out,
-                Err(reply) => {
+                Err(Halt::Reply(reply)) => {
                     run.finish();
                     return reply_response(reply);
                 }
+                Err(Halt::Reset(reset)) => return reset_through_chain(run, reset),
             };
             let changed = out.len() != len;
             let out_len = out.len();
@@ -699,6 +717,7 @@ async fn proxy(
                 tracing::debug!(status = reply.status, details = %reply.details, "response ended by the chain after its headers");
                 Some(reply.details.into())
             }
+            Err(PumpError::Reset(reset)) => Some(reset.into()),
             Err(PumpError::Body(err)) => Some(err),
         };
         if let Some(err) = err {
@@ -730,6 +749,7 @@ async fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Resp
     let eos = reply.body.is_empty();
     let response = match run.response_headers(eos).await {
         Outcome::Respond(again) => reply_response(again),
+        Outcome::Reset(reset) => return reset_through_chain(run, reset),
         Outcome::Continue => {
             let mut r = wasm_to_response(&run.stream.response_headers, full(reply.body));
             r.extensions_mut().insert(LocalDetails(reply.details));
@@ -738,6 +758,36 @@ async fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Resp
     };
     run.finish();
     response
+}
+
+async fn halt_through_chain(run: ChainRun, halt: Halt) -> Response<Body> {
+    match halt {
+        Halt::Reply(reply) => local_reply_through_chain(run, reply).await,
+        Halt::Reset(reset) => reset_through_chain(run, reset),
+    }
+}
+
+/// A plugin closed the stream: the chain ends and the listener resets the stream instead of
+/// answering it ([`into_service_result`]).
+fn reset_through_chain(mut run: ChainRun, reset: StreamReset) -> Response<Body> {
+    tracing::debug!(plugin = %reset.plugin, "stream reset by a plugin");
+    run.finish();
+    let mut response = Response::new(full(Vec::new()));
+    response
+        .extensions_mut()
+        .insert(LocalDetails(StreamReset::DETAILS.to_string()));
+    response.extensions_mut().insert(reset);
+    response
+}
+
+/// What a listener's service returns for a handled request: the response, or an error for a
+/// stream a plugin reset (hyper then closes an HTTP/1.1 connection without a response, or
+/// sends RST_STREAM on h2, as Envoy's `resetStream()`).
+pub fn into_service_result(mut response: Response<Body>) -> Result<Response<Body>, StreamReset> {
+    match response.extensions_mut().remove::<StreamReset>() {
+        Some(reset) => Err(reset),
+        None => Ok(response),
+    }
 }
 
 fn no_endpoint(service: &ServiceConfig) -> LocalReply {

@@ -24,7 +24,7 @@ use hyper::body::Frame;
 use tokio::sync::{mpsc, oneshot};
 use waystone_wasm::HeaderMap as WasmHeaders;
 
-use crate::chain::{ChainRun, Dir, LocalReply};
+use crate::chain::{ChainRun, Dir, Halt, LocalReply, StreamReset};
 use crate::handler::BoxError;
 
 pub type FrameResult = Result<Frame<Bytes>, BoxError>;
@@ -103,13 +103,18 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Prepend<B
 pub enum PumpError {
     /// A plugin answered the stream, or held more than the limit.
     Local(LocalReply),
+    /// A plugin closed the stream.
+    Reset(StreamReset),
     /// The body being read failed.
     Body(BoxError),
 }
 
-impl From<LocalReply> for PumpError {
-    fn from(r: LocalReply) -> Self {
-        PumpError::Local(r)
+impl From<Halt> for PumpError {
+    fn from(h: Halt) -> Self {
+        match h {
+            Halt::Reply(r) => PumpError::Local(r),
+            Halt::Reset(r) => PumpError::Reset(r),
+        }
     }
 }
 
@@ -182,16 +187,33 @@ where
         closed: false,
     };
     loop {
-        let frame = if out.head.is_some() {
-            match tokio::time::timeout(head_stall, body.frame()).await {
-                Ok(f) => f,
-                Err(_) => {
+        // Events of the chain's contexts (callout answers, gRPC stream messages, other
+        // contexts' actions) are delivered as they come, between body callbacks: a plugin that
+        // paused mid-body may resume it (the held data flows on) or end the stream.
+        let stall = out.head.is_some();
+        let read = async {
+            if stall {
+                tokio::time::timeout(head_stall, body.frame()).await.ok()
+            } else {
+                Some(body.frame().await)
+            }
+        };
+        let frame = tokio::select! {
+            biased;
+            event = run.event() => {
+                let data = run.on_event(dir, event, limit).await?;
+                if !data.is_empty() {
+                    out.send(Frame::data(Bytes::from(data))).await;
+                }
+                continue;
+            }
+            read = read => match read {
+                Some(f) => f,
+                None => {
                     out.commit(None);
                     continue;
                 }
-            }
-        } else {
-            body.frame().await
+            },
         };
         let frame = match frame {
             None => {

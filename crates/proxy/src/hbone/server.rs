@@ -316,7 +316,7 @@ async fn relay_l4(
 async fn serve_http(io: hyper::upgrade::Upgraded, tunnel: Tunnel, handle: HandleFn) {
     let service = service_fn(move |req: Request<Incoming>| {
         let fut = with_tunnel(tunnel.clone(), handle(req));
-        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        async move { crate::handler::into_service_result(fut.await) }
     });
     let mut builder = auto::Builder::new(LocalExec);
     builder
