@@ -13,8 +13,9 @@
 //! - `pause_on_new_connection`: `proxy_on_new_connection` answers Pause (Envoy then holds the
 //!   upstream connect and later filters until the context continues reading);
 //! - `resume_after_ms`: the root context ticks at this period and, at its first tick after a
-//!   connection paused on its new-connection callback, acts on that connection from the root
-//!   (`proxy_set_effective_context` + `resume_via`/`root_action`);
+//!   connection paused (on its new-connection callback, or holding bytes for `hold_until`),
+//!   acts on that connection from the root (`proxy_set_effective_context` +
+//!   `resume_via`/`root_action`);
 //! - `resume_via`: `tick` (default) acts in `proxy_on_tick`; `callout` makes the tick send
 //!   `proxy_http_call` to `callout_upstream` and acts in `proxy_on_http_call_response`;
 //! - `root_action`: `continue` (default, `proxy_continue_stream(Downstream)`) or `close`
@@ -264,6 +265,14 @@ impl StreamContext for Conn {
             && !text.ends_with(&self.config.hold_until)
         {
             log(LogLevel::Info, &format!("holding {size} bytes"));
+            if self.config.resume_after_ms > 0 {
+                PAUSED.with(|p| {
+                    let mut p = p.borrow_mut();
+                    if !p.contains(&self.id) {
+                        p.push(self.id);
+                    }
+                });
+            }
             return Action::Pause;
         }
         let mut passed = data.len();
