@@ -383,7 +383,9 @@ impl L4Chain {
 
     /// Where actions aimed at this connection's contexts arrive; taken once by the relay.
     fn take_actions(&mut self) -> mpsc::UnboundedReceiver<(usize, ContextAction)> {
-        self.actions.take().unwrap_or_else(|| mpsc::unbounded_channel().1)
+        self.actions
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
 
     fn upstream_closed(&mut self, idx: usize) {
@@ -528,13 +530,11 @@ async fn read_event<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<(
     while data.len() < READ_EVENT_MAX {
         let more = std::future::poll_fn(|cx| {
             let mut rb = tokio::io::ReadBuf::new(buf);
-            std::task::Poll::Ready(
-                match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    std::task::Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
-                    std::task::Poll::Ready(Err(e)) => Some(Err(e)),
-                    std::task::Poll::Pending => None,
-                },
-            )
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                std::task::Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
+                std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+                std::task::Poll::Pending => None,
+            })
         })
         .await;
         match more {

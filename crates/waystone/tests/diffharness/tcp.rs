@@ -283,7 +283,11 @@ fn read_some(s: &mut TcpStream, received: &mut Vec<u8>, end: &mut Option<String>
     match s.read(&mut buf) {
         Ok(0) => *end = Some("eof".into()),
         Ok(n) => received.extend_from_slice(&buf[..n]),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
         Err(_) => *end = Some("reset".into()),
     }
 }
@@ -489,7 +493,10 @@ pub fn run_case(
             d.reason
         ));
     }
-    for (part, detail) in diffs.iter().filter(|(p, _)| !allowed.iter().any(|a| a == p)) {
+    for (part, detail) in diffs
+        .iter()
+        .filter(|(p, _)| !allowed.iter().any(|a| a == p))
+    {
         problems.push(format!("{part} differ: {detail}"));
     }
     if problems.is_empty() {
