@@ -1,18 +1,28 @@
 //! L4 (`type: NETWORK`) plugins on relayed TCP connections: gateway listeners of protocol
 //! `TCP` (TCPRoute backends) and the waypoint's HBONE relay for TCP service ports.
 //!
-//! Semantics follow Envoy's network Wasm filter in front of `tcp_proxy`:
-//! - `proxy_on_new_connection` once per plugin, in chain order, before the upstream connect;
-//! - `proxy_on_downstream_data(size, eos)` per read, in chain order; a Pause keeps the bytes
-//!   at that plugin, and its next call sees them with what arrived since (buffer 2);
-//! - `proxy_on_upstream_data(size, eos)` per upstream read, last plugin first (Envoy runs
-//!   write filters in reverse); at upstream end of stream each plugin also gets
-//!   `proxy_on_upstream_connection_close(Unknown)` right after it, as Envoy does (it has no
-//!   upstream connection event to report);
-//! - `proxy_on_downstream_connection_close(peer)`: `Remote` when the client's end is what
-//!   closed the connection, `Local` when the proxy closed it (a plugin's
-//!   `proxy_close_stream`, a fail-closed fault, an upstream failure, our half-close last);
-//! - then `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` per plugin.
+//! Semantics follow Envoy's network Wasm filters in front of `tcp_proxy`, as the differential
+//! suite shows them (`tests/differential/rust_tcp.yaml`):
+//! - iteration reaches a plugin first through `proxy_on_context_create` +
+//!   `proxy_on_new_connection`; a Pause there stops it: later plugins, the upstream connect and
+//!   reading the client wait until that context continues (`proxy_continue_stream(2)`, from its
+//!   root context's tick or callout answer after `proxy_set_effective_context`);
+//! - `proxy_on_downstream_data(size, eos)`: each read event runs the plugins from the first
+//!   over the connection's whole unsent read buffer (one read event takes what the socket has,
+//!   end of stream included); a Pause leaves the buffer, as earlier plugins changed it, for
+//!   the next read, where every plugin sees it again; a continue from another context
+//!   resumes iteration at the plugin after the one that paused;
+//! - `proxy_on_upstream_data(size, eos)` per upstream read event, last plugin first (Envoy's
+//!   write filters) over the whole unsent upstream buffer; at upstream end of stream each
+//!   plugin also gets `proxy_on_upstream_connection_close(Unknown)` right after it, as Envoy
+//!   does (it has no upstream connection event to report);
+//! - `proxy_close_stream(2|3)`, from the connection's own callbacks or from another context,
+//!   closes the connection;
+//! - at the close, per plugin in chain order: `proxy_on_downstream_connection_close(peer)`
+//!   (`Remote` when the client's end is what closed the connection, `Local` when the proxy
+//!   closed it: a plugin's close, a fail-closed fault, an upstream failure, our half-close
+//!   last), then `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`; plugins iteration never
+//!   reached get nothing.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -94,6 +104,8 @@ pub(crate) struct L4Chain {
     /// Iteration reached the end of the chain once: `tcp_proxy`'s `onNewConnection`, which
     /// connects the upstream.
     connect_wanted: bool,
+    /// Where this connection's callouts are resolved (the snapshot it started with).
+    resolver: Option<Resolver>,
     /// Actions other contexts (a root's tick or callout answer) aim at this connection's
     /// contexts, with the filter index (`worker::route_context_actions`).
     actions_tx: worker::ActionSender,
@@ -111,10 +123,11 @@ impl L4Chain {
         properties: StreamProperties,
     ) -> (Self, Option<CloseReason>) {
         // Root contexts' callouts (a tick resuming this connection) resolve against it.
-        worker::set_resolver(&Resolver {
+        let resolver = Resolver {
             snapshot: rt.snapshot.clone(),
             default_namespace: rt.default_namespace.clone(),
-        });
+        };
+        worker::set_resolver(&resolver);
         let (actions_tx, actions) = mpsc::unbounded_channel();
         let mut this = Self {
             filters: Vec::new(),
@@ -127,6 +140,7 @@ impl L4Chain {
             down_finished: false,
             up_pending: Vec::new(),
             connect_wanted: false,
+            resolver: Some(resolver),
             actions_tx,
             actions: Some(actions),
         };
@@ -231,6 +245,15 @@ impl L4Chain {
         let f = &mut self.filters[idx];
         // What the callback aimed at other contexts (after `proxy_set_effective_context`).
         worker::route_context_actions(&f.instance);
+        // HTTP callouts a connection's context made go out now through the instance's driver,
+        // which delivers the answer to that context (it may then continue or close the
+        // connection: routed back here as an action); gRPC ones wait for the driver's turn.
+        let calls = f.instance.borrow_mut().take_callouts();
+        if let Some(resolver) = &self.resolver {
+            for call in calls {
+                worker::spawn_root_callout(&f.instance, call, resolver.clone());
+            }
+        }
         match result {
             Ok(action) => {
                 let outcome = if close {

@@ -19,7 +19,10 @@
 //! - `resume_via`: `tick` (default) acts in `proxy_on_tick`; `callout` makes the tick send
 //!   `proxy_http_call` to `callout_upstream` and acts in `proxy_on_http_call_response`;
 //! - `root_action`: `continue` (default, `proxy_continue_stream(Downstream)`) or `close`
-//!   (`proxy_close_stream(Downstream)`).
+//!   (`proxy_close_stream(Downstream)`);
+//! - `connection_callout`: with `pause_on_new_connection`, the connection's own context sends
+//!   `proxy_http_call` to `callout_upstream` and continues in its
+//!   `proxy_on_http_call_response`.
 //!
 //! Each plugin must run in its own VM (Envoy `vm_id`) for the root to find only its own
 //! paused connections: they are kept in a per-VM list.
@@ -55,6 +58,7 @@ struct Config {
     resume_via_callout: bool,
     callout_upstream: String,
     root_closes: bool,
+    connection_callout: bool,
 }
 
 #[derive(Default)]
@@ -138,6 +142,8 @@ impl RootContext for Root {
             resume_via_callout: text("resume_via") == "callout",
             callout_upstream: text("callout_upstream"),
             root_closes: text("root_action") == "close",
+            connection_callout: json.get("connection_callout").and_then(|v| v.as_bool())
+                == Some(true),
         };
         if self.config.resume_after_ms > 0 {
             self.set_tick_period(Duration::from_millis(self.config.resume_after_ms));
@@ -215,6 +221,14 @@ impl Conn {
 }
 
 impl Context for Conn {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _: usize) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_default();
+        log(LogLevel::Info, &format!("connection callout answered {status}"));
+        self.resume_downstream();
+    }
+
     fn on_done(&mut self) -> bool {
         PAUSED.with(|p| p.borrow_mut().retain(|id| *id != self.id));
         log(LogLevel::Info, "done");
@@ -233,6 +247,19 @@ impl StreamContext for Conn {
                 self.property(&["connection", "id"]),
             );
             log(LogLevel::Info, &line);
+        }
+        if self.config.pause_on_new_connection && self.config.connection_callout {
+            let headers = vec![(":method", "GET"), (":path", "/conn"), (":authority", "echo")];
+            match self.dispatch_http_call(
+                &self.config.callout_upstream,
+                headers,
+                None,
+                vec![],
+                Duration::from_secs(5),
+            ) {
+                Ok(_) => log(LogLevel::Info, "connection sent a callout"),
+                Err(e) => log(LogLevel::Warn, &format!("callout refused: {e:?}")),
+            }
         }
         if self.config.pause_on_new_connection {
             if self.config.resume_after_ms > 0 {
