@@ -105,7 +105,7 @@ pub(crate) struct L4Chain {
     /// connects the upstream.
     connect_wanted: bool,
     /// Where this connection's callouts are resolved (the snapshot it started with).
-    resolver: Option<Resolver>,
+    resolver: Resolver,
     /// Actions other contexts (a root's tick or callout answer) aim at this connection's
     /// contexts, with the filter index (`worker::route_context_actions`).
     actions_tx: worker::ActionSender,
@@ -140,7 +140,7 @@ impl L4Chain {
             down_finished: false,
             up_pending: Vec::new(),
             connect_wanted: false,
-            resolver: Some(resolver),
+            resolver,
             actions_tx,
             actions: Some(actions),
         };
@@ -248,11 +248,8 @@ impl L4Chain {
         // HTTP callouts a connection's context made go out now through the instance's driver,
         // which delivers the answer to that context (it may then continue or close the
         // connection: routed back here as an action); gRPC ones wait for the driver's turn.
-        let calls = f.instance.borrow_mut().take_callouts();
-        if let Some(resolver) = &self.resolver {
-            for call in calls {
-                worker::spawn_root_callout(&f.instance, call, resolver.clone());
-            }
+        for call in f.instance.borrow_mut().take_callouts() {
+            worker::spawn_root_callout(&f.instance, call, self.resolver.clone());
         }
         match result {
             Ok(action) => {
