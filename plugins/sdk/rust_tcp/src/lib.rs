@@ -6,6 +6,7 @@
 //! - `upstream_from`/`upstream_to`: the same for upstream data (buffer 3);
 //! - `hold_until`: pauses downstream data until the buffered bytes end with this text, so
 //!   the proxy must hold them and hand them back together with what follows;
+//! - `upstream_hold_until`: the same for upstream data (buffer 3);
 //! - `close_on`: downstream data containing it closes the connection (`proxy_close_stream`);
 //! - `trap_on`: downstream data containing it makes the plugin trap (a Rust panic aborts);
 //! - `log_properties`: logs `source.address`, `destination.address`, `connection.id` on a new
@@ -50,6 +51,7 @@ struct Config {
     rewrite: Option<(String, String)>,
     upstream_rewrite: Option<(String, String)>,
     hold_until: String,
+    upstream_hold_until: String,
     close_on: String,
     trap_on: String,
     log_properties: bool,
@@ -130,6 +132,7 @@ impl RootContext for Root {
             rewrite: pair("rewrite_from", "rewrite_to"),
             upstream_rewrite: pair("upstream_from", "upstream_to"),
             hold_until: text("hold_until"),
+            upstream_hold_until: text("upstream_hold_until"),
             close_on: text("close_on"),
             trap_on: text("trap_on"),
             log_properties: json.get("log_properties").and_then(|v| v.as_bool()) == Some(true),
@@ -326,6 +329,13 @@ impl StreamContext for Conn {
             LogLevel::Info,
             &format!("upstream_data size={size} eos={end_of_stream}"),
         );
+        if !self.config.upstream_hold_until.is_empty() && !end_of_stream {
+            let data = self.get_upstream_data(0, size).unwrap_or_default();
+            if !data.ends_with(self.config.upstream_hold_until.as_bytes()) {
+                log(LogLevel::Info, &format!("holding {size} upstream bytes"));
+                return Action::Pause;
+            }
+        }
         let mut passed = size;
         if let Some((from, to)) = &self.config.upstream_rewrite {
             let data = self.get_upstream_data(0, size).unwrap_or_default();
