@@ -668,34 +668,28 @@ async fn serve_tcp(
         route_name,
     );
     let (mut chain, closed) = crate::tcp::L4Chain::start(&l.chain, &rt, props);
+    if closed.is_some() {
+        drop(socket);
+        chain.end(waystone_wasm::PeerType::Local);
+        return;
+    }
     let endpoint = target.and_then(|(_, _, port)| crate::routing::pick_endpoint(port, &TCP_PICKS));
-    let upstream = match (closed, endpoint) {
-        (None, Some(endpoint)) => {
-            match crate::hbone::client::connect_endpoint(endpoint, None).await {
-                Ok(up) => Some((endpoint, up)),
-                Err(e) => {
-                    tracing::debug!(%endpoint, error = %e, "TCP listener: upstream connect failed");
-                    None
-                }
+    // Runs once the plugins let the connection through (a plugin may hold its new
+    // connection until its root context resumes it).
+    let connect = || async move {
+        let Some(endpoint) = endpoint else {
+            tracing::debug!(gateway = %gateway, listener, "TCP listener: no route or no healthy endpoint");
+            return None;
+        };
+        match crate::hbone::client::connect_endpoint(endpoint, None).await {
+            Ok(up) => Some((endpoint, up)),
+            Err(e) => {
+                tracing::debug!(%endpoint, error = %e, "TCP listener: upstream connect failed");
+                None
             }
         }
-        (None, None) => {
-            tracing::debug!(gateway = %gateway, listener, "TCP listener: no route or no healthy endpoint");
-            None
-        }
-        (Some(_), _) => None,
     };
-    match upstream {
-        Some((endpoint, up)) => {
-            chain.set_upstream(endpoint);
-            crate::tcp::relay(socket, up, chain, Some(drain)).await;
-        }
-        None => {
-            // tcp_proxy closes the downstream connection itself: a local close.
-            drop(socket);
-            chain.end(waystone_wasm::PeerType::Local);
-        }
-    }
+    crate::tcp::serve(socket, chain, connect, Some(drain)).await;
 }
 
 static TCP_PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -446,3 +446,87 @@ spec:
     assert!(logs.contains(&format!("upstream={backend}")), "{logs:?}");
     dp.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A Pause from `proxy_on_new_connection` holds the connection (nothing read, no upstream
+/// connect) until the plugin's root context continues it from a tick (Envoy's
+/// `continueReading`); then the bytes sent meanwhile flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_paused_waits_for_its_root_context() {
+    let config = r#"{pause_on_new_connection: true, resume_after_ms: 50}"#;
+    let (dp, addr, _) = gateway(6, "l4-resume", "FAIL_CLOSE", config).await;
+    let plugin = "default.l4-resume-l4";
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"early\n").await.unwrap();
+    assert_eq!(read_exactly(&mut s, 6).await, b"early\n");
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"");
+    let logs = wait_for_log(plugin, "end", 1).await;
+    assert_eq!(
+        logs[..5],
+        [
+            "new_connection",
+            "pausing the new connection",
+            "root resumes a paused connection",
+            "downstream_data size=6 eos=false",
+            "upstream_data size=6 eos=false",
+        ],
+        "{logs:#?}"
+    );
+    dp.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The root context closes a connection its plugin holds (`proxy_set_effective_context` +
+/// `proxy_close_stream`): a local close, and the plugin never saw data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_context_closes_a_held_connection() {
+    let config = r#"{pause_on_new_connection: true, resume_after_ms: 50, root_action: close}"#;
+    let (dp, addr, _) = gateway(7, "l4-rootclose", "FAIL_CLOSE", config).await;
+    let plugin = "default.l4-rootclose-l4";
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"");
+    let logs = wait_for_log(plugin, "end", 1).await;
+    assert_eq!(
+        logs,
+        [
+            "new_connection",
+            "pausing the new connection",
+            "root closes a paused connection",
+            "downstream_close peer=local",
+            "done",
+            "bytes downstream=0 upstream=0",
+            "end",
+        ]
+    );
+    dp.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A connection's own context sends `proxy_http_call` while it holds its new connection; the
+/// answer (here the TCP echo is no HTTP server, so the callout fails and is answered locally)
+/// reaches that context, whose `proxy_continue_stream(2)` lets the connection through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_resumes_from_its_own_callout_answer() {
+    let config = r#"{pause_on_new_connection: true, connection_callout: true, callout_upstream: "outbound|7000||echo.default.svc.cluster.local"}"#;
+    let (dp, addr, _) = gateway(0, "l4-owncall", "FAIL_CLOSE", config).await;
+    let plugin = "default.l4-owncall-l4";
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"after\n").await.unwrap();
+    assert_eq!(read_exactly(&mut s, 6).await, b"after\n");
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"");
+    let logs = wait_for_log(plugin, "end", 1).await;
+    assert_eq!(
+        logs[..3],
+        [
+            "new_connection",
+            "connection sent a callout",
+            "pausing the new connection"
+        ],
+        "{logs:#?}"
+    );
+    assert!(
+        logs[3].starts_with("connection callout answered "),
+        "{logs:#?}"
+    );
+    assert_eq!(logs[4], "downstream_data size=6 eos=false", "{logs:#?}");
+    dp.shutdown(Duration::from_secs(1)).await;
+}

@@ -11,9 +11,12 @@ use common::*;
 use diffharness::corpus::{self, Corpus};
 use diffharness::echo::Echo;
 use diffharness::envoy::{self, Envoy};
+use diffharness::tcp::{self, TcpEcho, TcpSide};
 use diffharness::{Report, Side, run_corpus};
 
 const FIRST_PORT: u16 = 10001;
+/// The L4 cases' listeners, one per case, from here on.
+const FIRST_TCP_PORT: u16 = 10201;
 
 fn k8s_name(plugin: &str) -> String {
     format!("diff-{}", plugin.replace('_', "-"))
@@ -49,6 +52,9 @@ fn manifests(corpora: &[Corpus], echo: &Echo) -> String {
         echo.addr.port()
     );
     for (i, c) in corpora.iter().enumerate() {
+        if c.cases.is_empty() {
+            continue;
+        }
         let name = k8s_name(&c.plugin);
         let port = FIRST_PORT + i as u16;
         let url = format!("file://{}", wasm_of(c).display());
@@ -88,10 +94,13 @@ fn sdk_plugins_behave_as_in_envoy() {
     let ip = |last: u8| format!("{}.{}.{}.{last}", net[0], net[1], net[2]);
 
     let echo = Echo::start(&ip(3), h.ignored_upstream_headers.clone());
+    let tcp_echo = TcpEcho::start(&ip(3));
+    let tcp_setups = tcp::setups(&corpora, FIRST_TCP_PORT);
 
     let listeners: Vec<envoy::Listener> = corpora
         .iter()
         .enumerate()
+        .filter(|(_, c)| !c.cases.is_empty())
         .map(|(i, c)| envoy::Listener {
             port: FIRST_PORT + i as u16,
             plugin_name: format!("default.{}", k8s_name(&c.plugin)),
@@ -100,9 +109,18 @@ fn sdk_plugins_behave_as_in_envoy() {
             configuration: configuration(c),
         })
         .collect();
-    let ports: Vec<u16> = listeners.iter().map(|l| l.port).collect();
+    let mut ports: Vec<u16> = listeners.iter().map(|l| l.port).collect();
+    ports.extend(tcp_setups.iter().map(|(_, _, s)| s.port));
     let envoy_ip = ip(2);
-    let cfg = envoy::config(&envoy_ip, 9901, echo.addr, &listeners);
+    let tcp_listeners = tcp::envoy_listeners(&envoy_ip, &corpora, &tcp_setups);
+    let tcp_clusters = [tcp::envoy_cluster(tcp_echo.addr)];
+    let cfg = envoy::config(
+        &envoy_ip,
+        9901,
+        echo.addr,
+        &listeners,
+        (&tcp_listeners, &tcp_clusters),
+    );
     let envoy_proc = Envoy::start(dir.path(), &envoy_ip, 9901, &cfg, &ports);
 
     let w = Waystone::start_with_log(
@@ -112,7 +130,21 @@ fn sdk_plugins_behave_as_in_envoy() {
         "info,waystone::wasm=debug",
     );
     w.apply(&manifests(&corpora, &echo));
+    if !tcp_setups.is_empty() {
+        w.apply(&tcp::manifests(&corpora, &tcp_setups, tcp_echo.addr));
+    }
+    for (_, _, s) in &tcp_setups {
+        let addr = format!("{}:{}", w.gateway_host(&tcp::gateway_name(s)), s.port);
+        wait_until(
+            std::time::Duration::from_secs(30),
+            || std::net::TcpStream::connect(&addr).is_ok(),
+            || w.log_text(),
+        );
+    }
     for (i, c) in corpora.iter().enumerate() {
+        if c.cases.is_empty() {
+            continue;
+        }
         let gw = w.gateway_host(&k8s_name(&c.plugin));
         let addr = format!("{gw}:{}", FIRST_PORT + i as u16);
         wait_until(
@@ -124,6 +156,9 @@ fn sdk_plugins_behave_as_in_envoy() {
 
     let mut report = Report::default();
     for (i, c) in corpora.iter().enumerate() {
+        if c.cases.is_empty() {
+            continue;
+        }
         let name = format!("default.{}", k8s_name(&c.plugin));
         let port = FIRST_PORT + i as u16;
         let gw = w.gateway_host(&k8s_name(&c.plugin));
@@ -141,6 +176,23 @@ fn sdk_plugins_behave_as_in_envoy() {
             .text
             .push_str(&format!("== {} ({}) ==\n", c.plugin, c.sdk));
         run_corpus(&h, c, &mut e, &mut ws, &mut report);
+    }
+    for (ci, k, s) in &tcp_setups {
+        let c = &corpora[*ci];
+        if *k == 0 {
+            report
+                .text
+                .push_str(&format!("== {} ({}), L4 ==\n", c.plugin, c.sdk));
+        }
+        let e = TcpSide {
+            addr: format!("{envoy_ip}:{}", s.port),
+            logs: Box::new(|| tcp::envoy_lines(&envoy_proc.log_text(), "default.diff-")),
+        };
+        let ws = TcpSide {
+            addr: format!("{}:{}", w.gateway_host(&tcp::gateway_name(s)), s.port),
+            logs: Box::new(|| tcp::waystone_lines(&w.log_text(), "default.diff-")),
+        };
+        tcp::run_case(c, &c.tcp_cases[*k], s, &e, &ws, &mut report);
     }
     println!("{}", report.text);
     println!(

@@ -298,17 +298,17 @@ async fn relay_l4(
         l4.end(waystone_wasm::PeerType::Local);
         return;
     }
-    match client::connect_endpoint(endpoint, Some(tunnel.source.ip())).await {
-        Ok(upstream) => {
-            l4.set_upstream(endpoint);
-            crate::tcp::relay(downstream, upstream, l4, None).await;
+    let source = tunnel.source.ip();
+    let connect = || async move {
+        match client::connect_endpoint(endpoint, Some(source)).await {
+            Ok(upstream) => Some((endpoint, upstream)),
+            Err(e) => {
+                tracing::debug!(%endpoint, error = %e, "HBONE relay: upstream connect failed");
+                None
+            }
         }
-        Err(e) => {
-            tracing::debug!(%endpoint, error = %e, "HBONE relay: upstream connect failed");
-            drop(downstream);
-            l4.end(waystone_wasm::PeerType::Local);
-        }
-    }
+    };
+    crate::tcp::serve(downstream, l4, connect, None).await;
 }
 
 /// The tunnel's inner bytes as HTTP/1.1 or h2c, each request through the shared handler

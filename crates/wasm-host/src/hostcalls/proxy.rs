@@ -438,11 +438,28 @@ fn request_continue(c: &mut Ctx<'_>, st: StreamType) -> Result<(), Status> {
                 .continue_requested = Some(st);
         }
         // L4 data flows on as soon as the callback returns Continue: nothing is held back.
-        StreamType::Downstream | StreamType::Upstream => {
-            state.network.as_ref().ok_or(Status::NotFound)?;
+        StreamType::Downstream | StreamType::Upstream if state.network.is_some() => {}
+        // Outside the connection's own callbacks (a callout answer delivered to the network
+        // context that made the call): Envoy's `continueReading` on that connection.
+        StreamType::Downstream | StreamType::Upstream if outside_own_callbacks(state) => {
+            let context_id = state.effective_context;
+            state.context_actions.push(ContextAction::Continue {
+                context_id,
+                stream: st,
+            });
         }
+        StreamType::Downstream | StreamType::Upstream => return Err(Status::NotFound),
     }
     Ok(())
+}
+
+/// A non-root context running with neither an HTTP stream nor a connection attached: an
+/// answer (callout) delivered to the context that asked, whose stream actions the embedder
+/// applies to its connection.
+fn outside_own_callbacks(state: &HostState) -> bool {
+    state.network.is_none()
+        && state.stream.is_none()
+        && state.current_context != crate::instance::ROOT_CONTEXT
 }
 
 fn request_close(c: &mut Ctx<'_>, st: StreamType) -> Result<(), Status> {
@@ -460,13 +477,21 @@ fn request_close(c: &mut Ctx<'_>, st: StreamType) -> Result<(), Status> {
             state.stream.as_ref().ok_or(Status::NotFound)?;
             state.close_requested = Some(st);
         }
-        StreamType::Downstream | StreamType::Upstream => {
-            state
-                .network
-                .as_mut()
-                .ok_or(Status::NotFound)?
-                .close_requested = Some(st);
+        StreamType::Downstream | StreamType::Upstream if state.network.is_some() => {
+            if let Some(network) = state.network.as_mut() {
+                network.close_requested = Some(st);
+            }
         }
+        // Outside the connection's own callbacks (a callout answer): the embedder closes that
+        // connection.
+        StreamType::Downstream | StreamType::Upstream if outside_own_callbacks(state) => {
+            let context_id = state.effective_context;
+            state.context_actions.push(ContextAction::Close {
+                context_id,
+                stream: st,
+            });
+        }
+        StreamType::Downstream | StreamType::Upstream => return Err(Status::NotFound),
     }
     Ok(())
 }

@@ -56,7 +56,12 @@ pub struct Corpus {
     /// SDK's own debug lines that print host-assigned context ids).
     #[serde(default)]
     pub ignore_logs: Vec<String>,
+    /// HTTP cases (a listener with the plugin as an HTTP filter).
+    #[serde(default)]
     pub cases: Vec<Case>,
+    /// L4 cases (`type: NETWORK`, each with its own listener and chain): `tcp.rs`.
+    #[serde(default)]
+    pub tcp_cases: Vec<super::tcp::TcpCase>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +184,18 @@ pub fn corpora(h: &Harness) -> Vec<Corpus> {
                         assert!(
                             ["status", "headers", "body", "logs"].contains(&p.as_str()),
                             "{}: case {:?}: differs.parts has {p:?}",
+                            f.display(),
+                            case.name
+                        );
+                    }
+                }
+            }
+            for case in &c.tcp_cases {
+                if let Some(d) = &case.differs {
+                    for p in &d.parts {
+                        assert!(
+                            ["received", "end", "logs"].contains(&p.as_str()),
+                            "{}: tcp case {:?}: differs.parts has {p:?}",
                             f.display(),
                             case.name
                         );

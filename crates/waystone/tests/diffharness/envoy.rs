@@ -37,8 +37,15 @@ fn json(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
-/// The static config, as JSON (which Envoy reads as YAML).
-pub fn config(ip: &str, admin_port: u16, echo: SocketAddr, listeners: &[Listener]) -> String {
+/// The static config, as JSON (which Envoy reads as YAML); `tcp` adds the L4 cases' listeners
+/// and clusters, already as JSON (`tcp.rs`).
+pub fn config(
+    ip: &str,
+    admin_port: u16,
+    echo: SocketAddr,
+    listeners: &[Listener],
+    tcp: (&[String], &[String]),
+) -> String {
     let enable_trailers = r#"{"enable_trailers": true}"#;
     let listeners: Vec<String> = listeners
         .iter()
@@ -66,7 +73,9 @@ pub fn config(ip: &str, admin_port: u16, echo: SocketAddr, listeners: &[Listener
                 wasm = json(l.wasm.to_str().unwrap()),
             )
         })
+        .chain(tcp.0.iter().cloned())
         .collect();
+    let extra_clusters: String = tcp.1.iter().map(|c| format!(",\n {c}")).collect();
     format!(
         r#"{{"admin": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {admin_port}}}}}}},
 "static_resources": {{
@@ -76,7 +85,7 @@ pub fn config(ip: &str, admin_port: u16, echo: SocketAddr, listeners: &[Listener
      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
      "explicit_http_config": {{"http_protocol_options": {enable_trailers}}}}}}},
    "load_assignment": {{"cluster_name": {cluster}, "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
-     {{"socket_address": {{"address": "{eip}", "port_value": {eport}}}}}}}}}]}}]}}}}]}}}}"#,
+     {{"socket_address": {{"address": "{eip}", "port_value": {eport}}}}}}}}}]}}]}}}}{extra_clusters}]}}}}"#,
         listeners = listeners.join(",\n"),
         cluster = json(ECHO_CLUSTER),
         eip = echo.ip(),
@@ -148,7 +157,7 @@ pub struct LogLine {
     pub message: String,
 }
 
-fn level_of(name: &str) -> Option<u8> {
+pub fn level_of(name: &str) -> Option<u8> {
     Some(match name {
         "trace" => 0,
         "debug" => 1,

@@ -7,6 +7,7 @@ pub mod client;
 pub mod corpus;
 pub mod echo;
 pub mod envoy;
+pub mod tcp;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
