@@ -1256,18 +1256,15 @@ fn tcp_route_status_and_network_plugin_in_kubernetes_mode() {
         &["apply", "-f", "-"],
         Some(&format!("{}---\n{l4}", service_yaml("echo", echo))),
     );
+    let add_to_route = |path: &str, value: &str| {
+        let patch = format!(r#"[{{"op": "add", "path": "{path}", "value": {value}}}]"#);
+        cluster.kubectl(
+            &["patch", "tcproute", "echo", "--type=json", "-p", &patch],
+            None,
+        );
+    };
     // A second parent, served by another controller, whose status entry must be kept.
-    cluster.kubectl(
-        &[
-            "patch",
-            "tcproute",
-            "echo",
-            "--type=json",
-            "-p",
-            r#"[{"op": "add", "path": "/spec/parentRefs/-", "value": {"name": "elsewhere"}}]"#,
-        ],
-        None,
-    );
+    add_to_route("/spec/parentRefs/-", r#"{"name": "elsewhere"}"#);
     cluster.kubectl(
         &[
             "patch",
@@ -1362,16 +1359,9 @@ fn tcp_route_status_and_network_plugin_in_kubernetes_mode() {
     );
 
     // A backend that does not exist: ResolvedRefs goes False, naming it.
-    cluster.kubectl(
-        &[
-            "patch",
-            "tcproute",
-            "echo",
-            "--type=json",
-            "-p",
-            r#"[{"op": "add", "path": "/spec/rules/0/backendRefs/-", "value": {"name": "gone", "port": 9080}}]"#,
-        ],
-        None,
+    add_to_route(
+        "/spec/rules/0/backendRefs/-",
+        r#"{"name": "gone", "port": 9080}"#,
     );
     wait_until(
         WAIT,
