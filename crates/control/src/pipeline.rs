@@ -536,11 +536,7 @@ pub fn gateway_status(
             ls.iter()
                 .find(|o| o.get("name").and_then(|n| n.as_str()) == Some(&l.name))
         });
-        let (attached, kind): (std::collections::BTreeSet<&ObjectKey>, _) = if l.is_tcp() {
-            (l.tcp_routes.iter().map(|r| &r.route).collect(), "TCPRoute")
-        } else {
-            (l.routes.iter().map(|r| &r.route).collect(), "HTTPRoute")
-        };
+        let (attached, kind) = l.attached_routes();
         listeners.push(json!({
             "name": l.name,
             "attachedRoutes": attached.len(),

@@ -1,6 +1,6 @@
 //! `waystone controller`: the control plane in a cluster. It reads everything, loads each
 //! plugin once to report whether its module was fetched and loaded, writes status (Gateway,
-//! HTTPRoute parents, WasmPlugin, TrafficExtension), and deploys one data plane (Deployment,
+//! HTTPRoute and TCPRoute parents, WasmPlugin, TrafficExtension), and deploys one data plane (Deployment,
 //! Service, ServiceAccount, owned by the Gateway) per Gateway of a class it manages.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -14,6 +14,7 @@ use waystone_control::pipeline::{
     translated_gateway_accepted, untranslated_gateway_status,
 };
 use waystone_model::Resource;
+use waystone_model::resources::{BackendFilters, BackendRefOf};
 use waystone_model::snapshot::{GatewayRole, ObjectKey, Snapshot};
 
 use crate::error::KubeError;
@@ -27,7 +28,7 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub struct ControllerOptions {
     /// Gateway classes whose Gateways this controller serves (status, data planes).
     pub classes: Vec<String>,
-    /// `controllerName` written into HTTPRoute parent status.
+    /// `controllerName` written into HTTPRoute and TCPRoute parent status.
     pub controller_name: String,
     /// The image data-plane Deployments run.
     pub proxy_image: String,
@@ -427,7 +428,7 @@ fn gateway_status(
         .listeners
         .iter()
         .map(|l| {
-            let attached: BTreeSet<&ObjectKey> = l.routes.iter().map(|r| &r.route).collect();
+            let (attached, route_kind) = l.attached_routes();
             let c = [
                 Condition::new("Accepted", true, "Accepted", "listener accepted"),
                 Condition::new(
@@ -450,7 +451,7 @@ fn gateway_status(
             json!({
                 "name": l.name,
                 "attachedRoutes": attached.len(),
-                "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+                "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": route_kind}],
                 "conditions": conditions(&c, old, generation),
             })
         })
@@ -472,8 +473,8 @@ fn gateway_status(
     status
 }
 
-/// HTTPRoute `status.parents` entries for the parents this controller serves; other
-/// controllers' entries are kept as they are.
+/// HTTPRoute and TCPRoute `status.parents` entries for the parents this controller serves;
+/// other controllers' entries are kept as they are.
 fn route_statuses(
     objects: &[Resource],
     snapshot: &Snapshot,
@@ -483,11 +484,29 @@ fn route_statuses(
     let managed: BTreeSet<ObjectKey> = managed.iter().map(|g| key_of(g)).collect();
     let mut out = Vec::new();
     for obj in objects {
-        let Resource::HttpRoute(route) = obj else {
-            continue;
-        };
         let key = key_of(obj);
-        let generation = route.metadata.generation.unwrap_or(1);
+        let (kind, parent_refs, missing) = match obj {
+            Resource::HttpRoute(r) => (
+                "HTTPRoute",
+                &r.spec.parent_refs,
+                missing_services(
+                    r.spec.rules.iter().flat_map(|r| &r.backend_refs),
+                    &key.namespace,
+                    snapshot,
+                ),
+            ),
+            Resource::TcpRoute(r) => (
+                "TCPRoute",
+                &r.spec.parent_refs,
+                missing_services(
+                    r.spec.rules.iter().flat_map(|r| &r.backend_refs),
+                    &key.namespace,
+                    snapshot,
+                ),
+            ),
+            _ => continue,
+        };
+        let generation = obj.meta().generation.unwrap_or(1);
         let old_parents = obj
             .status()
             .and_then(|s| s.get("parents"))
@@ -499,9 +518,8 @@ fn route_statuses(
             .cloned()
             .collect();
         let mut ours = 0;
-        for pref in &route.spec.parent_refs {
-            let kind = pref.kind.as_deref().unwrap_or("Gateway");
-            if kind != "Gateway" {
+        for pref in parent_refs {
+            if pref.kind.as_deref().unwrap_or("Gateway") != "Gateway" {
                 continue;
             }
             let ns = pref
@@ -515,22 +533,12 @@ fn route_statuses(
             ours += 1;
             let attached = snapshot.gateway(&gw_key).is_some_and(|g| {
                 g.listeners.iter().any(|l| {
+                    let (routes, route_kind) = l.attached_routes();
                     pref.section_name.as_ref().is_none_or(|s| *s == l.name)
-                        && l.routes.iter().any(|r| r.route == key)
+                        && route_kind == kind
+                        && routes.contains(&key)
                 })
             });
-            let missing: Vec<String> = route
-                .spec
-                .rules
-                .iter()
-                .flat_map(|r| &r.backend_refs)
-                .filter(|b| b.kind.as_deref().unwrap_or("Service") == "Service")
-                .filter_map(|b| {
-                    let ns = b.namespace.clone().unwrap_or_else(|| key.namespace.clone());
-                    let svc = ObjectKey::new(ns, b.name.clone());
-                    snapshot.service(&svc).is_none().then(|| svc.to_string())
-                })
-                .collect();
             let old = old_parents.and_then(|ps| {
                 ps.iter().find(|p| {
                     p.get("controllerName").and_then(Value::as_str) == Some(controller_name)
@@ -588,12 +596,23 @@ fn route_statuses(
         }
         let status = json!({ "parents": parents });
         if !same_status(obj.status(), &status) {
-            out.push(StatusUpdate {
-                kind: "HTTPRoute",
-                key,
-                status,
-            });
+            out.push(StatusUpdate { kind, key, status });
         }
     }
     out
+}
+
+/// The Services a route's backendRefs name that the snapshot does not have, as `ns/name`.
+fn missing_services<'a, F: BackendFilters + 'a>(
+    refs: impl Iterator<Item = &'a BackendRefOf<F>>,
+    route_ns: &str,
+    snapshot: &Snapshot,
+) -> Vec<String> {
+    refs.filter(|b| b.kind.as_deref().unwrap_or("Service") == "Service")
+        .filter_map(|b| {
+            let ns = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
+            let svc = ObjectKey::new(ns, b.name.clone());
+            snapshot.service(&svc).is_none().then(|| svc.to_string())
+        })
+        .collect()
 }

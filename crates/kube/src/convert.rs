@@ -173,4 +173,25 @@ mod tests {
         let err = resource_from_api(bad, "gateway.networking.k8s.io/v1", "Gateway").unwrap_err();
         assert!(err.to_string().contains("spec.listeners[0].port"), "{err}");
     }
+
+    #[test]
+    fn tcp_routes_read_as_the_server_defaults_them() {
+        let route = json!({
+            "metadata": {"name": "echo", "namespace": "default", "generation": 2,
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {
+                "parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"}],
+                "rules": [{"backendRefs": [{"kind": "Service", "name": "echo", "port": 9080, "weight": 1}]}]
+            },
+            "status": {"parents": [{"controllerName": "example.com/other",
+                                    "parentRef": {"name": "elsewhere"}, "conditions": []}]}
+        });
+        let r = resource_from_api(route, "gateway.networking.k8s.io/v1alpha2", "TCPRoute").unwrap();
+        let Resource::TcpRoute(t) = r else {
+            panic!("not a TCPRoute")
+        };
+        assert_eq!(t.spec.rules[0].backend_refs[0].port, Some(9080));
+        assert_eq!(t.spec.parent_refs[0].name, "gw");
+        assert!(t.status.is_some());
+    }
 }

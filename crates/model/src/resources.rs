@@ -496,23 +496,8 @@ pub struct HttpHeaderMatch {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpBackendRef {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight: Option<i64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub filters: Vec<Value>,
-}
+/// An HTTPRoute backend: a [`BackendRefOf`] that may carry filters.
+pub type HttpBackendRef = BackendRefOf<Vec<Value>>;
 
 /// `gateway.networking.k8s.io/v1alpha2` TCPRoute: bytes on a `TCP` listener go to its backends.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -548,9 +533,14 @@ pub struct TcpRouteRule {
 }
 
 /// A TCPRoute backend: an `HTTPBackendRef` without filters.
+pub type BackendRef = BackendRefOf<NoFilters>;
+
+/// The fields every route kind's backend reference has, plus `filters`, whose type says whether
+/// the kind takes any. One declaration for both: `deny_unknown_fields` rules out flattening a
+/// shared struct into each.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BackendRef {
+pub struct BackendRefOf<F: BackendFilters> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -562,6 +552,44 @@ pub struct BackendRef {
     pub port: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<i64>,
+    #[serde(default, skip_serializing_if = "BackendFilters::is_empty")]
+    pub filters: F,
+}
+
+/// What a backend reference's `filters` holds.
+pub trait BackendFilters: Default {
+    fn is_empty(&self) -> bool;
+}
+
+impl BackendFilters for Vec<Value> {
+    fn is_empty(&self) -> bool {
+        Vec::is_empty(self)
+    }
+}
+
+/// The `filters` of a kind whose backends take none (TCPRoute): never written, and refused
+/// when present, worded as serde words any other unknown field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoFilters;
+
+impl BackendFilters for NoFilters {
+    fn is_empty(&self) -> bool {
+        true
+    }
+}
+
+impl Serialize for NoFilters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_unit()
+    }
+}
+
+impl<'de> Deserialize<'de> for NoFilters {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "unknown field `filters`: this route kind's backends take no filters",
+        ))
+    }
 }
 
 // ---------------------------------------------------------------- extensions.istio.io/v1alpha1

@@ -3,7 +3,7 @@
 //!
 //! Everything here is plain data: no sockets, no modules, no threads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -209,6 +209,19 @@ impl ListenerConfig {
     /// A listener whose connections are relayed as bytes (protocol `TCP`).
     pub fn is_tcp(&self) -> bool {
         self.protocol == "TCP"
+    }
+
+    /// The routes attached to this listener, each once, and their kind (`TCPRoute` on a `TCP`
+    /// listener, else `HTTPRoute`): what Gateway status counts and route status checks.
+    pub fn attached_routes(&self) -> (BTreeSet<&ObjectKey>, &'static str) {
+        if self.is_tcp() {
+            (
+                self.tcp_routes.iter().map(|r| &r.route).collect(),
+                "TCPRoute",
+            )
+        } else {
+            (self.routes.iter().map(|r| &r.route).collect(), "HTTPRoute")
+        }
     }
 }
 

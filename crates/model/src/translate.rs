@@ -830,14 +830,11 @@ fn listener_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec<Rou
     }
     let mut candidates = Vec::new();
     for (rkey, route) in &idx.routes {
-        let attached = route.spec.parent_refs.iter().any(|p| {
-            p.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
-                && p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
-                && p.namespace.as_deref().unwrap_or(&rkey.namespace) == key.namespace
-                && p.name == key.name
-                && p.section_name.as_ref().is_none_or(|s| *s == l.name)
-                && p.port.is_none_or(|port| port == l.port)
-        });
+        let attached = route
+            .spec
+            .parent_refs
+            .iter()
+            .any(|p| parent_ref_selects(p, &rkey.namespace, key, l));
         if !attached || !namespace_allowed(l, &key.namespace, &rkey.namespace, idx) {
             continue;
         }
@@ -852,26 +849,7 @@ fn listener_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec<Rou
                 rule_index: i,
                 hostnames: hostnames.clone(),
                 matches: rule.matches.iter().map(route_match).collect(),
-                backends: rule
-                    .backend_refs
-                    .iter()
-                    .filter(|b| {
-                        b.kind.as_deref().unwrap_or("Service") == "Service"
-                            && matches!(b.group.as_deref().unwrap_or(""), "" | "core")
-                    })
-                    .filter_map(|b| {
-                        Some(Backend {
-                            service: ObjectKey::new(
-                                b.namespace
-                                    .clone()
-                                    .unwrap_or_else(|| rkey.namespace.clone()),
-                                b.name.clone(),
-                            ),
-                            port: u16::try_from(b.port?).ok()?,
-                            weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
-                        })
-                    })
-                    .collect(),
+                backends: service_backends(&rule.backend_refs, &rkey.namespace),
             };
             let created = route
                 .metadata
@@ -885,6 +863,46 @@ fn listener_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec<Rou
     candidates.into_iter().map(|(_, c)| c).collect()
 }
 
+/// Whether a route's parentRef (the route in `route_ns`) names listener `l` of gateway `key`.
+fn parent_ref_selects(
+    p: &r::ParentReference,
+    route_ns: &str,
+    key: &ObjectKey,
+    l: &r::Listener,
+) -> bool {
+    p.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+        && p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+        && p.namespace.as_deref().unwrap_or(route_ns) == key.namespace
+        && p.name == key.name
+        && p.section_name.as_ref().is_none_or(|s| *s == l.name)
+        && p.port.is_none_or(|port| port == l.port)
+}
+
+/// The Service backends of a rule (other kinds are not routed to), namespaced like the route
+/// when the reference does not say; a reference without a valid port is left out (validation
+/// reports it).
+fn service_backends<F: r::BackendFilters>(
+    refs: &[r::BackendRefOf<F>],
+    route_ns: &str,
+) -> Vec<Backend> {
+    refs.iter()
+        .filter(|b| {
+            b.kind.as_deref().unwrap_or("Service") == "Service"
+                && matches!(b.group.as_deref().unwrap_or(""), "" | "core")
+        })
+        .filter_map(|b| {
+            Some(Backend {
+                service: ObjectKey::new(
+                    b.namespace.clone().unwrap_or_else(|| route_ns.to_string()),
+                    b.name.clone(),
+                ),
+                port: u16::try_from(b.port?).ok()?,
+                weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 /// TCPRoutes attached to a `TCP` listener (same parentRef rules as HTTPRoutes, no hostnames),
 /// oldest first, then by namespace/name: Gateway API gives a listener's traffic to the oldest
 /// route when several claim it.
@@ -894,14 +912,11 @@ fn listener_tcp_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec
     }
     let mut candidates = Vec::new();
     for (rkey, route) in &idx.tcp_routes {
-        let attached = route.spec.parent_refs.iter().any(|p| {
-            p.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
-                && p.kind.as_deref().unwrap_or("Gateway") == "Gateway"
-                && p.namespace.as_deref().unwrap_or(&rkey.namespace) == key.namespace
-                && p.name == key.name
-                && p.section_name.as_ref().is_none_or(|s| *s == l.name)
-                && p.port.is_none_or(|port| port == l.port)
-        });
+        let attached = route
+            .spec
+            .parent_refs
+            .iter()
+            .any(|p| parent_ref_selects(p, &rkey.namespace, key, l));
         if !attached || !namespace_allowed(l, &key.namespace, &rkey.namespace, idx) {
             continue;
         }
@@ -911,30 +926,10 @@ fn listener_tcp_routes(key: &ObjectKey, l: &r::Listener, idx: &Index<'_>) -> Vec
             .clone()
             .unwrap_or_default();
         for (i, rule) in route.spec.rules.iter().enumerate() {
-            let backends = rule
-                .backend_refs
-                .iter()
-                .filter(|b| {
-                    b.kind.as_deref().unwrap_or("Service") == "Service"
-                        && matches!(b.group.as_deref().unwrap_or(""), "" | "core")
-                })
-                .filter_map(|b| {
-                    Some(Backend {
-                        service: ObjectKey::new(
-                            b.namespace
-                                .clone()
-                                .unwrap_or_else(|| rkey.namespace.clone()),
-                            b.name.clone(),
-                        ),
-                        port: u16::try_from(b.port?).ok()?,
-                        weight: u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0),
-                    })
-                })
-                .collect();
             let config = TcpRouteConfig {
                 route: rkey.clone(),
                 rule_index: i,
-                backends,
+                backends: service_backends(&rule.backend_refs, &rkey.namespace),
             };
             candidates.push(((created.clone(), rkey.clone(), i), config));
         }

@@ -316,12 +316,12 @@ fn check_hostname(h: &str) -> Result<(), String> {
     })
 }
 
-/// The CRD's rules: 1-16 rules, each with 1-16 backends; a Service backend needs a port.
-fn validate_tcp_route(r: &TcpRoute, issues: &mut Issues) {
-    if r.spec.parent_refs.len() > 32 {
+/// A route's parentRefs, as the route CRDs constrain them.
+fn check_parent_refs(refs: &[ParentReference], issues: &mut Issues) {
+    if refs.len() > 32 {
         issues.add("spec.parentRefs", "at most 32 parent references");
     }
-    for (i, p) in r.spec.parent_refs.iter().enumerate() {
+    for (i, p) in refs.iter().enumerate() {
         if p.name.is_empty() {
             issues.add(format!("spec.parentRefs[{i}].name"), "required");
         }
@@ -331,6 +331,37 @@ fn validate_tcp_route(r: &TcpRoute, issues: &mut Issues) {
             issues.add(format!("spec.parentRefs[{i}].port"), why);
         }
     }
+}
+
+/// One backendRef of any route kind (at `f`): a valid port, required for a Service, and a
+/// weight in the CRD's range.
+fn check_backend_ref<F: BackendFilters>(b: &BackendRefOf<F>, f: &str, issues: &mut Issues) {
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    let group = b.group.as_deref().unwrap_or("");
+    match b.port {
+        Some(port) => {
+            if let Err(why) = check_port(port) {
+                issues.add(format!("{f}.port"), why);
+            }
+        }
+        None if kind == "Service" && (group.is_empty() || group == "core") => {
+            issues.add(format!("{f}.port"), "required when referring to a Service");
+        }
+        None => {}
+    }
+    if let Some(w) = b.weight
+        && !(0..=1_000_000).contains(&w)
+    {
+        issues.add(
+            format!("{f}.weight"),
+            format!("{w} must be between 0 and 1000000"),
+        );
+    }
+}
+
+/// The CRD's rules: 1-16 rules, each with 1-16 backends; a Service backend needs a port.
+fn validate_tcp_route(r: &TcpRoute, issues: &mut Issues) {
+    check_parent_refs(&r.spec.parent_refs, issues);
     if r.spec.rules.is_empty() {
         issues.add("spec.rules", "at least one rule is required");
     }
@@ -349,42 +380,13 @@ fn validate_tcp_route(r: &TcpRoute, issues: &mut Issues) {
             if b.name.is_empty() {
                 issues.add(format!("{f}.name"), "required");
             }
-            let kind = b.kind.as_deref().unwrap_or("Service");
-            let group = b.group.as_deref().unwrap_or("");
-            match b.port {
-                Some(port) => {
-                    if let Err(why) = check_port(port) {
-                        issues.add(format!("{f}.port"), why);
-                    }
-                }
-                None if kind == "Service" && (group.is_empty() || group == "core") => {
-                    issues.add(format!("{f}.port"), "required when referring to a Service");
-                }
-                None => {}
-            }
-            if let Some(w) = b.weight
-                && !(0..=1_000_000).contains(&w)
-            {
-                issues.add(format!("{f}.weight"), "must be between 0 and 1000000");
-            }
+            check_backend_ref(b, &f, issues);
         }
     }
 }
 
 fn validate_http_route(r: &HttpRoute, issues: &mut Issues) {
-    if r.spec.parent_refs.len() > 32 {
-        issues.add("spec.parentRefs", "at most 32 parent references");
-    }
-    for (i, p) in r.spec.parent_refs.iter().enumerate() {
-        if p.name.is_empty() {
-            issues.add(format!("spec.parentRefs[{i}].name"), "required");
-        }
-        if let Some(port) = p.port
-            && let Err(why) = check_port(port)
-        {
-            issues.add(format!("spec.parentRefs[{i}].port"), why);
-        }
-    }
+    check_parent_refs(&r.spec.parent_refs, issues);
     if r.spec.hostnames.len() > 16 {
         issues.add("spec.hostnames", "at most 16 hostnames");
     }
@@ -435,28 +437,7 @@ fn validate_http_route(r: &HttpRoute, issues: &mut Issues) {
             }
         }
         for (j, b) in rule.backend_refs.iter().enumerate() {
-            let f = format!("spec.rules[{i}].backendRefs[{j}]");
-            let kind = b.kind.as_deref().unwrap_or("Service");
-            let group = b.group.as_deref().unwrap_or("");
-            match b.port {
-                Some(port) => {
-                    if let Err(why) = check_port(port) {
-                        issues.add(format!("{f}.port"), why);
-                    }
-                }
-                None if kind == "Service" && (group.is_empty() || group == "core") => {
-                    issues.add(format!("{f}.port"), "required when referring to a Service");
-                }
-                None => {}
-            }
-            if let Some(w) = b.weight
-                && !(0..=1_000_000).contains(&w)
-            {
-                issues.add(
-                    format!("{f}.weight"),
-                    format!("{w} must be between 0 and 1000000"),
-                );
-            }
+            check_backend_ref(b, &format!("spec.rules[{i}].backendRefs[{j}]"), issues);
         }
     }
 }

@@ -1513,6 +1513,13 @@ fn tcp_route_is_parsed_strictly_and_validated() {
         err.contains("spec.rules[0]") && err.contains("matches"),
         "{err}"
     );
+    // HTTPRoute backends take filters; TCPRoute's share their type but not that field.
+    let filters = "---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: ingress}]\n  rules: [{backendRefs: [{name: pg, port: 5432, filters: []}]}]\n";
+    let err = parse_manifests(filters, "t.yaml").unwrap_err().to_string();
+    assert!(
+        err.contains("spec.rules[0].backendRefs[0].filters") && err.contains("unknown field"),
+        "{err}"
+    );
     let v1 = tcp_route("r", "db", "pg").replace("v1alpha2", "v1");
     let err = parse_manifests(&v1, "t.yaml").unwrap_err().to_string();
     assert!(err.contains("unsupported apiVersion"), "{err}");

@@ -542,6 +542,18 @@ fn ca_failure(e: HboneError) -> (String, CaFailure) {
     }
 }
 
+/// A fake istiod on `ip` and the waypoint's rotation, holding its first certificate (serial 1)
+/// from it; the token is the file `token`, which tests rewrite to change what istiod sees.
+async fn ca_with_rotation(ip: IpAddr) -> (FakeIstiod, CaRotation) {
+    let ca = FakeIstiod::start(ip).await;
+    let token = ca.token_file("token", WAYPOINT_TOKEN);
+    let rotation =
+        CaRotation::start(IstioCaClient::new(ca.options(waypoint_id(), &token)).unwrap())
+            .await
+            .unwrap();
+    (ca, rotation)
+}
+
 // ------------------------------------------------------------------ tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,12 +680,7 @@ async fn ca_failures_name_the_address_and_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_an_open_hbone_stream() {
     let ip = net(4);
-    let ca = FakeIstiod::start(ip).await;
-    let token = ca.token_file("token", WAYPOINT_TOKEN);
-    let rotation =
-        CaRotation::start(IstioCaClient::new(ca.options(waypoint_id(), &token)).unwrap())
-            .await
-            .unwrap();
+    let (ca, rotation) = ca_with_rotation(ip).await;
     let first = rotation.identity().leaf();
     let first_not_after = rotation.identity().not_after().unwrap();
     assert_eq!(ca.serial_of(&first), 1);
@@ -724,12 +731,7 @@ async fn certificates_rotate_under_an_open_hbone_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_keeps_the_current_certificate_serving() {
     let ip = net(5);
-    let ca = FakeIstiod::start(ip).await;
-    let token = ca.token_file("token", WAYPOINT_TOKEN);
-    let rotation =
-        CaRotation::start(IstioCaClient::new(ca.options(waypoint_id(), &token)).unwrap())
-            .await
-            .unwrap();
+    let (ca, rotation) = ca_with_rotation(ip).await;
     // Kubelet writes a token istiod does not accept; the file is re-read at each request.
     ca.token_file("token", "revoked");
     let wp = waypoint(ip, rotation.identity().clone()).await;
@@ -759,12 +761,7 @@ async fn a_refused_token_keeps_the_current_certificate_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_ca_down_the_certificate_serves_until_it_expires() {
     let ip = net(6);
-    let ca = FakeIstiod::start(ip).await;
-    let token = ca.token_file("token", WAYPOINT_TOKEN);
-    let rotation =
-        CaRotation::start(IstioCaClient::new(ca.options(waypoint_id(), &token)).unwrap())
-            .await
-            .unwrap();
+    let (ca, rotation) = ca_with_rotation(ip).await;
     let not_after = rotation.identity().not_after().unwrap();
     ca.stop().await;
     let wp = waypoint(ip, rotation.identity().clone()).await;

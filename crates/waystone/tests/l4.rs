@@ -6,27 +6,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-
-/// A TCP echo server on `ip`: echoes every byte, then ends its side after the client's end.
-fn echo_backend(ip: &str) -> SocketAddr {
-    let listener = TcpListener::bind(format!("{ip}:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 fn manifests(backend: SocketAddr, wasm: &str, config: &str) -> String {
     format!(
@@ -46,33 +29,10 @@ addressType: IPv4
 endpoints: [{{addresses: ["{ip}"]}}]
 ports: [{{name: tcp-echo, port: {port}}}]
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: tcp-gateway}}
-spec:
-  gatewayClassName: istio
-  listeners: [{{name: echo, port: 7000, protocol: TCP}}]
----
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TCPRoute
-metadata: {{name: echo}}
-spec:
-  parentRefs: [{{name: tcp-gateway}}]
-  rules:
-  - backendRefs: [{{name: echo, port: 7000}}]
----
-apiVersion: extensions.istio.io/v1alpha1
-kind: WasmPlugin
-metadata: {{name: tcp-echo-l4}}
-spec:
-  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: tcp-gateway}}]
-  url: file://{wasm}
-  type: NETWORK
-  failStrategy: FAIL_CLOSE
-  pluginConfig: {config}
-"#,
+{l4}"#,
         ip = backend.ip(),
-        port = backend.port()
+        port = backend.port(),
+        l4 = tcp_gateway_yaml(wasm, config, 7000),
     )
 }
 
@@ -99,19 +59,6 @@ fn wait_for_messages(w: &Waystone, line: &str, count: usize) -> Vec<String> {
         || format!("plugin never logged {line:?} x{count}\n{}", w.log_text()),
     );
     last
-}
-
-fn connect(addr: &str) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-fn read_all(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .expect("the proxy ended the stream in time");
-    out
 }
 
 #[test]
@@ -143,7 +90,7 @@ fn tcp_route_through_waystone_up() {
     let addr = format!("{}:7000", w.gateway_host("tcp-gateway"));
 
     // Bytes rewritten by the plugin on the way in, echoed back.
-    let mut s = connect(&addr);
+    let mut s = tcp_connect(&addr);
     s.write_all(b"ping\n").unwrap();
     let mut reply = [0u8; 5];
     s.read_exact(&mut reply).unwrap();
@@ -168,7 +115,7 @@ fn tcp_route_through_waystone_up() {
     );
 
     // The trigger payload: the plugin closes the connection; nothing reaches the echo.
-    let mut s = connect(&addr);
+    let mut s = tcp_connect(&addr);
     s.write_all(b"QUIT\n").unwrap();
     assert_eq!(read_all(&mut s), b"");
     let logs = wait_for_messages(&w, "end", 2);
@@ -180,10 +127,10 @@ fn tcp_route_through_waystone_up() {
     // FAIL_CLOSE: a trap closes the connection; the next connection gets a fresh instance.
     let config = r#"{rewrite_from: "ping", rewrite_to: "PONG", trap_on: "BOOM"}"#;
     w.apply(&manifests(backend, &wasm, config));
-    let mut s = connect(&addr);
+    let mut s = tcp_connect(&addr);
     s.write_all(b"BOOM\n").unwrap();
     assert_eq!(read_all(&mut s), b"");
-    let mut s = connect(&addr);
+    let mut s = tcp_connect(&addr);
     s.write_all(b"ping\n").unwrap();
     s.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"PONG\n");

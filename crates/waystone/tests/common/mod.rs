@@ -429,3 +429,132 @@ pub fn example(name: &str, image: &str) -> String {
 pub fn push(w: &Waystone, wasm: &Path, image: &str) {
     w.ok(&["push", wasm.to_str().unwrap(), image, "--insecure"]);
 }
+
+/// A TCP echo server on `ip`: echoes every byte, then ends its side after the client's end.
+pub fn echo_backend(ip: &str) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A client connection with a read deadline, so a proxy that never answers fails the test.
+pub fn tcp_connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Everything until the peer ends the stream.
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .expect("the proxy ended the stream in time");
+    out
+}
+
+/// `proxy-config bookinfo-gateway chains` once `basic-auth-at-gateway` is loaded on it, from
+/// either source (`waystone up` or a cluster).
+pub const BOOKINFO_GATEWAY_CHAINS: &str = "LISTENER     PORT     ORDER     PLUGIN                            PHASE     PRIORITY     FAIL STRATEGY     STATE\n\
+     http         80       1         default.basic-auth-at-gateway     AUTHN     -            FAIL_CLOSE        Loaded\n";
+
+/// `proxy-config GW plugins` (table form): the header and one loaded AUTHN WasmPlugin, its
+/// digest shortened as the table shortens it.
+pub fn assert_one_loaded_plugin(table: &str, name: &str, url: &str, digest: &str) {
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "NAME", "KIND", "PHASE", "PRIORITY", "URL", "DIGEST", "STATE", "LAST", "ERROR"
+            ],
+            vec![
+                name,
+                "WasmPlugin",
+                "AUTHN",
+                "-",
+                url,
+                &digest[..19],
+                "Loaded",
+                "-"
+            ],
+        ],
+        "{table}"
+    );
+}
+
+/// `describe wasmplugin NAME` up to its conditions for a loaded AUTHN FAIL_CLOSE plugin;
+/// `attached` is the "Attached To" table, indented.
+pub fn assert_describe_loaded_plugin(
+    describe: &str,
+    name: &str,
+    url: &str,
+    digest: &str,
+    attached: &str,
+) {
+    let expected = format!(
+        "Name:           {name}\n\
+         Namespace:      default\n\
+         Kind:           WasmPlugin\n\
+         Phase:          AUTHN\n\
+         Priority:       <unset>\n\
+         Fail Strategy:  FAIL_CLOSE\n\
+         Module:\n\
+        \x20 URL:          {url}\n\
+        \x20 Digest:       {digest}\n\
+        \x20 State:        Loaded\n\
+        \x20 Last Error:   <none>\n\
+         Attached To:\n\
+         {attached}\
+         Conditions:\n"
+    );
+    assert!(
+        describe.starts_with(&expected),
+        "got:\n{describe}\nwanted:\n{expected}"
+    );
+}
+
+/// Gateway `tcp-gateway` (class `istio`) with a `TCP` listener `echo` on port 7000, a TCPRoute
+/// `echo` to Service `echo` port `service_port`, and the `type: NETWORK` WasmPlugin
+/// `tcp-echo-l4` (FAIL_CLOSE) from `wasm` with `config` as its pluginConfig.
+pub fn tcp_gateway_yaml(wasm: &str, config: &str, service_port: u16) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: tcp-gateway}}
+spec:
+  gatewayClassName: istio
+  listeners: [{{name: echo, port: 7000, protocol: TCP}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: echo}}
+spec:
+  parentRefs: [{{name: tcp-gateway}}]
+  rules:
+  - backendRefs: [{{name: echo, port: {service_port}}}]
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: tcp-echo-l4}}
+spec:
+  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: tcp-gateway}}]
+  url: file://{wasm}
+  type: NETWORK
+  failStrategy: FAIL_CLOSE
+  pluginConfig: {config}
+"#
+    )
+}
