@@ -4,6 +4,7 @@ pub mod admin;
 pub mod api;
 pub mod dump;
 pub mod hbone;
+mod memory;
 mod objects;
 pub mod paths;
 pub mod pipeline;

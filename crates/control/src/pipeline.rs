@@ -44,6 +44,8 @@ pub struct Pipeline {
     plugins: HashMap<PluginId, PluginState>,
     compiled: HashMap<String, CompiledModule>,
     revisions: u64,
+    /// A module was compiled (or read from the disk cache) since the heap was last trimmed.
+    compiled_since_trim: bool,
 }
 
 /// The result of one pass over a set of objects.
@@ -73,6 +75,7 @@ impl Pipeline {
             plugins: HashMap::new(),
             compiled: HashMap::new(),
             revisions: 0,
+            compiled_since_trim: false,
         }
     }
 
@@ -113,6 +116,10 @@ impl Pipeline {
             .collect();
         self.compiled
             .retain(|digest, _| live.contains(digest.as_str()));
+        if std::mem::take(&mut self.compiled_since_trim) {
+            // Off the apply path: the new config is not held up by it.
+            tokio::task::spawn_blocking(crate::memory::release_freed_heap);
+        }
         Built {
             translation_errors: translation.errors,
             runtime: RuntimeConfig {
@@ -296,6 +303,7 @@ impl Pipeline {
                 .map_err(|e| compile_failed(format!("compiling: {e}")))?
                 .map_err(|e| compile_failed(format!("compiling {}: {e}", fetched.module_digest)))?;
                 tracing::debug!(digest = %fetched.module_digest, ?source, "module compiled");
+                self.compiled_since_trim = true;
                 self.compiled
                     .insert(fetched.module_digest.clone(), m.clone());
                 m
