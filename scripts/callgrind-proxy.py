@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Instructions per request of the whole release proxy, under callgrind.
+
+Starts the bench backend (nginx) and `waystone up` (1 worker) under valgrind with
+instrumentation off, applies the bench manifest (no plugin, or basic_auth), warms up, then
+counts exactly N keep-alive requests and dumps the profile:
+
+    cargo build --release -p waystone
+    python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000
+    callgrind_annotate /tmp/waystone-cg.plain.out.1 | grep 'PROGRAM TOTALS'   # / N
+
+Instruction counts do not move with the load of a shared machine, unlike req/s.
+"""
+import http.client
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import bench as b  # noqa: E402
+
+mode, n = sys.argv[1], int(sys.argv[2])
+waystone = str(REPO / "target/release/waystone")
+work = Path(tempfile.mkdtemp(prefix="waystone-cg-"))
+work.chmod(0o755)
+procs = []
+try:
+    backend, port1, _ = b.start_backend(work, shutil.which("nginx") or "/usr/sbin/nginx")
+    procs.append(backend)
+    plugins = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)] if mode == "auth" else []
+    port, data = b.free_port(), work / "ws"
+    data.mkdir()
+    out = f"/tmp/waystone-cg.{mode}.out"
+    p = b.Proc("ws", ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", f"--callgrind-out-file={out}",
+                      "--instr-atstart=no", waystone, "up", "--data-dir", str(data), "--workers", "1",
+                      "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
+                      "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / "ws.log")
+    procs.append(p)
+    deadline = time.monotonic() + 120
+    while not (data / "api.addr").exists():
+        if p.p.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("waystone did not start: " + (work / "ws.log").read_text())
+        time.sleep(0.1)
+    (work / "m.yaml").write_text(b.waystone_manifest(port, port1, plugins))
+    subprocess.run([waystone, "apply", "-f", str(work / "m.yaml"), "--data-dir", str(data)], check=True, capture_output=True)
+    b.wait_port(port, p.p, "waystone", timeout=120)
+
+    def run(k: int) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port)
+        for _ in range(k):
+            c.request("GET", b.SMALL_PATH, headers={"authorization": b.AUTH})
+            r = c.getresponse()
+            r.read()
+            assert r.status == 200, r.status
+        c.close()
+
+    ctl = lambda *a: subprocess.run(["callgrind_control", *a, str(p.pid)], check=True, capture_output=True)
+    run(50)
+    ctl("-i", "on")
+    run(20)
+    ctl("-z")
+    run(n)
+    ctl("-d")
+    print(f"profile of {n} requests: {out}.1")
+finally:
+    for p in procs:
+        p.stop()
+    shutil.rmtree(work, ignore_errors=True)
