@@ -40,21 +40,6 @@ impl hyper::body::Body for Chan {
     }
 }
 
-fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (k, v) in pairs {
-        out.extend((k.len() as u32).to_le_bytes());
-        out.extend((v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend(k.as_bytes());
-        out.push(0);
-        out.extend(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
 /// The plugin; its behaviour is chosen by the second byte of `:path`:
 /// - `b` / `B`: the first request (`b`) or response (`B`) body callback calls `reviews:9080`
 ///   `/hold` and every body callback pauses until the answer, which resumes that side;
@@ -64,7 +49,7 @@ fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
 ///
 /// Counters: `body_calls` (body callbacks), `grpc_msgs`, `grpc_closes`.
 fn plugin() -> Vec<u8> {
-    let call = serialize(&[
+    let call = support::serialize_pairs(&[
         (":method", "GET"),
         (":path", "/hold"),
         (":authority", "reviews"),
@@ -275,32 +260,6 @@ async fn backend(ip: IpAddr) -> Backend {
     }
 }
 
-fn yaml(backend: SocketAddr, port: u16) -> String {
-    format!(
-        r#"{}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default}}
-spec:
-  ports: [{{name: http, port: 9080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: reviews-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: reviews}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {bport}}}]
-"#,
-        support::manifests(backend, &[("gw", port, Some(("FAIL_CLOSE", "{}")))]),
-        ip = backend.ip(),
-        bport = backend.port()
-    )
-}
-
 struct Setup {
     dp: DataPlane,
     addr: SocketAddr,
@@ -315,9 +274,10 @@ async fn start(salt: u8) -> Setup {
     let backend = backend(ip).await;
     let engine = support::engine(Duration::from_secs(1), 64 << 20);
     let module = support::compile(&engine, &plugin());
-    let rt = support::runtime(&yaml(backend.addr, 18190 + u16::from(salt)), |_| {
-        module.clone()
-    });
+    let rt = support::runtime(
+        &support::gateway_with_reviews(backend.addr, 18190 + u16::from(salt), "{}"),
+        |_| module.clone(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let dp = DataPlane::start(DataPlaneConfig {

@@ -36,21 +36,6 @@ impl hyper::body::Body for Chan {
     }
 }
 
-fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (k, v) in pairs {
-        out.extend((k.len() as u32).to_le_bytes());
-        out.extend((v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend(k.as_bytes());
-        out.push(0);
-        out.extend(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("\\{b:02x}")).collect()
 }
@@ -66,7 +51,7 @@ fn hex(b: &[u8]) -> String {
 ///
 /// Trailers: adds `x-added-req: 1` to request trailers and `x-added-resp: 1` to response ones.
 fn plugin() -> Vec<u8> {
-    let call_headers = serialize(&[
+    let call_headers = support::serialize_pairs(&[
         (":method", "GET"),
         (":path", "/ratings"),
         (":authority", "reviews"),
@@ -355,32 +340,6 @@ async fn backend(ip: IpAddr) -> Backend {
     }
 }
 
-fn yaml(backend: SocketAddr, port: u16, plugin: &str) -> String {
-    format!(
-        r#"{}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default}}
-spec:
-  ports: [{{name: http, port: 9080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: reviews-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: reviews}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {bport}}}]
-"#,
-        support::manifests(backend, &[("gw", port, Some(("FAIL_CLOSE", plugin)))]),
-        ip = backend.ip(),
-        bport = backend.port()
-    )
-}
-
 async fn start(
     salt: u8,
     max_buffered_body: usize,
@@ -391,9 +350,10 @@ async fn start(
     let backend = backend(ip).await;
     let engine = support::engine(Duration::from_secs(1), 64 << 20);
     let module = support::compile(&engine, &module.unwrap_or_else(plugin));
-    let rt = support::runtime(&yaml(backend.addr, 18090 + u16::from(salt), config), |_| {
-        module.clone()
-    });
+    let rt = support::runtime(
+        &support::gateway_with_reviews(backend.addr, 18090 + u16::from(salt), config),
+        |_| module.clone(),
+    );
     let dp = DataPlane::start(DataPlaneConfig {
         workers: 1,
         gateway_address: ip,

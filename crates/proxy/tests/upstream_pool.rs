@@ -52,19 +52,24 @@ async fn raw_backend(ip: std::net::IpAddr, close_after_each: bool) -> (SocketAdd
     (addr, accepted)
 }
 
+/// A one-worker gateway without plugins in front of `backend`.
+async fn gateway(
+    ip: std::net::IpAddr,
+    backend: SocketAddr,
+) -> (waystone_proxy::DataPlane, SocketAddr) {
+    let dp = dataplane(ip, 1).await;
+    let rt = runtime(&manifests(backend, &[("gw", 18080, None)]), |_| {
+        unreachable!("no plugins")
+    });
+    let addr = apply(&dp, rt, "gw").await;
+    (dp, addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_upstream_connections_are_reused() {
     let ip = net(1);
     let (backend, accepted) = raw_backend(ip, false).await;
-    let dp = dataplane(ip, 1).await;
-    let addr = apply(
-        &dp,
-        runtime(&manifests(backend, &[("gw", 18080, None)]), |_| {
-            unreachable!("no plugins")
-        }),
-        "gw",
-    )
-    .await;
+    let (_dp, addr) = gateway(ip, backend).await;
     let c = client();
     for _ in 0..50 {
         let a = send(&c, addr, "/", &[]).await;
@@ -78,15 +83,7 @@ async fn keep_alive_upstream_connections_are_reused() {
 async fn a_pooled_connection_the_upstream_closed_is_replaced() {
     let ip = net(2);
     let (backend, accepted) = raw_backend(ip, true).await;
-    let dp = dataplane(ip, 1).await;
-    let addr = apply(
-        &dp,
-        runtime(&manifests(backend, &[("gw", 18080, None)]), |_| {
-            unreachable!("no plugins")
-        }),
-        "gw",
-    )
-    .await;
+    let (_dp, addr) = gateway(ip, backend).await;
     let c = client();
     for i in 0..30 {
         let a = send(&c, addr, "/", &[]).await;

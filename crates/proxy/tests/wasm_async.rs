@@ -1,6 +1,8 @@
 //! Plugins that wait: HTTP callouts to a Service on loopback (with timeout), tick timers and
 //! shared-queue notifications, through the real data plane and real sockets.
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,26 +138,11 @@ spec:
     )
 }
 
-fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (k, v) in pairs {
-        out.extend((k.len() as u32).to_le_bytes());
-        out.extend((v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend(k.as_bytes());
-        out.push(0);
-        out.extend(v.as_bytes());
-        out.push(0);
-    }
-    out
-}
-
 /// The plugin: calls the upstream named by the request's `x-upstream` header and copies the
 /// answer's `:status` and body into request headers before resuming; ticks every 20 ms; owns
 /// queue "q" and counts what it dequeues; `/enqueue` puts an item on it.
 fn plugin() -> Vec<u8> {
-    let headers = serialize(&[
+    let headers = support::serialize_pairs(&[
         (":method", "GET"),
         (":path", "/ratings"),
         (":authority", "reviews"),

@@ -318,3 +318,48 @@ pub fn open_fds() -> usize {
 pub fn compile(engine: &WasmEngine, bytes: &[u8]) -> CompiledModule {
     engine.compile(bytes).unwrap()
 }
+
+/// Proxy-Wasm's serialized header pairs (count, lengths, then NUL-terminated names and
+/// values), for the hand-written plugins' callout headers.
+pub fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend((k.len() as u32).to_le_bytes());
+        out.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(k.as_bytes());
+        out.push(0);
+        out.extend(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// [`manifests`] for gateway `gw` on `port` with a FAIL_CLOSE plugin of `config`, plus a
+/// Service `reviews:9080` backed by `backend` (the callout upstream of the plugin tests).
+pub fn gateway_with_reviews(backend: SocketAddr, port: u16, config: &str) -> String {
+    format!(
+        r#"{}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: default}}
+spec:
+  ports: [{{name: http, port: 9080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: reviews}}
+addressType: IPv4
+endpoints: [{{addresses: ["{ip}"]}}]
+ports: [{{name: http, port: {bport}}}]
+"#,
+        manifests(backend, &[("gw", port, Some(("FAIL_CLOSE", config)))]),
+        ip = backend.ip(),
+        bport = backend.port()
+    )
+}
