@@ -657,8 +657,12 @@ async fn relay<D, U>(
             // The client's end of stream was read: only a plugin's continue moves on.
             let mut client_eof = false;
             loop {
+                // Envoy's per-connection buffer limit: while plugins hold this much of the
+                // client's bytes, the client is not read (its sends back up in TCP) until a
+                // continue drains them, so a paused connection's memory stays bounded.
+                let room = chain.borrow().down_pending.len() < READ_EVENT_MAX;
                 let step = tokio::select! {
-                    read = read_event(&mut down_r, &mut buf), if !client_eof => {
+                    read = read_event(&mut down_r, &mut buf), if !client_eof && room => {
                         let Some((data, eos)) = read else {
                             let _ = stop_tx.send(true);
                             return DirEnd::ReadError;

@@ -530,3 +530,39 @@ async fn a_connection_resumes_from_its_own_callout_answer() {
     assert_eq!(logs[4], "downstream_data size=6 eos=false", "{logs:#?}");
     dp.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_not_read_while_plugins_hold_a_full_buffer() {
+    // The plugin holds everything until a newline that never comes.
+    let (_dp, addr, _) = gateway(2, "l4-full", "FAIL_CLOSE", r#"{hold_until: "\n"}"#).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    // 8 MiB offered; the proxy may take at most its 1 MiB limit plus one read event before
+    // it stops reading, so most of it must stay unsent (in the client's and the kernel's
+    // buffers) however long the client keeps trying.
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sent < 8 << 20 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), client.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => {} // blocked: the proxy stopped reading
+        }
+    }
+    let sizes: Vec<usize> = logs_of("default.l4-full-l4")
+        .iter()
+        .filter_map(|l| {
+            l.strip_prefix("downstream_data size=")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    assert!(
+        largest <= 2 << 20,
+        "the plugin was shown {largest} held bytes at once (sent {sent})"
+    );
+    assert!(sent < 8 << 20, "the proxy kept reading all {sent} bytes");
+}
