@@ -296,74 +296,92 @@ pub fn run_corpus(
         }
         let e = run_on(envoy, corpus, case);
         let w = run_on(ws, corpus, case);
-        let mut problems = Vec::new();
-        let (e, w) = match (e, w) {
-            (Ok(e), Ok(w)) => (e, w),
-            (e, w) => {
-                for (name, r) in [("envoy", &e), ("waystone", &w)] {
-                    if let Err(msg) = r {
-                        problems.push(format!("{name}: {msg}"));
-                    }
+        judge(
+            report,
+            &id,
+            (e, w),
+            |o| case.expect.as_ref().map_or_else(Vec::new, |x| check(x, o)),
+            |e, w| {
+                let mut tolerated = Vec::new();
+                let diffs = compare(h, e, w, &mut tolerated);
+                (diffs, tolerated)
+            },
+            case.differs.as_ref(),
+        );
+    }
+}
+
+/// Records the verdict on one case from both proxies' outcomes: a run that failed, an
+/// `expect` either proxy breaks, a difference not marked `differs` (or a `differs` mark on a
+/// case that now agrees) fail it; marked differences make it KNOWN. `compare` returns the
+/// differences and the ones tolerated pending a host fix. Shared by the HTTP and TCP cases.
+pub(crate) fn judge<O>(
+    report: &mut Report,
+    id: &str,
+    (e, w): (Result<O, String>, Result<O, String>),
+    check: impl Fn(&O) -> Vec<String>,
+    compare: impl FnOnce(&O, &O) -> (Vec<(&'static str, String)>, Vec<String>),
+    differs: Option<&corpus::Differs>,
+) {
+    let mut problems = Vec::new();
+    let (e, w) = match (e, w) {
+        (Ok(e), Ok(w)) => (e, w),
+        (e, w) => {
+            for (name, r) in [("envoy", &e), ("waystone", &w)] {
+                if let Err(msg) = r {
+                    problems.push(format!("{name}: {msg}"));
                 }
-                let _ = writeln!(report.text, "FAIL {id}: {}", problems.join("; "));
-                report
-                    .failures
-                    .push(format!("{id}: {}", problems.join("; ")));
-                continue;
             }
-        };
-        if let Some(expect) = &case.expect {
-            for (name, o) in [("envoy", &e), ("waystone", &w)] {
-                let wrong = check(expect, o);
-                if !wrong.is_empty() {
-                    problems.push(format!("{name} breaks expect: {}", wrong.join(", ")));
-                }
-            }
-        }
-        let mut tolerated = Vec::new();
-        let diffs = compare(h, &e, &w, &mut tolerated);
-        for t in tolerated {
-            let _ = writeln!(report.text, "  (tolerated pending host fix: {t})");
-            report.tolerated.push(format!("{id}: {t}"));
-        }
-        let allowed = case
-            .differs
-            .as_ref()
-            .map(|d| d.parts.clone())
-            .unwrap_or_default();
-        let unexpected: Vec<_> = diffs
-            .iter()
-            .filter(|(p, _)| !allowed.iter().any(|a| a == p))
-            .collect();
-        if let Some(d) = &case.differs
-            && diffs.is_empty()
-        {
-            problems.push(format!(
-                "marked `differs` ({}) but both proxies now agree: drop the mark and its entry in docs/compat-differences.md",
-                d.reason
-            ));
-        }
-        for (part, detail) in &unexpected {
-            problems.push(format!("{part} differ: {detail}"));
-        }
-        if problems.is_empty() {
-            if diffs.is_empty() {
-                report.passed += 1;
-                let _ = writeln!(report.text, "ok   {id}");
-            } else {
-                report.known += 1;
-                let parts: Vec<_> = diffs.iter().map(|(p, _)| *p).collect();
-                let _ = writeln!(
-                    report.text,
-                    "KNOWN {id}: {parts:?} differ as documented ({})",
-                    case.differs.as_ref().unwrap().reason
-                );
-            }
-        } else {
-            let _ = writeln!(report.text, "FAIL {id}:\n  {}", problems.join("\n  "));
+            let _ = writeln!(report.text, "FAIL {id}: {}", problems.join("; "));
             report
                 .failures
                 .push(format!("{id}: {}", problems.join("; ")));
+            return;
         }
+    };
+    for (name, o) in [("envoy", &e), ("waystone", &w)] {
+        let wrong = check(o);
+        if !wrong.is_empty() {
+            problems.push(format!("{name} breaks expect: {}", wrong.join(", ")));
+        }
+    }
+    let (diffs, tolerated) = compare(&e, &w);
+    for t in tolerated {
+        let _ = writeln!(report.text, "  (tolerated pending host fix: {t})");
+        report.tolerated.push(format!("{id}: {t}"));
+    }
+    let allowed = differs.map(|d| d.parts.clone()).unwrap_or_default();
+    if let Some(d) = differs
+        && diffs.is_empty()
+    {
+        problems.push(format!(
+            "marked `differs` ({}) but both proxies now agree: drop the mark and its entry in docs/compat-differences.md",
+            d.reason
+        ));
+    }
+    for (part, detail) in diffs
+        .iter()
+        .filter(|(p, _)| !allowed.iter().any(|a| a == p))
+    {
+        problems.push(format!("{part} differ: {detail}"));
+    }
+    if problems.is_empty() {
+        if diffs.is_empty() {
+            report.passed += 1;
+            let _ = writeln!(report.text, "ok   {id}");
+        } else {
+            report.known += 1;
+            let parts: Vec<_> = diffs.iter().map(|(p, _)| *p).collect();
+            let reason = differs.map_or("", |d| d.reason.as_str());
+            let _ = writeln!(
+                report.text,
+                "KNOWN {id}: {parts:?} differ as documented ({reason})"
+            );
+        }
+    } else {
+        let _ = writeln!(report.text, "FAIL {id}:\n  {}", problems.join("\n  "));
+        report
+            .failures
+            .push(format!("{id}: {}", problems.join("; ")));
     }
 }

@@ -455,69 +455,14 @@ pub fn run_case(
         .collect();
     let e = play(envoy, case, &names);
     let w = play(ws, case, &names);
-    let mut problems = Vec::new();
-    let (e, w) = match (e, w) {
-        (Ok(e), Ok(w)) => (e, w),
-        (e, w) => {
-            for (name, r) in [("envoy", &e), ("waystone", &w)] {
-                if let Err(msg) = r {
-                    problems.push(format!("{name}: {msg}"));
-                }
-            }
-            let _ = writeln!(report.text, "FAIL {id}: {}", problems.join("\n  "));
-            report
-                .failures
-                .push(format!("{id}: {}", problems.join("; ")));
-            return;
-        }
-    };
-    if let Some(expect) = &case.expect {
-        for (name, o) in [("envoy", &e), ("waystone", &w)] {
-            let wrong = check(expect, o);
-            if !wrong.is_empty() {
-                problems.push(format!("{name} breaks expect: {}", wrong.join(", ")));
-            }
-        }
-    }
-    let diffs = compare(&e, &w);
-    let allowed = case
-        .differs
-        .as_ref()
-        .map(|d| d.parts.clone())
-        .unwrap_or_default();
-    if let Some(d) = &case.differs
-        && diffs.is_empty()
-    {
-        problems.push(format!(
-            "marked `differs` ({}) but both proxies now agree: drop the mark and its entry in docs/compat-differences.md",
-            d.reason
-        ));
-    }
-    for (part, detail) in diffs
-        .iter()
-        .filter(|(p, _)| !allowed.iter().any(|a| a == p))
-    {
-        problems.push(format!("{part} differ: {detail}"));
-    }
-    if problems.is_empty() {
-        if diffs.is_empty() {
-            report.passed += 1;
-            let _ = writeln!(report.text, "ok   {id}");
-        } else {
-            report.known += 1;
-            let parts: Vec<_> = diffs.iter().map(|(p, _)| *p).collect();
-            let _ = writeln!(
-                report.text,
-                "KNOWN {id}: {parts:?} differ as documented ({})",
-                case.differs.as_ref().unwrap().reason
-            );
-        }
-    } else {
-        let _ = writeln!(report.text, "FAIL {id}:\n  {}", problems.join("\n  "));
-        report
-            .failures
-            .push(format!("{id}: {}", problems.join("; ")));
-    }
+    super::judge(
+        report,
+        &id,
+        (e, w),
+        |o| case.expect.as_ref().map_or_else(Vec::new, |x| check(x, o)),
+        |e, w| (compare(e, w), Vec::new()),
+        case.differs.as_ref(),
+    );
 }
 
 /// Envoy: `... wasm log <name>: <msg>` for plugin names starting with `prefix`.
