@@ -78,30 +78,6 @@ async fn get(addr: SocketAddr, target: &str, extra: &str) -> (u16, String) {
     (status, out)
 }
 
-fn service(name: &str, addr: SocketAddr) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  ports: [{{name: http, port: 9080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {port}}}]
-"#,
-        ip = addr.ip(),
-        port = addr.port()
-    )
-}
-
 fn manifests(main: SocketAddr, reviews: SocketAddr, slow: SocketAddr, port: u16) -> String {
     format!(
         r#"{}
@@ -132,9 +108,9 @@ spec:
   targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: gw}}]
   url: file:///unused.wasm
 "#,
-        service("productpage", main),
-        service("reviews", reviews),
-        service("slow", slow),
+        support::service("productpage", main),
+        support::service("reviews", reviews),
+        support::service("slow", slow),
     )
 }
 

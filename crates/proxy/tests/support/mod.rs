@@ -339,27 +339,31 @@ pub fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
 /// [`manifests`] for gateway `gw` on `port` with a FAIL_CLOSE plugin of `config`, plus a
 /// Service `reviews:9080` backed by `backend` (the callout upstream of the plugin tests).
 pub fn gateway_with_reviews(backend: SocketAddr, port: u16, config: &str) -> String {
+    let gateway = manifests(backend, &[("gw", port, Some(("FAIL_CLOSE", config)))]);
+    format!("{gateway}\n---{}", service("reviews", backend))
+}
+
+/// A Service `name` (port 9080, `http`) with one endpoint, `addr`.
+pub fn service(name: &str, addr: SocketAddr) -> String {
     format!(
-        r#"{}
----
+        r#"
 apiVersion: v1
 kind: Service
-metadata: {{name: reviews, namespace: default}}
+metadata: {{name: {name}, namespace: default}}
 spec:
   ports: [{{name: http, port: 9080}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: reviews-1
+  name: {name}-1
   namespace: default
-  labels: {{kubernetes.io/service-name: reviews}}
+  labels: {{kubernetes.io/service-name: {name}}}
 addressType: IPv4
 endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {bport}}}]
+ports: [{{name: http, port: {port}}}]
 "#,
-        manifests(backend, &[("gw", port, Some(("FAIL_CLOSE", config)))]),
-        ip = backend.ip(),
-        bport = backend.port()
+        ip = addr.ip(),
+        port = addr.port()
     )
 }
