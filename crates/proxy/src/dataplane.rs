@@ -133,7 +133,7 @@ impl DataPlane {
             settings: HandlerSettings {
                 max_buffered_body: cfg.max_buffered_body,
                 trailer_wait: cfg.trailer_wait,
-                node_id: cfg.node_id.clone(),
+                node_id: cfg.node_id.as_str().into(),
                 observer: Arc::new(observer),
             },
             workers,

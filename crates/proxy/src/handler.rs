@@ -14,7 +14,6 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -67,7 +66,7 @@ pub struct ConnInfo {
 pub struct HandlerSettings {
     pub max_buffered_body: usize,
     pub trailer_wait: std::time::Duration,
-    pub node_id: String,
+    pub node_id: Arc<str>,
     pub(crate) observer: Arc<Observer>,
 }
 
@@ -433,13 +432,12 @@ async fn proxy(
                 target.port.port, target.service.key.name, target.service.key.namespace
             )
         })
-        .to_string()
     };
-    let route_name = |route| snapshot_name(&rt.snapshot, route, || route_name(route)).to_string();
+    let route_name = |route| snapshot_name(&rt.snapshot, route, || route_name(route));
     if facts.detailed {
-        facts.cluster = Some(cluster_name());
+        facts.cluster = Some(cluster_name().to_string());
         if let Some(route) = target.route {
-            facts.route_name = Some(route_name(route));
+            facts.route_name = Some(route_name(route).to_string());
         }
     }
 
@@ -476,7 +474,7 @@ async fn proxy(
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
-        protocol: protocol_name(parts.version).to_string(),
+        protocol: protocol_name(parts.version),
         start_time: Some(std::time::SystemTime::now()),
         route_name: target.route.map(route_name).unwrap_or_default(),
         cluster_name: cluster_name(),
@@ -849,13 +847,13 @@ thread_local! {
 }
 
 /// The snapshot the names belong to (held, so no address is reused), and the names.
-type SnapshotNames = (Option<Arc<Snapshot>>, KeyMap<usize, Rc<str>>);
+type SnapshotNames = (Option<Arc<Snapshot>>, KeyMap<usize, Arc<str>>);
 
 fn snapshot_name<T>(
     snapshot: &Arc<Snapshot>,
     object: &T,
     make: impl FnOnce() -> String,
-) -> Rc<str> {
+) -> Arc<str> {
     SNAPSHOT_NAMES.with(|cache| {
         let mut cache = cache.borrow_mut();
         let (held, names) = &mut *cache;
@@ -865,7 +863,7 @@ fn snapshot_name<T>(
         }
         names
             .entry(object as *const T as usize)
-            .or_insert_with(|| Rc::from(make()))
+            .or_insert_with(|| Arc::from(make()))
             .clone()
     })
 }
@@ -1056,8 +1054,17 @@ fn build_upstream(
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-    match HeaderValue::from_str(authority) {
-        Ok(v) if !authority.is_empty() => {
+    let host_is_authority = {
+        let mut hosts = headers.get_all(http::header::HOST).iter();
+        hosts
+            .next()
+            .is_some_and(|h| h.as_bytes() == authority.as_bytes())
+            && hosts.next().is_none()
+    };
+    // An HTTP/1.1 client's authority is its Host header: then there is nothing to write.
+    match (!host_is_authority || authority.is_empty()).then(|| HeaderValue::from_str(authority)) {
+        None => {}
+        Some(Ok(v)) if !authority.is_empty() => {
             headers.insert(http::header::HOST, v);
         }
         // No authority from the client: the endpoint names itself, as an HTTP client would.
@@ -1083,7 +1090,7 @@ static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-fo
 async fn forward(
     endpoint: SocketAddr,
     req: Request<Body>,
-) -> Result<Response<Incoming>, LocalReply> {
+) -> Result<Response<crate::upstream::UpstreamBody>, LocalReply> {
     crate::upstream::send(endpoint, req).await.map_err(|err| {
         tracing::debug!(error = %err, "upstream request failed");
         LocalReply::text(

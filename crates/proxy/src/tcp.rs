@@ -773,9 +773,9 @@ pub(crate) fn properties(
         destination: Some(destination),
         connection_id,
         start_time: Some(std::time::SystemTime::now()),
-        node_id: node_id.to_string(),
-        cluster_name,
-        route_name,
+        node_id: node_id.into(),
+        cluster_name: cluster_name.into(),
+        route_name: route_name.into(),
         ..Default::default()
     }
 }

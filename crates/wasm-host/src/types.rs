@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// The Proxy-Wasm ABI a module announces through its `proxy_abi_version_*` export.
@@ -323,10 +324,12 @@ pub struct StreamProperties {
     pub connection_id: u64,
     pub request_id: Option<String>,
     /// "HTTP/1.1", "HTTP/2".
-    pub protocol: String,
+    pub protocol: &'static str,
     pub start_time: Option<SystemTime>,
-    pub route_name: String,
-    pub cluster_name: String,
+    /// Names shared with the snapshot they come from (one per route and cluster, not one copy
+    /// per request).
+    pub route_name: Arc<str>,
+    pub cluster_name: Arc<str>,
     pub response_code: Option<u16>,
     /// Envoy's `response.code_details` (e.g. `via_upstream`, `wasm:<plugin>:<status>`).
     pub response_code_details: String,
@@ -336,7 +339,7 @@ pub struct StreamProperties {
     pub upstream: Option<SocketAddr>,
     /// The SNI the client asked for (TLS listeners only).
     pub requested_server_name: String,
-    pub node_id: String,
+    pub node_id: Arc<str>,
     /// The downstream mutual-TLS facts (HBONE), `None` on plaintext connections.
     pub mtls: Option<MtlsProperties>,
     /// Envoy's `node.cluster` (the proxy's service cluster).

@@ -126,7 +126,7 @@ fn builtin(state: &HostState, seg: &[&[u8]]) -> Option<Vec<u8>> {
             .as_ref()
             .map(|s| s.as_bytes().to_vec())
             .or_else(|| header(req, "x-request-id")),
-        [b"request", b"protocol"] => non_empty(&props.protocol),
+        [b"request", b"protocol"] => non_empty(props.protocol),
         [b"request", b"time"] => props
             .start_time
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
