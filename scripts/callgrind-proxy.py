@@ -6,7 +6,7 @@ instrumentation off, applies the bench manifest (no plugin, or basic_auth), warm
 counts exactly N keep-alive requests and dumps the profile:
 
     cargo build --release -p waystone
-    python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000
+    python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000, or nginx 1000 (the peer)
     callgrind_annotate /tmp/waystone-cg.plain.out.1 | grep 'PROGRAM TOTALS'   # / N
 
 Instruction counts do not move with the load of a shared machine, unlike req/s.
@@ -31,23 +31,36 @@ procs = []
 try:
     backend, port1, _ = b.start_backend(work, shutil.which("nginx") or "/usr/sbin/nginx")
     procs.append(backend)
-    plugins = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)] if mode == "auth" else []
-    port, data = b.free_port(), work / "ws"
-    data.mkdir()
     out = f"/tmp/waystone-cg.{mode}.out"
-    p = b.Proc("ws", ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", f"--callgrind-out-file={out}",
-                      "--instr-atstart=no", waystone, "up", "--data-dir", str(data), "--workers", "1",
-                      "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
-                      "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / "ws.log")
-    procs.append(p)
-    deadline = time.monotonic() + 120
-    while not (data / "api.addr").exists():
-        if p.p.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("waystone did not start: " + (work / "ws.log").read_text())
-        time.sleep(0.1)
-    (work / "m.yaml").write_text(b.waystone_manifest(port, port1, plugins))
-    subprocess.run([waystone, "apply", "-f", str(work / "m.yaml"), "--data-dir", str(data)], check=True, capture_output=True)
-    b.wait_port(port, p.p, "waystone", timeout=120)
+    valgrind = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", f"--callgrind-out-file={out}",
+                "--instr-atstart=no"]
+    if mode == "nginx":
+        # The peer, counted the same way: nginx as the bench's plain reverse proxy, one process.
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        probe, port, _ = b.start_nginx_proxy(work, nginx, 1, port1)
+        probe.stop()
+        conf = work / "nginx-proxy-1/nginx.conf"
+        conf.write_text(conf.read_text().replace("master_process on;", "master_process off;"))
+        p = b.Proc("nginx", [*valgrind, nginx, "-c", str(conf)], work / "nginx.log")
+        procs.append(p)
+        b.wait_port(port, p.p, "nginx", timeout=120)
+    else:
+        plugins = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)] if mode == "auth" else []
+        port, data = b.free_port(), work / "ws"
+        data.mkdir()
+        p = b.Proc("ws", [*valgrind, waystone, "up", "--data-dir", str(data), "--workers", "1",
+                          "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
+                          "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / "ws.log")
+        procs.append(p)
+        deadline = time.monotonic() + 120
+        while not (data / "api.addr").exists():
+            if p.p.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("waystone did not start: " + (work / "ws.log").read_text())
+            time.sleep(0.1)
+        (work / "m.yaml").write_text(b.waystone_manifest(port, port1, plugins))
+        subprocess.run([waystone, "apply", "-f", str(work / "m.yaml"), "--data-dir", str(data)], check=True,
+                       capture_output=True)
+        b.wait_port(port, p.p, "waystone", timeout=120)
 
     def run(k: int) -> None:
         c = http.client.HTTPConnection("127.0.0.1", port)
