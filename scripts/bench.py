@@ -545,6 +545,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="extra interleaved runs of the headline shape; the target lines use their medians")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--micro", type=Path, help="criterion estimates.json of the basic_auth per-request bench")
     ap.add_argument("--cached-module-ms", type=float,
@@ -562,6 +564,7 @@ def main() -> int:
     workers = [int(w) for w in args.workers.split(",")]
     shapes_for = lambda w: [Shape(p, b, w) for p in ("h1", "h2") for b in (SMALL_PATH, BIG_PATH)]
     targets: dict[str, Target] = {}
+    headline: dict[str, list[Result]] = {}
     extra: dict[str, float] = {}
     print(f"bench: {machine()}; {args.seconds:g} s per run, {args.conns} connections (h2: {max(1, args.conns // 8)} x 8 streams)")
     try:
@@ -598,6 +601,32 @@ def main() -> int:
         run_target("waystone+5 plugins",
                    lambda w: start_waystone(work, args.waystone, f"waystone-chain5-{w}", w, b1, chain5)[:2])
 
+        # The headline shape again, in interleaved rounds with the four peers of the req/s and
+        # p99 targets started side by side: each of those target lines takes the median of the
+        # rounds, so one unlucky 5 s window of a shared machine does not decide a ratio.
+        w = max(workers)
+        head = Shape("h1", SMALL_PATH, w)
+        starters = {
+            "nginx": lambda: start_nginx_proxy(work, args.nginx, w, b1)[:2],
+            "envoy+basic_auth": lambda: start_envoy(work, args.envoy, "envoy-auth-rounds", w, b1, auth_plugin),
+            "waystone": lambda: start_waystone(work, args.waystone, "waystone-plain-rounds", w, b1, [])[:2],
+            "waystone+basic_auth": lambda: start_waystone(work, args.waystone, "waystone-auth-rounds", w, b1,
+                                                          auth_plugin)[:2],
+        }
+        running = {}
+        for name, start in starters.items() if args.rounds > 0 else ():
+            proc, port = start()
+            procs.append(proc)
+            running[name] = (proc, port)
+        for i in range(args.rounds):
+            print(f"  headline round {i + 1} of {args.rounds}", flush=True)
+            for name, (proc, port) in running.items():
+                t = Target(name)
+                measure(t, proc, (port, port), [head], args.seconds, args.conns, work)
+                headline.setdefault(name, []).append(t.results[head.label])
+        for proc, _ in running.values():
+            proc.stop()
+
         # Memory with 10 distinct plugins loaded, both proxies, 2 workers, after traffic.
         ten = [(f"p{i}", m, BASIC_AUTH_CONFIG) for i, m in
                enumerate(distinct_modules(basic_auth, 10, work))]
@@ -632,10 +661,10 @@ def main() -> int:
         est = json.loads(args.micro.read_text())
         extra["wasm_overhead_basic_auth_us"] = est["median"]["point_estimate"] / 1000.0
 
-    lines = report(targets, workers, extra, args)
+    lines = report(targets, workers, extra, headline)
     print("\n".join(lines))
     if args.report:
-        write_report(args.report, lines, targets_lines(targets, workers, extra))
+        write_report(args.report, lines, targets_lines(targets, workers, extra, headline))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -644,11 +673,20 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def targets_lines(targets: dict, workers: list[int], extra: dict) -> list[str]:
-    # The headline shape: HTTP/1.1, small body, the most workers measured.
+def median_result(runs: list[Result]) -> Result:
+    """Per field, the median over interleaved runs of one peer."""
+    return Result(rps=statistics.median(r.rps for r in runs), p50_ms=statistics.median(r.p50_ms for r in runs),
+                  p99_ms=statistics.median(r.p99_ms for r in runs), requests=sum(r.requests for r in runs),
+                  errors=sum(r.errors for r in runs),
+                  cpu_us_per_req=statistics.median(r.cpu_us_per_req for r in runs))
+
+
+def targets_lines(targets: dict, workers: list[int], extra: dict, headline: dict) -> list[str]:
+    # The headline shape: HTTP/1.1, small body, the most workers measured; the medians of its
+    # interleaved rounds when there were any.
     w = max(workers)
     key = Shape("h1", SMALL_PATH, w).label
-    r = lambda n: targets[n].results[key]
+    r = lambda n: median_result(headline[n]) if n in headline else targets[n].results[key]
     out = []
 
     def line(name: str, value: float, op: str, goal: float, fmt: str = "{:.2f}") -> None:
@@ -668,8 +706,18 @@ def targets_lines(targets: dict, workers: list[int], extra: dict) -> list[str]:
     return out
 
 
-def report(targets: dict, workers: list[int], extra: dict, args) -> list[str]:
+def report(targets: dict, workers: list[int], extra: dict, headline: dict) -> list[str]:
     lines = []
+    if headline:
+        key = Shape("h1", SMALL_PATH, max(workers)).label
+        n = len(next(iter(headline.values())))
+        lines.append(f"\n### {key}: {n} interleaved rounds (the target lines use the medians)\n")
+        lines.append("| target | req/s per round | median req/s | p99 ms per round | median p99 ms | median CPU µs/req |")
+        lines.append("|---|---|---:|---|---:|---:|")
+        for name, runs in headline.items():
+            m = median_result(runs)
+            lines.append(f"| {name} | {' / '.join(f'{x.rps:.0f}' for x in runs)} | {m.rps:.0f} | "
+                         f"{' / '.join(f'{x.p99_ms:.2f}' for x in runs)} | {m.p99_ms:.2f} | {m.cpu_us_per_req:.1f} |")
     for w in workers:
         for proto in ("h1", "h2"):
             for path in (SMALL_PATH, BIG_PATH):

@@ -25,7 +25,7 @@ use waystone_model::snapshot::{
     AccessLogFormat, GatewayConfig, GatewayRole, ObjectKey, PluginId, ServiceConfig,
     ServicePortConfig, Snapshot,
 };
-use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamProperties};
+use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamData, StreamProperties};
 
 use crate::chain::{ChainRun, Dir, Halt, LocalReply, Outcome, StreamReset};
 use crate::metrics::{self, KeyMap, ResponseFlags};
@@ -482,11 +482,11 @@ async fn proxy(
         ..Default::default()
     };
     crate::hbone::annotate(&mut properties);
-    let stream = HttpStream {
+    let stream = HttpStream::from(StreamData {
         request_headers: request_to_wasm(&parts, &authority),
         properties,
         ..Default::default()
-    };
+    });
     let mut run = ChainRun::new(stream);
     run.spans = facts.spans.clone();
     let request_eos = body.is_end_stream();

@@ -380,9 +380,9 @@ impl PluginInstance {
         // The stream is moved into the store once for the three calls, not once per call.
         match attach {
             Attach::Http(s) => {
-                self.store.data_mut().stream = Some(std::mem::take(s));
+                self.attach_stream(s);
                 let r = self.finish_calls(ctx);
-                *s = self.store.data_mut().stream.take().unwrap_or_default();
+                self.detach_stream(s);
                 r
             }
             Attach::Network(s) => {
@@ -1040,9 +1040,9 @@ impl PluginInstance {
         state.effective_context = ctx;
         match attach {
             Attach::Http(s) => {
-                self.store.data_mut().stream = Some(std::mem::take(s));
+                self.attach_stream(s);
                 let r = f.call(&mut self.store, params);
-                *s = self.store.data_mut().stream.take().unwrap_or_default();
+                self.detach_stream(s);
                 r
             }
             Attach::Network(s) => {
@@ -1053,6 +1053,20 @@ impl PluginInstance {
             }
             Attach::Nothing => f.call(&mut self.store, params),
         }
+    }
+
+    /// Moves the caller's stream into the store for a callback, leaving the spare in its place.
+    fn attach_stream(&mut self, s: &mut HttpStream) {
+        let state = self.store.data_mut();
+        let spare = state.spare_stream.take().unwrap_or_default();
+        state.stream = Some(std::mem::replace(s, spare));
+    }
+
+    /// Gives the caller its stream back after a callback (also after a fault).
+    fn detach_stream(&mut self, s: &mut HttpStream) {
+        let state = self.store.data_mut();
+        let stream = state.stream.take().unwrap_or_default();
+        state.spare_stream = Some(std::mem::replace(s, stream));
     }
 
     /// Poisons the instance and names the fault.

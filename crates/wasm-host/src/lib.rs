@@ -43,6 +43,6 @@ pub use shared::{MetricKind, MetricSample, MetricValue, QueueWaker};
 pub use state::{ContextAction, UpstreamCheck};
 pub use types::{
     AbiVersion, Action, GrpcCommand, GrpcTarget, HeaderMap, HttpCallResponse, HttpStream,
-    LocalResponse, MtlsProperties, NetworkStream, PeerType, PendingCallout, PluginSpec,
+    LocalResponse, MtlsProperties, NetworkStream, PeerType, PendingCallout, PluginSpec, StreamData,
     StreamProperties, StreamType,
 };

@@ -115,6 +115,9 @@ pub(crate) struct HostState {
     pub(crate) allocator: Option<TypedFunc<i32, i32>>,
     /// The stream of the HTTP callback in progress, moved in for the duration of the call.
     pub(crate) stream: Option<HttpStream>,
+    /// An empty stream left with the caller while its own is in `stream`: swapping the two
+    /// allocates nothing.
+    pub(crate) spare_stream: Option<HttpStream>,
     /// `proxy_set_property` outside an HTTP callback (e.g. from `proxy_on_configure`).
     pub(crate) root_properties: BTreeMap<Vec<u8>, Vec<u8>>,
     pub(crate) tick_period_ms: u32,
@@ -156,6 +159,7 @@ impl HostState {
             memory: None,
             allocator: None,
             stream: None,
+            spare_stream: None,
             root_properties: BTreeMap::new(),
             tick_period_ms: 0,
             close_requested: None,

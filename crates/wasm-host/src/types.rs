@@ -349,9 +349,34 @@ pub struct StreamProperties {
     pub extra: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
-/// One HTTP exchange as the plugins of a chain see it.
+/// One HTTP exchange as the plugins of a chain see it: a pointer to its [`StreamData`], so
+/// that attaching it to an instance for each callback (and handing it between the phases of a
+/// request) moves one pointer, not the whole state.
 #[derive(Debug, Default)]
-pub struct HttpStream {
+pub struct HttpStream(Box<StreamData>);
+
+impl From<StreamData> for HttpStream {
+    fn from(data: StreamData) -> Self {
+        HttpStream(Box::new(data))
+    }
+}
+
+impl std::ops::Deref for HttpStream {
+    type Target = StreamData;
+    fn deref(&self) -> &StreamData {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HttpStream {
+    fn deref_mut(&mut self) -> &mut StreamData {
+        &mut self.0
+    }
+}
+
+/// What an [`HttpStream`] holds.
+#[derive(Debug, Default)]
+pub struct StreamData {
     pub request_headers: HeaderMap,
     pub request_body: Vec<u8>,
     pub request_trailers: HeaderMap,

@@ -103,7 +103,7 @@ fn local_response_with_headers() {
         inst.on_request_headers(ctx, &mut stream, true).unwrap(),
         Action::Pause
     );
-    let reply = stream.local_response.expect("local response");
+    let reply = stream.local_response.take().expect("local response");
     assert_eq!(reply.status, 401);
     assert_eq!(reply.details, "denied");
     assert_eq!(reply.body, b"access denied");

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use waystone_wasm::{HeaderMap, HttpStream, PluginInstance, PluginSpec, WasmEngine};
+use waystone_wasm::{HeaderMap, HttpStream, PluginInstance, PluginSpec, StreamData, WasmEngine};
 
 pub const BASIC_AUTH_CONFIG: &str = r#"{"basic_auth_rules":[{"prefix":"/","request_methods":["GET","POST"],"credentials":["ok:test"]}]}"#;
 
@@ -38,10 +38,10 @@ pub fn instance(engine: &WasmEngine, name: &str, config: &str) -> PluginInstance
 /// A request as the data plane hands it over: pseudo-headers plus what curl sends, in a map
 /// sized up front as the data plane sizes it from the request it parsed.
 pub fn request(auth: Option<&str>) -> HttpStream {
-    let mut s = HttpStream {
+    let mut s = HttpStream::from(StreamData {
         request_headers: HeaderMap::with_capacity(8, 128),
-        ..HttpStream::default()
-    };
+        ..StreamData::default()
+    });
     s.request_headers.add(":method", "GET");
     s.request_headers.add(":path", "/productpage");
     s.request_headers.add(":authority", "bookinfo.example");
