@@ -205,7 +205,8 @@ def start_backend(work: Path, nginx: str) -> tuple[Proc, int, int]:
     return p, h1, h2
 
 
-def start_nginx_proxy(work: Path, nginx: str, workers: int, backend: int) -> tuple[Proc, int, int]:
+def nginx_proxy_conf(work: Path, workers: int, backend: int) -> tuple[Path, int, int]:
+    """nginx as a plain reverse proxy of `backend`: its config and its h1 and h2c ports."""
     port, port2 = free_port(), free_port()
     conf = nginx_conf(work, f"nginx-proxy-{workers}", workers, f"""
   upstream backend {{ server 127.0.0.1:{backend}; keepalive 128; }}
@@ -220,6 +221,11 @@ def start_nginx_proxy(work: Path, nginx: str, workers: int, backend: int) -> tup
     }}
   }}
 """)
+    return conf, port, port2
+
+
+def start_nginx_proxy(work: Path, nginx: str, workers: int, backend: int) -> tuple[Proc, int, int]:
+    conf, port, port2 = nginx_proxy_conf(work, workers, backend)
     p = Proc("nginx", [nginx, "-c", str(conf), "-e", str(work / f"nginx-proxy-{workers}/logs/error.log")],
              work / f"nginx-proxy-{workers}.log")
     wait_port(port, p.p, "nginx proxy")
@@ -614,10 +620,11 @@ def main() -> int:
                                                           auth_plugin)[:2],
         }
         running = {}
-        for name, start in starters.items() if args.rounds > 0 else ():
-            proc, port = start()
-            procs.append(proc)
-            running[name] = (proc, port)
+        if args.rounds > 0:
+            for name, start in starters.items():
+                proc, port = start()
+                procs.append(proc)
+                running[name] = (proc, port)
         for i in range(args.rounds):
             print(f"  headline round {i + 1} of {args.rounds}", flush=True)
             for name, (proc, port) in running.items():

@@ -37,9 +37,7 @@ try:
     if mode == "nginx":
         # The peer, counted the same way: nginx as the bench's plain reverse proxy, one process.
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        probe, port, _ = b.start_nginx_proxy(work, nginx, 1, port1)
-        probe.stop()
-        conf = work / "nginx-proxy-1/nginx.conf"
+        conf, port, _ = b.nginx_proxy_conf(work, 1, port1)
         conf.write_text(conf.read_text().replace("master_process on;", "master_process off;"))
         p = b.Proc("nginx", [*valgrind, nginx, "-c", str(conf)], work / "nginx.log")
         procs.append(p)

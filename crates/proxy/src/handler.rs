@@ -1054,23 +1054,25 @@ fn build_upstream(
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-    let host_is_authority = {
+    // An HTTP/1.1 client's authority is its (single) Host header: then there is nothing to
+    // write.
+    let host_is_authority = !authority.is_empty() && {
         let mut hosts = headers.get_all(http::header::HOST).iter();
         hosts
             .next()
             .is_some_and(|h| h.as_bytes() == authority.as_bytes())
             && hosts.next().is_none()
     };
-    // An HTTP/1.1 client's authority is its Host header: then there is nothing to write.
-    match (!host_is_authority || authority.is_empty()).then(|| HeaderValue::from_str(authority)) {
-        None => {}
-        Some(Ok(v)) if !authority.is_empty() => {
-            headers.insert(http::header::HOST, v);
-        }
-        // No authority from the client: the endpoint names itself, as an HTTP client would.
-        _ => {
-            if let Ok(v) = HeaderValue::from_str(&endpoint.to_string()) {
+    if !host_is_authority {
+        match HeaderValue::from_str(authority) {
+            Ok(v) if !authority.is_empty() => {
                 headers.insert(http::header::HOST, v);
+            }
+            // No authority from the client: the endpoint names itself, as an HTTP client would.
+            _ => {
+                if let Ok(v) = HeaderValue::from_str(&endpoint.to_string()) {
+                    headers.insert(http::header::HOST, v);
+                }
             }
         }
     }

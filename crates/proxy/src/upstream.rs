@@ -147,13 +147,12 @@ fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> 
     let headers = &parts.headers;
     let te = headers.get_all(http::header::TRANSFER_ENCODING);
     let has_te = te.iter().next().is_some();
-    let declared = content_length(headers);
     let (framing, skip_te, skip_cl, add) = if body.is_end_stream() {
         (ReqFraming::Length(0), true, false, None)
     } else if has_te {
         let add = (!ends_chunked(headers)).then_some(Added::Chunked);
         (ReqFraming::Chunked, false, true, add)
-    } else if let Some(len) = declared {
+    } else if let Some(len) = content_length(headers) {
         (ReqFraming::Length(len), false, false, None)
     } else if let Some(len) = body.size_hint().exact() {
         (
@@ -281,7 +280,7 @@ impl Writer {
     }
 
     /// Takes what the body has ready into the queue (up to [`MAX_QUEUED`]).
-    fn pull_body(&mut self, cx: &mut Context<'_>) -> Result<(), UpstreamError> {
+    fn pull_body(&mut self, cx: &mut Context<'_>) -> Result<(), WriteError> {
         while self.queued < MAX_QUEUED {
             let Some(body) = self.body.as_mut() else {
                 return Ok(());
@@ -292,7 +291,7 @@ impl Writer {
                     self.end(None);
                     return Ok(());
                 }
-                Poll::Ready(Some(Err(e))) => return Err(UpstreamError::RequestBody(e)),
+                Poll::Ready(Some(Err(e))) => return Err(WriteError::Body(e)),
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
             match frame.into_data() {
@@ -306,7 +305,7 @@ impl Writer {
                             // More than declared would corrupt the connection's framing.
                             let len = data.len() as u64;
                             if len > self.remaining {
-                                return Err(UpstreamError::RequestBody(
+                                return Err(WriteError::Body(
                                     "request body longer than its content-length".into(),
                                 ));
                             }
@@ -353,11 +352,11 @@ impl Writer {
         &mut self,
         io: &mut W,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), UpstreamError>> {
+    ) -> Poll<Result<(), WriteError>> {
         loop {
             self.pull_body(cx)?;
             if self.queue.is_empty() {
-                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(io_err)?;
+                ready!(Pin::new(&mut *io).poll_flush(cx))?;
                 return if self.body.is_none() {
                     Poll::Ready(Ok(()))
                 } else {
@@ -371,10 +370,10 @@ impl Writer {
                     *slot = IoSlice::new(b);
                     k += 1;
                 }
-                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k])).map_err(io_err)?
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]))?
             };
             if n == 0 {
-                return Poll::Ready(Err(io_err(std::io::ErrorKind::WriteZero.into())));
+                return Poll::Ready(Err(WriteError::Io(std::io::ErrorKind::WriteZero.into())));
             }
             self.queued -= n;
             let mut n = n;
@@ -392,12 +391,13 @@ impl Writer {
     }
 }
 
-/// An I/O error of the exchange; the endpoint is filled in by [`exchange`].
-fn io_err(e: std::io::Error) -> UpstreamError {
-    UpstreamError::Io {
-        endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source: e,
-    }
+/// Why writing the request stopped: the connection, or the request body itself.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("request body: {0}")]
+    Body(BoxError),
 }
 
 /// A parsed response head, before its body.
@@ -416,19 +416,14 @@ async fn exchange(
 ) -> Result<Response<UpstreamBody>, Failure> {
     let mut write_error = None;
     let mut answered = false;
-    let with_endpoint = |e: UpstreamError| match e {
-        UpstreamError::Io { source, .. } => UpstreamError::Io { endpoint, source },
-        UpstreamError::Protocol { reason, .. } => UpstreamError::Protocol { endpoint, reason },
-        other => other,
-    };
     let head = std::future::poll_fn(|cx| {
         if write_error.is_none() && !writer.done() {
             match writer.poll_write(&mut conn.io, cx) {
-                Poll::Ready(Err(e @ UpstreamError::RequestBody(_))) => {
-                    return Poll::Ready(Err(Failure::Other(e)));
+                Poll::Ready(Err(WriteError::Body(e))) => {
+                    return Poll::Ready(Err(Failure::Other(UpstreamError::RequestBody(e))));
                 }
                 // The upstream may have answered and closed its side: read what it said.
-                Poll::Ready(Err(e)) => write_error = Some(e),
+                Poll::Ready(Err(WriteError::Io(e))) => write_error = Some(e),
                 _ => {}
             }
         }
@@ -460,28 +455,19 @@ async fn exchange(
                     }
                 }
             }
-            match ready!(read_buf(&mut conn.io, cx, &mut conn.rbuf, 8 * 1024)) {
-                Ok(0) => {
-                    let e = write_error
-                        .take()
-                        .map(with_endpoint)
-                        .unwrap_or(UpstreamError::Closed { endpoint });
-                    return Poll::Ready(Err(if answered {
-                        Failure::Other(e)
-                    } else {
-                        Failure::BeforeAnswer(e)
-                    }));
-                }
-                Ok(_) => {}
-                Err(source) => {
-                    let e = UpstreamError::Io { endpoint, source };
-                    return Poll::Ready(Err(if answered {
-                        Failure::Other(e)
-                    } else {
-                        Failure::BeforeAnswer(e)
-                    }));
-                }
-            }
+            let e = match ready!(read_buf(&mut conn.io, cx, &mut conn.rbuf, 8 * 1024)) {
+                Ok(0) => match write_error.take() {
+                    Some(source) => UpstreamError::Io { endpoint, source },
+                    None => UpstreamError::Closed { endpoint },
+                },
+                Ok(_) => continue,
+                Err(source) => UpstreamError::Io { endpoint, source },
+            };
+            return Poll::Ready(Err(if answered {
+                Failure::Other(e)
+            } else {
+                Failure::BeforeAnswer(e)
+            }));
         }
     })
     .await?;

@@ -1,6 +1,8 @@
 //! The data plane in-process: real sockets on loopback, a real backend, the
 //! real basic_auth module, a config built by the real translation.
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -60,23 +62,7 @@ async fn get(addr: SocketAddr, target: &str, host: &str, auth: Option<&str>) -> 
 
 fn manifests(backend: SocketAddr) -> String {
     format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: productpage, namespace: default}}
-spec:
-  ports: [{{name: http, port: 9080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: productpage-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: productpage}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {port}}}]
----
+        r#"{svc}---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {{name: gw, namespace: default}}
@@ -106,8 +92,7 @@ spec:
       request_methods: [GET]
       credentials: ["ok:test"]
 "#,
-        ip = backend.ip(),
-        port = backend.port()
+        svc = support::service("productpage", backend)
     )
 }
 

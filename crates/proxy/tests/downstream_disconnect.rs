@@ -4,6 +4,8 @@
 //! response body (the upstream's code, the bytes sent so far). Real sockets: a slow backend
 //! that holds its answer, a client that closes early.
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,23 +60,7 @@ async fn slow_backend(
 
 fn manifests(backend: SocketAddr) -> String {
     format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: slow, namespace: default, labels: {{app: slow}}}}
-spec:
-  ports: [{{name: http, port: 9080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: slow-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: slow}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {port}}}]
----
+        r#"{svc}---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {{name: impatient, namespace: default, annotations: {{waystone.io/access-log: json}}}}
@@ -90,8 +76,7 @@ spec:
   rules:
   - backendRefs: [{{name: slow, port: 9080}}]
 "#,
-        ip = backend.ip(),
-        port = backend.port()
+        svc = support::service_labeled("slow", backend, "app: slow")
     )
 }
 

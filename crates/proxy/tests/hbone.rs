@@ -2,6 +2,8 @@
 //! `mesh` listener terminates HBONE, the real basic_auth module, and clients (the project's
 //! own, a raw rustls one for refusals, and Python's h2 as a third party).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -28,18 +30,15 @@ const PRODUCTPAGE_IP: &str = "10.96.0.10";
 
 /// Adds the request headers `x-principal` (`source.principal`) and `x-mtls: true`
 /// (`connection.mtls`) so the backend can echo what plugins saw.
-const PRINCIPAL_WAT: &str = r#"(module
+fn principal_wat() -> String {
+    let basics = support::GUEST_BASICS;
+    format!(
+        r#"(module
   (import "env" "proxy_get_property" (func $get_prop (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add_hv (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 2)
   (global $bump (mut i32) (i32.const 4096))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $bump))
-    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
+  {basics}
   (data (i32.const 0) "source\00principal")
   (data (i32.const 32) "connection\00mtls")
   (data (i32.const 64) "x-principal")
@@ -52,7 +51,9 @@ const PRINCIPAL_WAT: &str = r#"(module
     (if (i32.eqz (call $get_prop (i32.const 32) (i32.const 15) (i32.const 1024) (i32.const 1028)))
       (then (if (i32.eq (i32.load8_u (i32.load (i32.const 1024))) (i32.const 1))
         (then (drop (call $add_hv (i32.const 0) (i32.const 80) (i32.const 6) (i32.const 96) (i32.const 4)))))))
-    (i32.const 0)))"#;
+    (i32.const 0)))"#
+    )
+}
 
 fn net(k: u8) -> IpAddr {
     let pid = std::process::id();
@@ -183,7 +184,7 @@ fn runtime(productpage: SocketAddr, reviews: SocketAddr) -> RuntimeConfig {
     // Revisions key the workers' instance caches: one per plugin.
     for (revision, name, wasm) in [
         (1, "auth", basic_auth()),
-        (2, "principal", wat::parse_str(PRINCIPAL_WAT).unwrap()),
+        (2, "principal", wat::parse_str(principal_wat()).unwrap()),
     ] {
         let id = PluginId {
             kind: ExtensionKind::WasmPlugin,

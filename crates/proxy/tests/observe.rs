@@ -2,6 +2,8 @@
 //! reaches the upstream (the caller's trace kept, a new trace started when there is none),
 //! spans reach an OTLP receiver, and a request no route matches is counted with flag `NR`.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -96,23 +98,7 @@ async fn get(addr: SocketAddr, target: &str, traceparent: Option<&str>) -> (u16,
 
 fn manifests(backend: SocketAddr) -> String {
     format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default, labels: {{app: echo, version: v1}}}}
-spec:
-  ports: [{{name: http, port: 9080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: echo-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: echo}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
-ports: [{{name: http, port: {port}}}]
----
+        r#"{svc}---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {{name: traced, namespace: default}}
@@ -129,8 +115,7 @@ spec:
   - matches: [{{path: {{type: PathPrefix, value: /echo}}}}]
     backendRefs: [{{name: echo, port: 9080}}]
 "#,
-        ip = backend.ip(),
-        port = backend.port()
+        svc = support::service_labeled("echo", backend, "app: echo, version: v1")
     )
 }
 

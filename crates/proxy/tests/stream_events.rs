@@ -54,7 +54,8 @@ fn plugin() -> Vec<u8> {
         (":path", "/hold"),
         (":authority", "reviews"),
     ]);
-    let hex: String = call.iter().map(|b| format!("\\{b:02x}")).collect();
+    let hex = support::wat_bytes(&call);
+    let basics = support::GUEST_BASICS;
     let wat = format!(
         r#"(module
   (import "env" "proxy_get_header_map_value" (func $get_hv (param i32 i32 i32 i32 i32) (result i32)))
@@ -72,13 +73,7 @@ fn plugin() -> Vec<u8> {
   (global $calling (mut i32) (i32.const 0))
   (global $answered (mut i32) (i32.const 0))
   (global $parked (mut i32) (i32.const 0))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $bump))
-    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
+  {basics}
   (data (i32.const 0) ":path")
   (data (i32.const 16) "reviews:9080")
   (data (i32.const 32) "echo.Echo")

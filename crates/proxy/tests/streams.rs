@@ -36,10 +36,6 @@ impl hyper::body::Body for Chan {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("\\{b:02x}")).collect()
-}
-
 /// The plugin; its behaviour is chosen by the second byte of `:path`:
 /// - `s`, `t`: marks each request and response body chunk it sees with `c` (more follows) or
 ///   `E` (end of stream), prepended, and continues;
@@ -56,6 +52,7 @@ fn plugin() -> Vec<u8> {
         (":path", "/ratings"),
         (":authority", "reviews"),
     ]);
+    let basics = support::GUEST_BASICS;
     let wat = format!(
         r#"(module
   (import "env" "proxy_get_header_map_value" (func $get_hv (param i32 i32 i32 i32 i32) (result i32)))
@@ -74,13 +71,7 @@ fn plugin() -> Vec<u8> {
   (global $bump (mut i32) (i32.const 65536))
   (global $parked (mut i32) (i32.const 0))
   (global $parked_mode (mut i32) (i32.const 0))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $bump))
-    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
+  {basics}
   (data (i32.const 0) ":path")
   (data (i32.const 8) "cEP")
   (data (i32.const 16) "x-added-req")
@@ -198,7 +189,7 @@ fn plugin() -> Vec<u8> {
             (i32.const 100) (i32.const 6) (i32.const 0) (i32.const 0) (i32.const -1)))))))
     (global.set $parked (i32.const 0)))
 )"#,
-        call_headers = hex(&call_headers),
+        call_headers = support::wat_bytes(&call_headers),
         chl = call_headers.len(),
     );
     wat::parse_str(&wat).unwrap_or_else(|e| panic!("{e}\n{wat}"))

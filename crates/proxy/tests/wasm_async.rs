@@ -123,7 +123,8 @@ fn plugin() -> Vec<u8> {
         (":path", "/ratings"),
         (":authority", "reviews"),
     ]);
-    let hex: String = headers.iter().map(|b| format!("\\{b:02x}")).collect();
+    let hex = support::wat_bytes(&headers);
+    let basics = support::GUEST_BASICS;
     let wat = format!(
         r#"(module
   (import "env" "proxy_get_header_map_value" (func $get_hv (param i32 i32 i32 i32 i32) (result i32)))
@@ -140,13 +141,7 @@ fn plugin() -> Vec<u8> {
   (import "env" "proxy_increment_metric" (func $inc_metric (param i32 i64) (result i32)))
   (memory (export "memory") 4)
   (global $bump (mut i32) (i32.const 65536))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $bump))
-    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
-    (local.get $p))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_context_create") (param i32 i32))
+  {basics}
   (data (i32.const 0) "x-upstream")
   (data (i32.const 16) ":status")
   (data (i32.const 32) "x-callout-status")

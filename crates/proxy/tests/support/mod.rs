@@ -319,6 +319,21 @@ pub fn compile(engine: &WasmEngine, bytes: &[u8]) -> CompiledModule {
     engine.compile(bytes).unwrap()
 }
 
+/// The exports every hand-written test plugin needs beside its callbacks: a bump allocator
+/// over the `$bump` global the module declares, the ABI version, an empty context create.
+pub const GUEST_BASICS: &str = r#"  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))"#;
+
+/// `bytes` as a WAT data string (`\xx` escapes).
+pub fn wat_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("\\{b:02x}")).collect()
+}
+
 /// Proxy-Wasm's serialized header pairs (count, lengths, then NUL-terminated names and
 /// values), for the hand-written plugins' callout headers.
 pub fn serialize_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -345,11 +360,21 @@ pub fn gateway_with_reviews(backend: SocketAddr, port: u16, config: &str) -> Str
 
 /// A Service `name` (port 9080, `http`) with one endpoint, `addr`.
 pub fn service(name: &str, addr: SocketAddr) -> String {
+    service_labeled(name, addr, "")
+}
+
+/// [`service`] with `labels` (YAML flow-map entries, e.g. `app: echo`) on the Service.
+pub fn service_labeled(name: &str, addr: SocketAddr, labels: &str) -> String {
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", labels: {{{labels}}}")
+    };
     format!(
         r#"
 apiVersion: v1
 kind: Service
-metadata: {{name: {name}, namespace: default}}
+metadata: {{name: {name}, namespace: default{labels}}}
 spec:
   ports: [{{name: http, port: 9080}}]
 ---
