@@ -9,9 +9,7 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,21 +22,6 @@ use tokio::sync::{Notify, mpsc};
 use waystone_model::snapshot::AccessLogFormat;
 use waystone_proxy::{DataPlane, DataPlaneConfig, ObservabilityConfig};
 use waystone_wasm::{MetricValue, WasmEngine};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-struct Chan(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for Chan {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.poll_recv(cx).map(|f| f.map(|b| Ok(Frame::data(b))))
-    }
-}
 
 /// The plugin; its behaviour is chosen by the second byte of `:path`:
 /// - `b` / `B`: the first request (`b`) or response (`B`) body callback calls `reviews:9080`
@@ -183,38 +166,23 @@ async fn backend(ip: IpAddr) -> Backend {
                     match req.uri().path() {
                         "/hold" => {
                             hold.notified().await;
-                            let _ = tx.send(Bytes::from("held")).await;
+                            let _ = tx.send(Frame::data(Bytes::from("held"))).await;
                         }
                         p if p.ends_with("/two") => {
-                            let _ = tx.send(Bytes::from("one")).await;
+                            let _ = tx.send(Frame::data(Bytes::from("one"))).await;
                             tokio::spawn(async move {
                                 two.notified().await;
-                                let _ = tx.send(Bytes::from("two")).await;
+                                let _ = tx.send(Frame::data(Bytes::from("two"))).await;
                             });
                         }
                         "/echo.Echo/Stream" => {
                             resp_headers.push(("content-type", "application/grpc"));
-                            let mut body = req.into_body();
+                            let body = req.into_body();
                             tokio::spawn(async move {
-                                let mut buf = Vec::new();
-                                while let Some(Ok(frame)) = body.frame().await {
-                                    let Some(d) = frame.data_ref() else { continue };
-                                    buf.extend_from_slice(d);
-                                    while buf.len() >= 5 {
-                                        let n = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]])
-                                            as usize;
-                                        if buf.len() < 5 + n {
-                                            break;
-                                        }
-                                        let reply = [b"echo:", &buf[5..5 + n]].concat();
-                                        buf.drain(..5 + n);
-                                        let mut framed = vec![0];
-                                        framed.extend((reply.len() as u32).to_be_bytes());
-                                        framed.extend(reply);
-                                        let _ = tx.send(Bytes::from(framed)).await;
-                                        let _ = echo_tx.send(());
-                                    }
-                                }
+                                support::grpc_echo(body, &tx, || {
+                                    let _ = echo_tx.send(());
+                                })
+                                .await;
                             });
                         }
                         _ => {
@@ -229,10 +197,10 @@ async fn backend(ip: IpAddr) -> Backend {
                                 }
                             }
                             let text = format!("body={}", String::from_utf8_lossy(&got));
-                            let _ = tx.send(Bytes::from(text)).await;
+                            let _ = tx.send(Frame::data(Bytes::from(text))).await;
                         }
                     }
-                    let mut resp = hyper::Response::new(Chan(rx));
+                    let mut resp = hyper::Response::new(support::FrameChannel(rx));
                     for (k, v) in resp_headers {
                         resp.headers_mut().insert(k, v.parse().unwrap());
                     }

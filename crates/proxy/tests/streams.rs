@@ -7,8 +7,6 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,22 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use waystone_proxy::{DataPlane, DataPlaneConfig};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A body fed through a channel, so a test decides when each frame leaves.
-struct Chan(mpsc::Receiver<Frame<Bytes>>);
-
-impl hyper::body::Body for Chan {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
 
 /// The plugin; its behaviour is chosen by the second byte of `:path`:
 /// - `s`, `t`: marks each request and response body chunk it sees with `c` (more follows) or
@@ -237,33 +219,15 @@ async fn backend(ip: IpAddr) -> Backend {
                                 let _ = tx.send(Frame::data(half)).await;
                             });
                         } else if path == "/echo.Echo/Stream" {
-                            let mut body = req.into_body();
+                            let body = req.into_body();
                             tokio::spawn(async move {
-                                let mut buf = Vec::new();
-                                while let Some(Ok(frame)) = body.frame().await {
-                                    let Some(d) = frame.data_ref() else { continue };
-                                    buf.extend_from_slice(d);
-                                    while buf.len() >= 5 {
-                                        let len =
-                                            u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]])
-                                                as usize;
-                                        if buf.len() < 5 + len {
-                                            break;
-                                        }
-                                        let reply = [b"echo:", &buf[5..5 + len]].concat();
-                                        buf.drain(..5 + len);
-                                        let mut framed = vec![0];
-                                        framed.extend((reply.len() as u32).to_be_bytes());
-                                        framed.extend(reply);
-                                        let _ = tx.send(Frame::data(Bytes::from(framed))).await;
-                                    }
-                                }
+                                support::grpc_echo(body, &tx, || {}).await;
                                 let mut t = http::HeaderMap::new();
                                 t.insert("grpc-status", "0".parse().unwrap());
                                 t.insert("grpc-message", "done".parse().unwrap());
                                 let _ = tx.send(Frame::trailers(t)).await;
                             });
-                            let mut resp = hyper::Response::new(Chan(rx));
+                            let mut resp = hyper::Response::new(support::FrameChannel(rx));
                             resp.headers_mut()
                                 .insert("content-type", "application/grpc".parse().unwrap());
                             resp.headers_mut().insert("x-md", "1".parse().unwrap());
@@ -310,7 +274,7 @@ async fn backend(ip: IpAddr) -> Backend {
                                 let _ = tx.send(Frame::trailers(t)).await;
                             }
                         }
-                        let mut resp = hyper::Response::new(Chan(rx));
+                        let mut resp = hyper::Response::new(support::FrameChannel(rx));
                         if resp_trailer {
                             resp.headers_mut()
                                 .insert("trailer", "x-backend".parse().unwrap());
@@ -506,7 +470,7 @@ async fn trailers_both_ways_over_h2() {
     let req = hyper::Request::post(format!("http://{addr}/t"))
         .header("x-resp-trailer", "1")
         .header("te", "trailers")
-        .body(Chan(rx))
+        .body(support::FrameChannel(rx))
         .unwrap();
     tx.send(Frame::data(Bytes::from("aaa"))).await.unwrap();
     let mut t = http::HeaderMap::new();

@@ -319,6 +319,47 @@ pub fn compile(engine: &WasmEngine, bytes: &[u8]) -> CompiledModule {
     engine.compile(bytes).unwrap()
 }
 
+/// A body fed frame by frame through a channel, for test backends and clients.
+pub struct FrameChannel(pub tokio::sync::mpsc::Receiver<hyper::body::Frame<Bytes>>);
+
+impl hyper::body::Body for FrameChannel {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+/// The test backends' gRPC echo: answers each length-prefixed message of `body` with
+/// `echo:<message>` on `tx`, calling `on_reply` after each, until the body ends.
+pub async fn grpc_echo(
+    mut body: hyper::body::Incoming,
+    tx: &tokio::sync::mpsc::Sender<hyper::body::Frame<Bytes>>,
+    mut on_reply: impl FnMut(),
+) {
+    let mut buf = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        let Some(d) = frame.data_ref() else { continue };
+        buf.extend_from_slice(d);
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 5 + len {
+                break;
+            }
+            let reply = [b"echo:", &buf[5..5 + len]].concat();
+            buf.drain(..5 + len);
+            let mut framed = vec![0];
+            framed.extend((reply.len() as u32).to_be_bytes());
+            framed.extend(reply);
+            let _ = tx.send(hyper::body::Frame::data(Bytes::from(framed))).await;
+            on_reply();
+        }
+    }
+}
+
 /// The exports every hand-written test plugin needs beside its callbacks: a bump allocator
 /// over the `$bump` global the module declares, the ABI version, an empty context create.
 pub const GUEST_BASICS: &str = r#"  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
