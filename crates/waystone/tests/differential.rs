@@ -11,7 +11,7 @@ use common::*;
 use diffharness::corpus::{self, Corpus};
 use diffharness::echo::Echo;
 use diffharness::envoy::{self, Envoy};
-use diffharness::tcp::{self, TcpEcho, TcpSide};
+use diffharness::tcp::{self, TcpSide};
 use diffharness::{Report, Side, run_corpus};
 
 const FIRST_PORT: u16 = 10001;
@@ -94,7 +94,8 @@ fn sdk_plugins_behave_as_in_envoy() {
     let ip = |last: u8| format!("{}.{}.{}.{last}", net[0], net[1], net[2]);
 
     let echo = Echo::start(&ip(3), h.ignored_upstream_headers.clone());
-    let tcp_echo = TcpEcho::start(&ip(3));
+    // The TCP echo backend: echoes every byte, then ends its side after the client's end.
+    let tcp_echo = echo_backend(&ip(3));
     let tcp_setups = tcp::setups(&corpora, FIRST_TCP_PORT);
 
     let listeners: Vec<envoy::Listener> = corpora
@@ -113,7 +114,7 @@ fn sdk_plugins_behave_as_in_envoy() {
     ports.extend(tcp_setups.iter().map(|(_, _, s)| s.port));
     let envoy_ip = ip(2);
     let tcp_listeners = tcp::envoy_listeners(&envoy_ip, &corpora, &tcp_setups);
-    let tcp_clusters = [tcp::envoy_cluster(tcp_echo.addr)];
+    let tcp_clusters = [tcp::envoy_cluster(tcp_echo)];
     let cfg = envoy::config(
         &envoy_ip,
         9901,
@@ -131,7 +132,7 @@ fn sdk_plugins_behave_as_in_envoy() {
     );
     w.apply(&manifests(&corpora, &echo));
     if !tcp_setups.is_empty() {
-        w.apply(&tcp::manifests(&corpora, &tcp_setups, tcp_echo.addr));
+        w.apply(&tcp::manifests(&corpora, &tcp_setups, tcp_echo));
     }
     for (_, _, s) in &tcp_setups {
         let addr = format!("{}:{}", w.gateway_host(&tcp::gateway_name(s)), s.port);

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -111,29 +111,6 @@ pub fn setups(corpora: &[Corpus], first_port: u16) -> Vec<(usize, usize, CaseSet
         }
     }
     out
-}
-
-/// The TCP echo backend: echoes every byte, then ends its side after the client's end.
-pub struct TcpEcho {
-    pub addr: SocketAddr,
-}
-
-impl TcpEcho {
-    pub fn start(ip: &str) -> Self {
-        let listener = TcpListener::bind((ip, 0)).expect("bind the TCP echo backend");
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { return };
-                std::thread::spawn(move || {
-                    let mut r = s.try_clone().unwrap();
-                    let _ = std::io::copy(&mut r, &mut s);
-                    let _ = s.shutdown(Shutdown::Write);
-                });
-            }
-        });
-        Self { addr }
-    }
 }
 
 /// The cluster Envoy's `tcp_proxy` relays to, named as Istio names the Service's port.
@@ -475,17 +452,22 @@ pub fn envoy_lines(text: &str, prefix: &str) -> Vec<(String, LogLine)> {
             let (name, message) = rest.split_once(": ")?;
             // `<name> <root_id>` when a root id is set.
             let name = name.split(' ').next()?;
-            name.starts_with(prefix).then(|| {
-                (
-                    name.to_string(),
-                    LogLine {
-                        level,
-                        message: message.to_string(),
-                    },
-                )
-            })
+            plugin_line(prefix, name, level, message)
         })
         .collect()
+}
+
+/// A log line of a plugin whose name starts with `prefix` (the case's plugins), by name.
+fn plugin_line(prefix: &str, name: &str, level: u8, message: &str) -> Option<(String, LogLine)> {
+    name.starts_with(prefix).then(|| {
+        (
+            name.to_string(),
+            LogLine {
+                level,
+                message: message.to_string(),
+            },
+        )
+    })
 }
 
 /// Waystone: `<time> <LEVEL> waystone::wasm: <msg> plugin=<name>`.
@@ -497,15 +479,7 @@ pub fn waystone_lines(text: &str, prefix: &str) -> Vec<(String, LogLine)> {
                 super::envoy::level_of(&l[..idx].split_whitespace().last()?.to_ascii_lowercase())?;
             let rest = &l[idx + " waystone::wasm: ".len()..];
             let (message, name) = rest.rsplit_once(" plugin=")?;
-            name.starts_with(prefix).then(|| {
-                (
-                    name.to_string(),
-                    LogLine {
-                        level,
-                        message: message.to_string(),
-                    },
-                )
-            })
+            plugin_line(prefix, name, level, message)
         })
         .collect()
 }
