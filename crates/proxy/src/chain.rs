@@ -156,20 +156,6 @@ impl Dir {
             Dir::Response => StreamType::Response,
         }
     }
-
-    fn body_export(self) -> &'static str {
-        match self {
-            Dir::Request => "proxy_on_request_body",
-            Dir::Response => "proxy_on_response_body",
-        }
-    }
-
-    fn trailers_export(self) -> &'static str {
-        match self {
-            Dir::Request => "proxy_on_request_trailers",
-            Dir::Response => "proxy_on_response_trailers",
-        }
-    }
 }
 
 /// Whether a filter passes the data it was shown on, or holds it back.
@@ -385,7 +371,7 @@ impl ChainRun {
                 continue;
             }
             let f = &self.filters[idx];
-            if f.bypassed || !f.plugin.module.has_export(dir.body_export()) {
+            if f.bypassed || !f.plugin.module.has_body_callback(dir.stream_type()) {
                 continue;
             }
             let held = self.held_mut(dir, idx);
@@ -460,7 +446,7 @@ impl ChainRun {
             if !self.filters[idx]
                 .plugin
                 .module
-                .has_export(dir.trailers_export())
+                .has_trailers_callback(dir.stream_type())
             {
                 continue;
             }
@@ -926,15 +912,17 @@ impl ChainRun {
     /// Awaits `fut` (the upstream's answer) while delivering the events of the run's contexts,
     /// as Envoy does at any time of the stream: gRPC stream messages, callout answers, actions
     /// of other contexts. A plugin may answer or reset the stream meanwhile.
-    pub async fn while_waiting<T>(
+    ///
+    /// `fut` comes pinned by the caller: moved in and pinned here, the upstream exchange
+    /// would be stored (and copied) twice in this future.
+    pub async fn while_waiting<F: std::future::Future>(
         &mut self,
-        fut: impl std::future::Future<Output = T>,
-    ) -> Result<T, Halt> {
-        tokio::pin!(fut);
+        mut fut: std::pin::Pin<&mut F>,
+    ) -> Result<F::Output, Halt> {
         loop {
             tokio::select! {
                 biased;
-                out = &mut fut => return Ok(out),
+                out = fut.as_mut() => return Ok(out),
                 event = self.next_event() => match self.handle_event(event) {
                     Effect::Halt(h) => return Err(h),
                     Effect::Nothing | Effect::Continued(..) | Effect::Bypassed(_) => {}

@@ -527,7 +527,10 @@ async fn proxy(
     let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
         let upstream = build_upstream(method, &path, &authority, headers, endpoint, body);
-        match run.while_waiting(forward(endpoint, upstream)).await {
+        match run
+            .while_waiting(std::pin::pin!(forward(endpoint, upstream)))
+            .await
+        {
             Ok(r) => r,
             Err(halt) => return halt_through_chain(run, halt).await,
         }
@@ -568,7 +571,7 @@ async fn proxy(
         // The request body has ended: the chain's contexts still get their events while the
         // upstream answers. A failed pump ends the request: the upstream exchange is dropped.
         if pumped.is_ok() && forwarded.is_none() {
-            match run.while_waiting(&mut send).await {
+            match run.while_waiting(send.as_mut()).await {
                 Ok(r) => forwarded = Some(r),
                 Err(halt) => return halt_through_chain(run, halt).await,
             }

@@ -108,7 +108,10 @@ pub async fn send(
         let (conn, reused) = match checkout(endpoint) {
             Some(conn) => (conn, true),
             None => {
-                let io = connect_endpoint(endpoint, None).await?;
+                // Boxed: connecting (a TCP connect, or an HBONE tunnel's TLS handshake) is a
+                // large future that keep-alive requests never poll; inline, every request's
+                // future would carry and move its bytes.
+                let io = Box::pin(connect_endpoint(endpoint, None)).await?;
                 let rbuf = BytesMut::with_capacity(8 * 1024);
                 (Conn { io, rbuf }, false)
             }

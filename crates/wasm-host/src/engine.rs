@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::{
-    Config, Engine, ExternType, FuncType, InstancePre, Linker, Module, OptLevel, ValType,
+    Config, Engine, ExternType, FuncType, InstancePre, Linker, Module, OptLevel, ProfilingStrategy,
+    ValType,
 };
 
 use crate::error::HostError;
@@ -80,6 +81,11 @@ impl WasmEngine {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
+        // `WAYSTONE_WASM_PERFMAP=1`: write /tmp/perf-<pid>.map so `perf` (and callgrind, via
+        // scripts/callgrind-proxy.py) name each guest function instead of a bare address.
+        if std::env::var_os("WAYSTONE_WASM_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| HostError::Engine {
             reason: format!("{e:#}"),
         })?;
@@ -148,10 +154,16 @@ impl WasmEngine {
                     reason: format!("{e:#}"),
                 })?;
         let exports: HashSet<String> = module.exports().map(|e| e.name().to_owned()).collect();
-        let any = |names: [&str; 2]| names.iter().any(|n| exports.contains(*n));
-        let body_or_trailers = [
-            any(["proxy_on_request_body", "proxy_on_request_trailers"]),
-            any(["proxy_on_response_body", "proxy_on_response_trailers"]),
+        let has = |name: &str| exports.contains(name);
+        let callbacks = [
+            [
+                has("proxy_on_request_body"),
+                has("proxy_on_request_trailers"),
+            ],
+            [
+                has("proxy_on_response_body"),
+                has("proxy_on_response_trailers"),
+            ],
         ];
         Ok(CompiledModule {
             inner: Arc::new(CompiledInner {
@@ -159,7 +171,7 @@ impl WasmEngine {
                 pre,
                 abi,
                 exports,
-                body_or_trailers,
+                callbacks,
             }),
         })
     }
@@ -233,8 +245,9 @@ pub(crate) struct CompiledInner {
     pub(crate) pre: InstancePre<HostState>,
     pub(crate) abi: AbiVersion,
     exports: HashSet<String>,
-    /// Exports a body or trailers callback for requests, for responses: asked per request.
-    body_or_trailers: [bool; 2],
+    /// Exports the body and the trailers callback, for requests and for responses: asked per
+    /// request, so not looked up by name.
+    callbacks: [[bool; 2]; 2],
 }
 
 impl CompiledModule {
@@ -249,10 +262,25 @@ impl CompiledModule {
     /// Whether the module has a body or trailers callback for `stream` (`Request` or
     /// `Response`): only then must a proxy show it that side's body frames.
     pub fn handles_body(&self, stream: StreamType) -> bool {
+        self.has_body_callback(stream) || self.has_trailers_callback(stream)
+    }
+
+    /// Whether the module exports `proxy_on_request_body` (`Request`) or
+    /// `proxy_on_response_body` (`Response`).
+    pub fn has_body_callback(&self, stream: StreamType) -> bool {
+        self.callbacks(stream)[0]
+    }
+
+    /// Whether the module exports `proxy_on_request_trailers` or `proxy_on_response_trailers`.
+    pub fn has_trailers_callback(&self, stream: StreamType) -> bool {
+        self.callbacks(stream)[1]
+    }
+
+    fn callbacks(&self, stream: StreamType) -> [bool; 2] {
         match stream {
-            StreamType::Request => self.inner.body_or_trailers[0],
-            StreamType::Response => self.inner.body_or_trailers[1],
-            StreamType::Downstream | StreamType::Upstream => false,
+            StreamType::Request => self.inner.callbacks[0],
+            StreamType::Response => self.inner.callbacks[1],
+            StreamType::Downstream | StreamType::Upstream => [false; 2],
         }
     }
 }

@@ -112,7 +112,13 @@ pub(crate) struct HostState {
     /// Set right after instantiation; `None` only while the start function of a module runs
     /// before the host could look it up.
     pub(crate) memory: Option<Memory>,
+    /// Taken out for each call (no clone of the typed function); `None` during the call, so
+    /// an allocator that calls back into a host function that allocates gets an error instead
+    /// of recursing.
     pub(crate) allocator: Option<TypedFunc<i32, i32>>,
+    /// Reused for values copied out of the host state before they go to guest memory (a
+    /// header value), so a read allocates nothing on the host.
+    pub(crate) scratch: Vec<u8>,
     /// The stream of the HTTP callback in progress, moved in for the duration of the call.
     pub(crate) stream: Option<HttpStream>,
     /// An empty stream left with the caller while its own is in `stream`: swapping the two
@@ -158,6 +164,7 @@ impl HostState {
             },
             memory: None,
             allocator: None,
+            scratch: Vec::new(),
             stream: None,
             spare_stream: None,
             root_properties: BTreeMap::new(),

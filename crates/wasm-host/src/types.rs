@@ -111,6 +111,12 @@ impl Span {
     }
 }
 
+/// Header names compare case-insensitively; names are nearly always lowercase on both sides,
+/// so an exact comparison settles most of them without folding each byte.
+fn same_name(stored: &[u8], name: &[u8]) -> bool {
+    stored.len() == name.len() && (stored == name || stored.eq_ignore_ascii_case(name))
+}
+
 impl HeaderMap {
     pub fn new() -> Self {
         Self::default()
@@ -138,10 +144,11 @@ impl HeaderMap {
 
     /// The first value stored under `name` (case-insensitive), as Envoy's
     /// `getHeaderMapValue` answers for repeated headers.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
+    pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&[u8]> {
+        let name = name.as_ref();
         self.spans
             .iter()
-            .find(|s| s.name(&self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .find(|s| same_name(s.name(&self.buf), name))
             .map(|s| s.value(&self.buf))
     }
 
@@ -149,7 +156,7 @@ impl HeaderMap {
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.spans
             .iter()
-            .filter(move |s| s.name(&self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .filter(move |s| same_name(s.name(&self.buf), name.as_bytes()))
             .map(|s| s.value(&self.buf))
     }
 
@@ -193,7 +200,7 @@ impl HeaderMap {
         let buf = &self.buf;
         let mut freed = 0;
         self.spans.retain(|s| {
-            let keep = !s.name(buf).eq_ignore_ascii_case(name.as_bytes());
+            let keep = !same_name(s.name(buf), name.as_bytes());
             if !keep {
                 freed += s.bytes();
             }

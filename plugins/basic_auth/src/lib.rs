@@ -72,12 +72,15 @@ impl HttpContext for BasicAuthHttp {
             return Action::Continue;
         }
         let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
-        let (method, path, authority, authorization) = (
-            header(":method"),
-            header(":path"),
-            header(":authority"),
-            header("authorization"),
-        );
+        // Each read is a host call and a guest allocation; `:authority` only matters to rules
+        // with `hosts`.
+        let authority = if self.config.matches_hosts() {
+            header(":authority")
+        } else {
+            String::new()
+        };
+        let (method, path, authorization) =
+            (header(":method"), header(":path"), header("authorization"));
         let request = Request {
             method: &method,
             path: &path,

@@ -261,6 +261,11 @@ impl Config {
         Ok(Config { rules, realm })
     }
 
+    /// Whether some rule names `hosts`: only then does a decision read `:authority`.
+    pub fn matches_hosts(&self) -> bool {
+        self.rules.iter().any(|r| !r.hosts.is_empty())
+    }
+
     /// Checks every rule that applies, in configuration order; the first one
     /// that refuses the credentials decides.
     pub fn decide(&self, request: &Request<'_>) -> Decision<'_> {
@@ -910,6 +915,13 @@ mod tests {
     fn absent_or_empty_hosts_match_every_host() {
         assert!(host_protected(&one_rule("prefix", "/"), "x"));
         assert!(host_protected(&hosts_rule("[]"), "x"));
+    }
+
+    #[test]
+    fn authority_is_read_only_for_rules_with_hosts() {
+        assert!(!one_rule("prefix", "/").matches_hosts());
+        assert!(!hosts_rule("[]").matches_hosts());
+        assert!(hosts_rule(r#"["a.com"]"#).matches_hosts());
     }
 
     #[test]

@@ -149,10 +149,12 @@ pub(crate) fn copy_out(
     let guest_ptr = if bytes.is_empty() {
         0
     } else {
-        let Some(alloc) = c.data().allocator.clone() else {
+        let Some(alloc) = c.data_mut().allocator.take() else {
             return Ok(Status::InternalFailure.code());
         };
-        let p = alloc.call(&mut *c, len)?;
+        let p = alloc.call(&mut *c, len);
+        c.data_mut().allocator = Some(alloc);
+        let p = p?;
         if p == 0 && len > 0 {
             return Ok(Status::InvalidMemoryAccess.code());
         }

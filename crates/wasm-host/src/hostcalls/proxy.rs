@@ -337,21 +337,29 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
                 return Ok(s.code());
             }
             let r = with_guest(&mut c, kptr, klen, |key, state| {
-                // Envoy answers a missing header with NotFound, except to ABI 0.1.0 modules,
-                // which get Ok and an empty value (their SDKs treat NotFound as fatal).
-                let missing = if state.abi == crate::types::AbiVersion::V0_1_0 {
-                    Ok(Vec::new())
-                } else {
-                    Err(Status::NotFound)
-                };
-                let map = header_map(state, t)?;
+                let mut value = std::mem::take(&mut state.scratch);
+                value.clear();
+                let abi = state.abi;
                 // Like Envoy: the first of repeated values, not a joined list.
-                map.get(&String::from_utf8_lossy(key))
-                    .map(<[u8]>::to_vec)
-                    .map_or(missing, Ok)
+                match header_map(state, t)?.get(key) {
+                    Some(v) => value.extend_from_slice(v),
+                    // Envoy answers a missing header with NotFound, except to ABI 0.1.0
+                    // modules, which get Ok and an empty value (their SDKs treat NotFound as
+                    // fatal).
+                    None if abi != crate::types::AbiVersion::V0_1_0 => {
+                        state.scratch = value;
+                        return Err(Status::NotFound);
+                    }
+                    None => {}
+                }
+                Ok(value)
             });
             match r.and_then(|x| x) {
-                Ok(value) => copy_out(&mut c, &value, vptr_ptr, vsize_ptr),
+                Ok(value) => {
+                    let r = copy_out(&mut c, &value, vptr_ptr, vsize_ptr);
+                    c.data_mut().scratch = value;
+                    r
+                }
                 Err(s) => Ok(s.code()),
             }
         },
