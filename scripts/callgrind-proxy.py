@@ -9,9 +9,14 @@ counts exactly N keep-alive requests and dumps the profile:
     python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000, or nginx 1000 (the peer)
     callgrind_annotate /tmp/waystone-cg.plain.out.1 | grep 'PROGRAM TOTALS'   # / N
 
-Instruction counts do not move with the load of a shared machine, unlike req/s.
+Instruction counts do not move with the load of a shared machine, unlike req/s. With a plugin,
+the proxy writes a perf map (WAYSTONE_WASM_PERFMAP=1) and the script prints the instructions per
+request spent in guest code, by Wasm function (callgrind alone sees bare JIT addresses).
 """
+import bisect
 import http.client
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +27,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import bench as b  # noqa: E402
+
+
+
+def guest_functions(profile: str, perf_map: Path, n: int) -> None:
+    """Instructions per request in JIT code, named from wasmtime's perf map."""
+    syms = []
+    for line in perf_map.read_text().splitlines():
+        addr, size, name = line.split(" ", 2)
+        syms.append((int(addr, 16), int(size, 16), name))
+    syms.sort()
+    starts = [s[0] for s in syms]
+    text = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no", profile],
+                          capture_output=True, text=True, check=True).stdout
+    by_name: dict[str, int] = {}
+    for m in re.finditer(r"^\s*([\d,]+) \(.*?\)\s+\?\?\?:0x([0-9a-f]+)", text, re.M):
+        ir, addr = int(m.group(1).replace(",", "")), int(m.group(2), 16)
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0 and addr < syms[i][0] + syms[i][1]:
+            by_name[syms[i][2]] = by_name.get(syms[i][2], 0) + ir
+    print(f"guest code: {sum(by_name.values()) / n:,.0f} instructions per request")
+    for name, ir in sorted(by_name.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {ir / n:8,.0f}  {name}")
+    perf_map.unlink(missing_ok=True)
+
 
 mode, n = sys.argv[1], int(sys.argv[2])
 waystone = str(REPO / "target/release/waystone")
@@ -48,7 +77,8 @@ try:
         data.mkdir()
         p = b.Proc("ws", [*valgrind, waystone, "up", "--data-dir", str(data), "--workers", "1",
                           "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
-                          "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / "ws.log")
+                          "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / "ws.log",
+                   env=dict(os.environ, WAYSTONE_WASM_PERFMAP="1"))
         procs.append(p)
         deadline = time.monotonic() + 120
         while not (data / "api.addr").exists():
@@ -77,6 +107,8 @@ try:
     run(n)
     ctl("-d")
     print(f"profile of {n} requests: {out}.1")
+    if mode == "auth":
+        guest_functions(f"{out}.1", Path(f"/tmp/perf-{p.pid}.map"), n)
 finally:
     for p in procs:
         p.stop()
