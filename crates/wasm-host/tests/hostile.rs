@@ -170,3 +170,47 @@ fn bad_pointers_to_the_new_host_functions_get_invalid_memory_access() {
     assert!(inst.take_grpc_commands().is_empty());
     assert!(!inst.is_poisoned());
 }
+
+/// An allocator that reads a header from inside itself (the host is copying a value out to
+/// it at that moment) gets InternalFailure for the inner read: no recursion, and the outer
+/// read still completes.
+#[test]
+fn a_header_read_from_inside_the_allocator_fails_instead_of_recursing() {
+    let wat = r#"(module
+  (import "env" "proxy_get_header_map_value" (func $get_hv (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_hv (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $bump (mut i32) (i32.const 4096))
+  (data (i32.const 0) ":path")
+  (data (i32.const 16) "x-inner")
+  (data (i32.const 32) "x-outer")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    ;; status of a read made while the host is inside this allocation, as an ASCII digit pair
+    (i32.store8 (i32.const 200) (i32.add (i32.const 48)
+      (call $get_hv (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 300) (i32.const 304))))
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 201) (i32.add (i32.const 48)
+      (call $get_hv (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 100) (i32.const 104))))
+    (drop (call $add_hv (i32.const 0) (i32.const 16) (i32.const 7) (i32.const 200) (i32.const 1)))
+    (drop (call $add_hv (i32.const 0) (i32.const 32) (i32.const 7)
+      (i32.load (i32.const 100)) (i32.load (i32.const 104))))
+    (i32.const 0)))"#;
+    let engine = engine();
+    let module = engine.compile(&wat::parse_str(wat).unwrap()).unwrap();
+    let mut inst = start(&module, "ns.reentrant-alloc");
+    let ctx = inst.create_http_context().unwrap();
+    let mut stream = HttpStream::default();
+    stream.request_headers.add(":path", "/p");
+    inst.on_request_headers(ctx, &mut stream, true).unwrap();
+    // Status 10 is InternalFailure: '0' + 10 = ':'.
+    assert_eq!(stream.request_headers.get("x-inner"), Some(&b":"[..]));
+    assert_eq!(stream.request_headers.get("x-outer"), Some(&b"/p"[..]));
+    assert!(!inst.is_poisoned());
+    inst.finish_http_context(ctx, &mut stream).unwrap();
+}
