@@ -655,29 +655,7 @@ def main() -> int:
                 t = Target(name)
                 measure(t, proc, (port, port), [head], args.seconds, args.conns, work)
                 headline.setdefault(name, []).append(t.results[head.label])
-        # The same rounds with the proxy under test alone on CPU 0 and the load generator and
-        # backend on the others. Sharing both cores, wrk and the backend take ~27 µs of CPU per
-        # request whatever the proxy, which caps every ratio near 1; pinned, the proxy's own
-        # cost per request decides its req/s, as on a machine where the proxy has its cores.
-        global LOADGEN_CPUS
-        all_cpus = os.sched_getaffinity(0)
-        if args.rounds > 0 and len(all_cpus) >= 2:
-            proxy_cpus = {min(all_cpus)}
-            LOADGEN_CPUS = all_cpus - proxy_cpus
-            pin(backend.pid, LOADGEN_CPUS)
-            try:
-                for i in range(args.rounds):
-                    print(f"  pinned round {i + 1} of {args.rounds}: proxy on CPU {min(proxy_cpus)},"
-                          f" wrk and backend on {sorted(LOADGEN_CPUS)}", flush=True)
-                    for name, (proc, port) in running.items():
-                        pin(proc.pid, proxy_cpus)
-                        t = Target(name)
-                        measure(t, proc, (port, port), [head], args.seconds, args.conns, work)
-                        pinned.setdefault(name, []).append(t.results[head.label])
-                        pin(proc.pid, all_cpus)
-            finally:
-                LOADGEN_CPUS = None
-                pin(backend.pid, all_cpus)
+        pinned = pinned_rounds(running, backend, head, args.rounds, args.seconds, args.conns, work)
         for proc, _ in running.values():
             proc.stop()
 
@@ -721,6 +699,38 @@ def main() -> int:
         write_report(args.report, lines, targets_lines(targets, workers, extra, headline, pinned))
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def pinned_rounds(running: dict, backend: Proc, head: Shape, rounds: int, seconds: float, conns: int,
+                  work: Path) -> dict[str, list[Result]]:
+    """The headline rounds with each proxy alone on one CPU and wrk and the backend on the others.
+
+    Sharing both cores, wrk and the backend take ~27 µs of CPU per request whatever the proxy,
+    which caps every req/s ratio near 1; pinned, the proxy's own cost per request decides its
+    req/s, as on a machine where the proxy has cores of its own.
+    """
+    global LOADGEN_CPUS
+    out: dict[str, list[Result]] = {}
+    all_cpus = os.sched_getaffinity(0)
+    if rounds <= 0 or len(all_cpus) < 2:
+        return out
+    proxy_cpus = {min(all_cpus)}
+    LOADGEN_CPUS = all_cpus - proxy_cpus
+    pin(backend.pid, LOADGEN_CPUS)
+    try:
+        for i in range(rounds):
+            print(f"  pinned round {i + 1} of {rounds}: proxy on CPU {min(proxy_cpus)},"
+                  f" wrk and backend on {sorted(LOADGEN_CPUS)}", flush=True)
+            for name, (proc, port) in running.items():
+                pin(proc.pid, proxy_cpus)
+                t = Target(name)
+                measure(t, proc, (port, port), [head], seconds, conns, work)
+                out.setdefault(name, []).append(t.results[head.label])
+                pin(proc.pid, all_cpus)
+    finally:
+        LOADGEN_CPUS = None
+        pin(backend.pid, all_cpus)
+    return out
 
 
 def ratio(a: float, b: float) -> float:
@@ -771,7 +781,7 @@ def report(targets: dict, workers: list[int], extra: dict, headline: dict, pinne
     lines = []
     key = Shape("h1", SMALL_PATH, max(workers)).label
     for title, rounds in ((f"{key}: {{n}} interleaved rounds (the target lines use the medians)", headline),
-                          (f"{key}, proxy pinned to CPU 0, wrk and backend to the others: {{n}} rounds", pinned)):
+                          (f"{key}, proxy pinned to one CPU, wrk and backend to the others: {{n}} rounds", pinned)):
         if not rounds:
             continue
         n = len(next(iter(rounds.values())))
