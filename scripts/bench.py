@@ -366,15 +366,17 @@ spec:
 
 
 def start_waystone(work: Path, waystone: str, name: str, workers: int, backend: int,
-                   plugins: list[tuple[str, Path, dict]]) -> tuple[Proc, int, Path]:
+                   plugins: list[tuple[str, Path, dict]], wrap: list[str] | None = None,
+                   env: dict | None = None, timeout: float = 30.0) -> tuple[Proc, int, Path]:
+    """`waystone up` (under `wrap`, e.g. valgrind, with `env` added) serving the bench manifest."""
     port = free_port()
     data = work / name
     data.mkdir()
-    env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
-    p = Proc(name, [waystone, "up", "--data-dir", str(data), "--workers", str(workers),
+    env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"), **(env or {}))
+    p = Proc(name, [*(wrap or []), waystone, "up", "--data-dir", str(data), "--workers", str(workers),
                     "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
                     "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / f"{name}.log", env=env)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while not (data / "api.addr").exists():
         if p.p.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"bench: {name} did not start; see {work / (name + '.log')}")
@@ -385,7 +387,7 @@ def start_waystone(work: Path, waystone: str, name: str, workers: int, backend: 
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"bench: applying {manifest} to {name}: {out.stderr or out.stdout}")
-    wait_port(port, p.p, name)
+    wait_port(port, p.p, name, timeout)
     return p, port, data
 
 

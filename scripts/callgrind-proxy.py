@@ -21,13 +21,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import bench as b  # noqa: E402
-
 
 
 def guest_functions(profile: str, perf_map: Path, n: int) -> None:
@@ -58,14 +56,14 @@ work = Path(tempfile.mkdtemp(prefix="waystone-cg-"))
 work.chmod(0o755)
 procs = []
 try:
-    backend, port1, _ = b.start_backend(work, shutil.which("nginx") or "/usr/sbin/nginx")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    backend, port1, _ = b.start_backend(work, nginx)
     procs.append(backend)
     out = f"/tmp/waystone-cg.{mode}.out"
     valgrind = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", f"--callgrind-out-file={out}",
                 "--instr-atstart=no"]
     if mode == "nginx":
         # The peer, counted the same way: nginx as the bench's plain reverse proxy, one process.
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         conf, port, _ = b.nginx_proxy_conf(work, 1, port1)
         conf.write_text(conf.read_text().replace("master_process on;", "master_process off;"))
         p = b.Proc("nginx", [*valgrind, nginx, "-c", str(conf)], work / "nginx.log")
@@ -73,22 +71,9 @@ try:
         b.wait_port(port, p.p, "nginx", timeout=120)
     else:
         plugins = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)] if mode == "auth" else []
-        port, data = b.free_port(), work / "ws"
-        data.mkdir()
-        p = b.Proc("ws", [*valgrind, waystone, "up", "--data-dir", str(data), "--workers", "1",
-                          "--gateway-address", "127.0.0.1", "--entry-address", "127.0.0.1:0",
-                          "--api-address", "127.0.0.1:0", "--admin-address", "127.0.0.1:0"], work / "ws.log",
-                   env=dict(os.environ, WAYSTONE_WASM_PERFMAP="1"))
+        p, port, _ = b.start_waystone(work, waystone, "ws", 1, port1, plugins, wrap=valgrind,
+                                      env={"WAYSTONE_WASM_PERFMAP": "1"}, timeout=120)
         procs.append(p)
-        deadline = time.monotonic() + 120
-        while not (data / "api.addr").exists():
-            if p.p.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("waystone did not start: " + (work / "ws.log").read_text())
-            time.sleep(0.1)
-        (work / "m.yaml").write_text(b.waystone_manifest(port, port1, plugins))
-        subprocess.run([waystone, "apply", "-f", str(work / "m.yaml"), "--data-dir", str(data)], check=True,
-                       capture_output=True)
-        b.wait_port(port, p.p, "waystone", timeout=120)
 
     def run(k: int) -> None:
         c = http.client.HTTPConnection("127.0.0.1", port)

@@ -185,10 +185,7 @@ fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> 
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
     match add {
         Some(Added::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -201,6 +198,14 @@ fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> 
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// Writes one `name: value` line of a head or of a chunked body's trailers.
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Whether the last transfer coding of `headers` is `chunked` (RFC 9112 §6.3).
@@ -335,10 +340,7 @@ impl Writer {
         if let Some(trailers) = trailers {
             for (name, value) in &trailers {
                 if self.trailer_names.contains(name) {
-                    last.extend_from_slice(name.as_str().as_bytes());
-                    last.extend_from_slice(b": ");
-                    last.extend_from_slice(value.as_bytes());
-                    last.extend_from_slice(b"\r\n");
+                    put_field(&mut last, name, value);
                 }
             }
         }
@@ -678,6 +680,20 @@ impl UpstreamBody {
         }
     }
 
+    /// Reads more of a body whose framing says more is coming: the connection's end is an
+    /// error here.
+    fn poll_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+    ) -> Poll<Result<(), UpstreamBodyError>> {
+        Poll::Ready(match ready!(self.poll_fill(cx, want)) {
+            Ok(0) => Err(UpstreamBodyError::Closed),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.into()),
+        })
+    }
+
     fn fail(
         &mut self,
         e: UpstreamBodyError,
@@ -711,10 +727,8 @@ impl hyper::body::Body for UpstreamBody {
                 RespFraming::Length(remaining) => {
                     if this.rbuf.is_empty() {
                         let want = remaining.clamp(8 * 1024, 64 * 1024) as usize;
-                        match ready!(this.poll_fill(cx, want)) {
-                            Ok(0) => return this.fail(UpstreamBodyError::Closed),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(e.into()),
+                        if let Err(e) = ready!(this.poll_more(cx, want)) {
+                            return this.fail(e);
                         }
                     }
                     let take = remaining.min(this.rbuf.len() as u64);
@@ -751,11 +765,11 @@ impl hyper::body::Body for UpstreamBody {
                         this.finish();
                         return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                     }
-                    Ok(Step::NeedMore) => match ready!(this.poll_fill(cx, 16 * 1024)) {
-                        Ok(0) => return this.fail(UpstreamBodyError::Closed),
-                        Ok(_) => {}
-                        Err(e) => return this.fail(e.into()),
-                    },
+                    Ok(Step::NeedMore) => {
+                        if let Err(e) = ready!(this.poll_more(cx, 16 * 1024)) {
+                            return this.fail(e);
+                        }
+                    }
                     Err(reason) => return this.fail(UpstreamBodyError::Chunked(reason)),
                 },
             }
