@@ -52,7 +52,7 @@ fn client(h2: bool) -> Client<HttpConnector, CalloutBody> {
 #[derive(Clone)]
 pub struct Resolver {
     pub snapshot: Arc<Snapshot>,
-    pub default_namespace: String,
+    pub default_namespace: Arc<str>,
 }
 
 impl Resolver {

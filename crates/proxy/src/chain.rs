@@ -21,11 +21,11 @@ use waystone_wasm::{
 
 use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::local_channel;
-use crate::metrics::{self, CallOutcome, Callback};
+use crate::metrics::{CallOutcome, Callback, PluginCalls};
 use crate::trace::PluginSpan;
 
 use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
-use crate::worker::{self, SharedInstance};
+use crate::worker::{self, SharedInstance, WorkerPlugin};
 
 /// A reply the proxy sends instead of (or in place of) the upstream's.
 #[derive(Debug, Clone)]
@@ -104,10 +104,16 @@ enum Event {
 struct ActiveFilter {
     plugin: Arc<LoadedPlugin>,
     instance: SharedInstance,
+    calls: Rc<PluginCalls>,
     ctx: u32,
     /// Set after a fail-open fault: the plugin sees nothing more of this stream.
     bypassed: bool,
 }
+
+type GrpcEventChannel = (
+    callout::GrpcEvents,
+    local_channel::Receiver<(usize, u32, GrpcStreamEvent)>,
+);
 
 /// An answered callout of one filter's context, waiting to be delivered.
 enum Answer {
@@ -122,7 +128,8 @@ pub struct ChainRun {
     resolver: Option<Resolver>,
     /// Callouts of this request's contexts in flight on the worker, with the filter index.
     /// Dropped (aborted) with the run: Envoy cancels a context's callouts when it ends.
-    callouts: JoinSet<(usize, Answer)>,
+    /// Created with the first callout (most requests make none, and a set allocates).
+    callouts: Option<JoinSet<(usize, Answer)>>,
     grpc_calls: HashMap<u32, AbortHandle>,
     /// Set when the request is traced: every plugin callback becomes a child span.
     pub spans: Option<Rc<RefCell<Vec<PluginSpan>>>>,
@@ -136,9 +143,8 @@ pub struct ChainRun {
     /// The sending side of each open gRPC stream of this request's contexts, by token.
     grpc_inputs: HashMap<u32, mpsc::UnboundedSender<GrpcStreamInput>>,
     /// Initial metadata and messages of those streams as they arrive (their end comes through
-    /// `callouts`).
-    grpc_events_tx: callout::GrpcEvents,
-    grpc_events: local_channel::Receiver<(usize, u32, GrpcStreamEvent)>,
+    /// `callouts`); created when the first stream opens.
+    grpc_events: Option<GrpcEventChannel>,
 }
 
 /// The direction of a body or trailers phase: request filters run in chain order, response
@@ -170,20 +176,18 @@ struct CallStart(Instant, Option<SystemTime>);
 impl ChainRun {
     pub fn new(stream: HttpStream) -> Self {
         let (actions_tx, actions) = local_channel::channel();
-        let (grpc_events_tx, grpc_events) = local_channel::channel();
         Self {
             filters: Vec::new(),
             stream,
             resolver: None,
-            callouts: JoinSet::new(),
+            callouts: None,
             grpc_calls: HashMap::new(),
             spans: None,
             held: [Vec::new(), Vec::new()],
             actions_tx,
             actions,
             grpc_inputs: HashMap::new(),
-            grpc_events_tx,
-            grpc_events,
+            grpc_events: None,
         }
     }
 
@@ -198,6 +202,7 @@ impl ChainRun {
     fn observe(
         &self,
         plugin: &LoadedPlugin,
+        calls: &PluginCalls,
         callback: Callback,
         start: CallStart,
         result: Result<bool, &HostError>,
@@ -205,13 +210,7 @@ impl ChainRun {
         let local = self.stream.local_response.as_ref().map(|l| l.status);
         let paused = matches!(result, Ok(true));
         let outcome = CallOutcome::of(&result.map(|_| ()), paused, local);
-        metrics::record_plugin_call(
-            plugin.revision,
-            &plugin.spec.name,
-            callback,
-            outcome,
-            start.0.elapsed(),
-        );
+        calls.record(callback, outcome, start.0.elapsed());
         if let (Some(spans), Some(wall)) = (&self.spans, start.1) {
             spans.borrow_mut().push(PluginSpan {
                 plugin: Arc::from(plugin.spec.name.as_str()),
@@ -234,7 +233,8 @@ impl ChainRun {
             Ok(a) => Ok(*a == Action::Pause),
             Err(e) => Err(e),
         };
-        self.observe(&self.filters[idx].plugin, callback, start, r);
+        let f = &self.filters[idx];
+        self.observe(&f.plugin, &f.calls, callback, start, r);
     }
 
     /// True when some plugin of the chain has a body or trailers callback for `dir`: only then
@@ -287,7 +287,7 @@ impl ChainRun {
                     return Outcome::Respond(unavailable_reply(id));
                 }
             };
-            let instance = match worker::instance_for(&plugin) {
+            let WorkerPlugin { instance, calls } = match worker::instance_for(&plugin) {
                 Ok(i) => i,
                 Err(err) => match fault(&plugin, &err) {
                     Some(reply) => return Outcome::Respond(reply),
@@ -298,6 +298,7 @@ impl ChainRun {
             let created = instance.borrow_mut().create_http_context();
             self.observe(
                 &plugin,
+                &calls,
                 Callback::ContextCreate,
                 start,
                 created.as_ref().map(|_| false),
@@ -314,6 +315,7 @@ impl ChainRun {
             self.filters.push(ActiveFilter {
                 plugin,
                 instance,
+                calls,
                 ctx,
                 bypassed: false,
             });
@@ -374,8 +376,7 @@ impl ChainRun {
             if f.bypassed || !f.plugin.module.has_body_callback(dir.stream_type()) {
                 continue;
             }
-            let held = self.held_mut(dir, idx);
-            let mut shown = std::mem::take(held);
+            let mut shown = self.take_held(dir, idx);
             if shown.is_empty() {
                 shown = carry;
             } else {
@@ -440,7 +441,7 @@ impl ChainRun {
             if self.filters[idx].bypassed {
                 continue;
             }
-            let mut held = std::mem::take(self.held_mut(dir, idx));
+            let mut held = self.take_held(dir, idx);
             held.extend_from_slice(&carry);
             carry = held;
             if !self.filters[idx]
@@ -472,6 +473,15 @@ impl ChainRun {
             Dir::Response => std::mem::take(&mut self.stream.response_trailers),
         };
         Ok((carry, trailers))
+    }
+
+    /// Takes what filter `idx` holds back of `dir`: empty, and nothing allocated, when the
+    /// filter holds nothing.
+    fn take_held(&mut self, dir: Dir, idx: usize) -> Vec<u8> {
+        self.held[dir as usize]
+            .get_mut(idx)
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     fn held_mut(&mut self, dir: Dir, idx: usize) -> &mut Vec<u8> {
@@ -577,6 +587,7 @@ impl ChainRun {
                 .finish_http_context(f.ctx, &mut self.stream);
             self.observe(
                 &f.plugin,
+                &f.calls,
                 Callback::Done,
                 start,
                 result.as_ref().map(|_| false),
@@ -657,7 +668,7 @@ impl ChainRun {
                 continue;
             }
             let resolver = resolver.clone();
-            self.callouts.spawn_local(async move {
+            spawn_callout(&mut self.callouts, async move {
                 let token = call.token;
                 (
                     idx,
@@ -675,7 +686,7 @@ impl ChainRun {
                     ..
                 } => {
                     let resolver = resolver.clone();
-                    let handle = self.callouts.spawn_local(async move {
+                    let handle = spawn_callout(&mut self.callouts, async move {
                         let outcome = callout::grpc_call(&resolver, call, message, timeout).await;
                         (idx, Answer::Grpc(token, outcome))
                     });
@@ -684,8 +695,13 @@ impl ChainRun {
                 GrpcCommand::OpenStream { token, call, .. } => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     self.grpc_inputs.insert(token, tx);
-                    let (resolver, events) = (resolver.clone(), self.grpc_events_tx.clone());
-                    let handle = self.callouts.spawn_local(async move {
+                    let events = self
+                        .grpc_events
+                        .get_or_insert_with(local_channel::channel)
+                        .0
+                        .clone();
+                    let resolver = resolver.clone();
+                    let handle = spawn_callout(&mut self.callouts, async move {
                         let outcome =
                             callout::grpc_stream(resolver, call, rx, events, idx, token).await;
                         (idx, Answer::Grpc(token, outcome))
@@ -743,7 +759,7 @@ impl ChainRun {
     /// of the stream, until it resumes or answers it, or nothing is left in flight.
     async fn wait_for_resume(&mut self, idx: usize, dir: Dir) -> Resume {
         loop {
-            let own = !self.callouts.is_empty();
+            let own = self.has_callouts();
             // The plugin's root context may resume the request too (a tick, its own callout's
             // answer): wait while it could.
             let event = if !own && !worker::root_may_act(&self.filters[idx].instance) {
@@ -781,10 +797,11 @@ impl ChainRun {
     /// The next event of the run's contexts: what their gRPC streams report, their callouts'
     /// answers, actions other contexts aim at them. Pending until there is one.
     async fn next_event(&mut self) -> Event {
-        let calls = !self.callouts.is_empty();
+        let calls = self.has_callouts();
+        let streams = self.grpc_events.as_mut().map(|(_, rx)| rx);
         tokio::select! {
-            Some((owner, token, event)) = self.grpc_events.recv() => Event::Stream(owner, token, event),
-            Some(joined) = self.callouts.join_next(), if calls => match joined {
+            Some((owner, token, event)) = recv_if_some(streams) => Event::Stream(owner, token, event),
+            Some(joined) = join_if_some(self.callouts.as_mut()), if calls => match joined {
                 Ok((owner, answer)) => Event::Answer(owner, answer),
                 Err(_) => Event::Cancelled,
             },
@@ -810,7 +827,11 @@ impl ChainRun {
             }
             Event::Answer(owner, answer) => {
                 // What a stream reported before it ended comes first.
-                while let Ok((o, token, event)) = self.grpc_events.try_recv() {
+                while let Some((o, token, event)) = self
+                    .grpc_events
+                    .as_mut()
+                    .and_then(|(_, rx)| rx.try_recv().ok())
+                {
                     if self.filters[o].bypassed {
                         continue;
                     }
@@ -893,7 +914,7 @@ impl ChainRun {
             Effect::Bypassed(owner) => owner,
             Effect::Halt(h) => return Err(h),
         };
-        let held = std::mem::take(self.held_mut(dir, owner));
+        let held = self.take_held(dir, owner);
         if held.is_empty() {
             return Ok(Vec::new());
         }
@@ -933,7 +954,7 @@ impl ChainRun {
 
     /// True while a callout or gRPC stream of the run's contexts is in flight.
     pub fn has_callouts(&self) -> bool {
-        !self.callouts.is_empty()
+        self.callouts.as_ref().is_some_and(|c| !c.is_empty())
     }
 
     async fn settle_response(
@@ -981,10 +1002,39 @@ impl ChainRun {
 
 impl Drop for ChainRun {
     /// A request dropped before `finish` (its client went away) leaves no context reachable.
+    /// The header maps' buffers go back to the worker for the next request.
     fn drop(&mut self) {
         for f in &self.filters {
             worker::unregister_context(&f.instance, f.ctx);
         }
+        std::mem::take(&mut self.stream.request_headers).recycle();
+        std::mem::take(&mut self.stream.response_headers).recycle();
+    }
+}
+
+/// Runs a callout of the run in its set, created with the first callout.
+fn spawn_callout(
+    set: &mut Option<JoinSet<(usize, Answer)>>,
+    call: impl std::future::Future<Output = (usize, Answer)> + 'static,
+) -> AbortHandle {
+    set.get_or_insert_with(JoinSet::new).spawn_local(call)
+}
+
+/// The next message of `rx`; `None` at once when there is no channel.
+async fn recv_if_some<T>(rx: Option<&mut local_channel::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => None,
+    }
+}
+
+/// The next finished task of `set`; `None` at once when there is no set.
+async fn join_if_some<T: 'static>(
+    set: Option<&mut JoinSet<T>>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    match set {
+        Some(set) => set.join_next().await,
+        None => None,
     }
 }
 

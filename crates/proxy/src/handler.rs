@@ -12,6 +12,7 @@
 //!
 //! A local reply (from a plugin or from the proxy) skips to phase 5 with the reply.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -243,7 +244,7 @@ pub async fn handle(
     };
     pending.grpc_status = response
         .headers()
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let (parts, body) = response.into_parts();
@@ -471,7 +472,7 @@ async fn proxy(
         connection_id: conn.id,
         request_id: parts
             .headers
-            .get("x-request-id")
+            .get(&X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         protocol: protocol_name(parts.version),
@@ -509,19 +510,22 @@ async fn proxy(
     facts.upstream_host = Some(endpoint);
     let (method, path, authority, headers) = if run.stream.request_headers.is_modified() {
         match wasm_to_request(&run.stream.request_headers) {
-            Ok(v) => v,
+            Ok((method, path, authority, headers)) => {
+                (method, Cow::Owned(path), authority, headers)
+            }
             Err(reply) => return local_reply_through_chain(run, reply).await,
         }
     } else {
         // No plugin changed the head: send the parsed one on, as without plugins, instead
         // of parsing every name and copying every value back.
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let method = std::mem::take(&mut parts.method);
-        (method, path, authority, std::mem::take(&mut parts.headers))
+        (
+            method,
+            Cow::Borrowed(path),
+            authority,
+            std::mem::take(&mut parts.headers),
+        )
     };
     let limit = settings.max_buffered_body;
     let wait = settings.trailer_wait;
@@ -885,6 +889,8 @@ fn ensure_request_id(headers: &mut http::HeaderMap) {
 }
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+/// Looked up by a constant name: a `&str` key is parsed and validated on every lookup.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// A UUID-shaped id (version 4, variant a) of 64 random bits and a 60-bit counter, written
 /// by hand: `format!` costs several thousand instructions on every request.
@@ -914,14 +920,12 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
 ];
 
-/// Room for a header map holding `headers` plus a few pseudo-headers of `extra` bytes: one
-/// allocation for the names and values, one for the entries.
+/// A header map for `headers` plus a few pseudo-headers of `extra` bytes, on the buffers of a
+/// map an earlier request recycled (`ChainRun`'s drop) when there is one. Its room is a guess
+/// (the buffers grow if it is short): summing the real sizes would walk the headers twice,
+/// and recycled buffers are nearly always large enough already.
 fn wasm_headers_for(headers: &http::HeaderMap, extra: usize) -> WasmHeaders {
-    let bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
-    WasmHeaders::with_capacity(headers.len() + 4, bytes + extra)
+    WasmHeaders::reusing(headers.len() + 4, headers.len() * 40 + extra)
 }
 
 fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders {

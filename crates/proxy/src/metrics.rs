@@ -592,28 +592,78 @@ pub fn record_plugin_call(
         callback,
         outcome,
     };
+    series_for(key, name).record(took);
+}
+
+/// This thread's series of `key`, registered (under `name`) for rendering when new.
+fn series_for(key: PluginKey, name: &str) -> Arc<PluginSeries> {
     PLUGINS.with(|m| {
-        let mut m = m.borrow_mut();
-        let series = m.entry(key).or_insert_with(|| {
-            let series = Arc::new(PluginSeries {
-                calls: AtomicU64::new(0),
-                duration: Hist::new(&PLUGIN_CALL_BUCKETS_S, 1e9),
-            });
-            plugin_registry()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(PluginEntry {
-                    name: intern(name.to_string()),
-                    key,
-                    series: series.clone(),
+        m.borrow_mut()
+            .entry(key)
+            .or_insert_with(|| {
+                let series = Arc::new(PluginSeries {
+                    calls: AtomicU64::new(0),
+                    duration: Hist::new(&PLUGIN_CALL_BUCKETS_S, 1e9),
                 });
-            series
-        });
-        bump(&series.calls, 1);
-        series
-            .duration
+                plugin_registry()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(PluginEntry {
+                        name: intern(name.to_string()),
+                        key,
+                        series: series.clone(),
+                    });
+                series
+            })
+            .clone()
+    })
+}
+
+impl PluginSeries {
+    fn record(&self, took: Duration) {
+        bump(&self.calls, 1);
+        self.duration
             .record(took.as_nanos().min(u64::MAX as u128) as u64);
-    });
+    }
+}
+
+/// One worker's handle on the call series of one plugin revision, kept with its instance.
+/// The outcomes nearly every call ends with (continue, pause) are reached by index, so a
+/// request pays no map lookup per callback; other outcomes go through
+/// [`record_plugin_call`]. Both paths count into the same series.
+pub struct PluginCalls {
+    revision: u64,
+    name: String,
+    common: RefCell<[Option<Arc<PluginSeries>>; CALLBACKS.len() * 2]>,
+}
+
+impl PluginCalls {
+    pub fn new(revision: u64, name: &str) -> Self {
+        PluginCalls {
+            revision,
+            name: name.to_string(),
+            common: RefCell::new(std::array::from_fn(|_| None)),
+        }
+    }
+
+    pub fn record(&self, callback: Callback, outcome: CallOutcome, took: Duration) {
+        let slot = match outcome {
+            CallOutcome::Continue => 0,
+            CallOutcome::Pause => 1,
+            _ => return record_plugin_call(self.revision, &self.name, callback, outcome, took),
+        };
+        let mut common = self.common.borrow_mut();
+        common[callback as usize * 2 + slot]
+            .get_or_insert_with(|| {
+                let key = PluginKey {
+                    revision: self.revision,
+                    callback,
+                    outcome,
+                };
+                series_for(key, &self.name)
+            })
+            .record(took);
+    }
 }
 
 /// Live instances of one plugin on one worker, for the instance gauges.
@@ -775,6 +825,54 @@ mod tests {
         assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
         assert!(out.contains("x_sum{a=\"b\"} 4000001.001\n"), "{out}");
+    }
+
+    #[test]
+    fn a_plugin_handle_and_the_by_key_path_count_into_the_same_series() {
+        // A revision no other test uses: the registry is process-wide.
+        let calls = PluginCalls::new(0xfeed_0001, "handle-test");
+        let took = Duration::from_micros(3);
+        let headers = |outcome| calls.record(Callback::RequestHeaders, outcome, took);
+        headers(CallOutcome::Continue);
+        headers(CallOutcome::Continue);
+        headers(CallOutcome::Pause);
+        // Outcomes the handle does not cache take the keyed path.
+        headers(CallOutcome::LocalReply(401));
+        let (rev, name) = (0xfeed_0001, "handle-test");
+        record_plugin_call(
+            rev,
+            name,
+            Callback::RequestHeaders,
+            CallOutcome::Continue,
+            took,
+        );
+        calls.record(Callback::Done, CallOutcome::Continue, took);
+        let mut out = String::new();
+        render_plugin_calls(&mut out);
+        let count = |callback: &str, outcome: &str| {
+            out.lines()
+                .find(|l| {
+                    l.starts_with("waystone_wasm_plugin_calls_total{plugin=\"handle-test\"")
+                        && l.contains(&format!("callback=\"{callback}\""))
+                        && l.contains(&format!("outcome=\"{outcome}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        assert_eq!(count("proxy_on_request_headers", "continue"), "3", "{out}");
+        assert_eq!(count("proxy_on_request_headers", "pause"), "1", "{out}");
+        assert_eq!(
+            count("proxy_on_request_headers", "local_reply"),
+            "1",
+            "{out}"
+        );
+        assert_eq!(count("proxy_on_done", "continue"), "1", "{out}");
+        // The five request-headers calls, whichever path they took, share one duration series.
+        assert!(
+            out.contains("waystone_wasm_plugin_call_duration_seconds_count{plugin=\"handle-test\",callback=\"proxy_on_request_headers\"} 5"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub struct RuntimeConfig {
     pub snapshot: Arc<Snapshot>,
     pub plugins: BTreeMap<PluginId, PluginSlot>,
     /// Namespace used for short service names at the local mesh entry.
-    pub default_namespace: String,
+    pub default_namespace: Arc<str>,
 }
 
 impl RuntimeConfig {
@@ -57,7 +57,7 @@ impl RuntimeConfig {
         Self {
             snapshot: Arc::new(Snapshot::empty()),
             plugins: BTreeMap::new(),
-            default_namespace: "default".to_string(),
+            default_namespace: "default".into(),
         }
     }
 }

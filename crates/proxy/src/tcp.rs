@@ -38,15 +38,16 @@ use waystone_wasm::{
 };
 
 use crate::callout::Resolver;
-use crate::metrics::{self, CallOutcome, Callback};
+use crate::metrics::{CallOutcome, Callback, PluginCalls};
 use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
-use crate::worker::{self, SharedInstance};
+use crate::worker::{self, SharedInstance, WorkerPlugin};
 
 const READ_CHUNK: usize = 16 << 10;
 
 struct Filter {
     plugin: Arc<LoadedPlugin>,
     instance: SharedInstance,
+    calls: Rc<PluginCalls>,
     /// Created when iteration first reaches this filter (Envoy creates the Wasm context in
     /// the filter's `onNewConnection`); 0 until then.
     ctx: u32,
@@ -159,7 +160,7 @@ impl L4Chain {
                     return (this, Some(CloseReason::Fault));
                 }
             };
-            let instance = match worker::instance_for(&plugin) {
+            let WorkerPlugin { instance, calls } = match worker::instance_for(&plugin) {
                 Ok(i) => i,
                 Err(err) => match fails_closed(&plugin, &err) {
                     true => return (this, Some(CloseReason::Fault)),
@@ -169,6 +170,7 @@ impl L4Chain {
             this.filters.push(Filter {
                 plugin,
                 instance,
+                calls,
                 ctx: 0,
                 initialized: false,
                 bypassed: false,
@@ -191,7 +193,7 @@ impl L4Chain {
         let started = Instant::now();
         let created = f.instance.borrow_mut().create_network_context();
         record(
-            &f.plugin,
+            &f.calls,
             Callback::ContextCreate,
             &created.as_ref().map(|_| false),
             started,
@@ -259,19 +261,11 @@ impl L4Chain {
                 } else {
                     CallOutcome::Continue
                 };
-                metrics::record_plugin_call(
-                    f.plugin.revision,
-                    &f.plugin.spec.name,
-                    callback,
-                    outcome,
-                    started.elapsed(),
-                );
+                f.calls.record(callback, outcome, started.elapsed());
                 close.then_some(CloseReason::Plugin)
             }
             Err(err) => {
-                metrics::record_plugin_call(
-                    f.plugin.revision,
-                    &f.plugin.spec.name,
+                f.calls.record(
                     callback,
                     CallOutcome::of(&Err(&err), false, None),
                     started.elapsed(),
@@ -425,7 +419,7 @@ impl L4Chain {
     fn settle_close(&mut self, idx: usize, result: Result<(), HostError>, started: Instant) {
         let f = &mut self.filters[idx];
         record(
-            &f.plugin,
+            &f.calls,
             Callback::ConnectionClose,
             &result.as_ref().map(|_| false),
             started,
@@ -471,7 +465,7 @@ impl L4Chain {
                 .borrow_mut()
                 .finish_network_context(f.ctx, &mut self.conn);
             record(
-                &f.plugin,
+                &f.calls,
                 Callback::Done,
                 &result.as_ref().map(|_| false),
                 started,
@@ -486,19 +480,13 @@ impl L4Chain {
 }
 
 fn record(
-    plugin: &LoadedPlugin,
+    calls: &PluginCalls,
     callback: Callback,
     result: &Result<bool, &HostError>,
     started: Instant,
 ) {
     let outcome = CallOutcome::of(&result.map(|_| ()), matches!(result, Ok(true)), None);
-    metrics::record_plugin_call(
-        plugin.revision,
-        &plugin.spec.name,
-        callback,
-        outcome,
-        started.elapsed(),
-    );
+    calls.record(callback, outcome, started.elapsed());
 }
 
 fn discard_if_poisoned(plugin: &LoadedPlugin, instance: &SharedInstance) {

@@ -17,7 +17,7 @@ use waystone_wasm::{
 
 use crate::callout::{self, GrpcOutcome, GrpcStreamEvent, GrpcStreamInput, Resolver};
 use crate::chain::deliver_grpc;
-use crate::metrics::KeyMap;
+use crate::metrics::{CallOutcome, Callback, KeyMap, PluginCalls};
 use crate::runtime::LoadedPlugin;
 
 /// Work sent to a worker: a future factory run on its local task set.
@@ -117,9 +117,16 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 pub type SharedInstance = Rc<RefCell<PluginInstance>>;
 
+/// This worker's instance of one plugin revision, with its handle on that plugin's call series.
+#[derive(Clone)]
+pub struct WorkerPlugin {
+    pub instance: SharedInstance,
+    pub calls: Rc<PluginCalls>,
+}
+
 thread_local! {
     /// This worker's instances, by plugin revision.
-    static INSTANCES: RefCell<KeyMap<u64, SharedInstance>> = RefCell::default();
+    static INSTANCES: RefCell<KeyMap<u64, WorkerPlugin>> = RefCell::default();
     /// The snapshot the latest request on this worker ran with: what callouts of root contexts
     /// (ticks, queues) and `proxy_http_call`'s upstream check resolve names against.
     static RESOLVER: RefCell<Option<Resolver>> = const { RefCell::new(None) };
@@ -212,17 +219,16 @@ fn current_resolver() -> Option<Resolver> {
 }
 
 /// This worker's instance of `plugin`, started on first use, with its root driver.
-pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostError> {
+pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<WorkerPlugin, HostError> {
     if let Some(i) = INSTANCES.with(|c| c.borrow().get(&plugin.revision).cloned()) {
         return Ok(i);
     }
+    let calls = Rc::new(PluginCalls::new(plugin.revision, &plugin.spec.name));
     let started_at = std::time::Instant::now();
     let result = PluginInstance::start(&plugin.module, plugin.spec.clone());
-    crate::metrics::record_plugin_call(
-        plugin.revision,
-        &plugin.spec.name,
-        crate::metrics::Callback::Start,
-        crate::metrics::CallOutcome::of(&result.as_ref().map(|_| ()), false, None),
+    calls.record(
+        Callback::Start,
+        CallOutcome::of(&result.as_ref().map(|_| ()), false, None),
         started_at.elapsed(),
     );
     let mut started = result?;
@@ -233,8 +239,9 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<SharedInstance, HostEr
     }));
     let instance = Rc::new(RefCell::new(started));
     spawn_root_driver(plugin, &instance);
-    INSTANCES.with(|c| c.borrow_mut().insert(plugin.revision, instance.clone()));
-    Ok(instance)
+    let entry = WorkerPlugin { instance, calls };
+    INSTANCES.with(|c| c.borrow_mut().insert(plugin.revision, entry.clone()));
+    Ok(entry)
 }
 
 /// Hands a callout of `instance`'s root context to that instance's driver.
@@ -458,12 +465,15 @@ pub fn instance_stats() -> Vec<crate::metrics::InstanceStats> {
         c.borrow()
             .values()
             // An instance is never borrowed across an await, so this only skips in theory.
-            .filter_map(|i| {
-                i.try_borrow().ok().map(|i| crate::metrics::InstanceStats {
-                    plugin: i.spec().name.clone(),
-                    instances: 1,
-                    memory_bytes: i.memory_bytes() as u64,
-                })
+            .filter_map(|p| {
+                p.instance
+                    .try_borrow()
+                    .ok()
+                    .map(|i| crate::metrics::InstanceStats {
+                        plugin: i.spec().name.clone(),
+                        instances: 1,
+                        memory_bytes: i.memory_bytes() as u64,
+                    })
             })
             .collect()
     })
@@ -478,7 +488,7 @@ pub fn retain_instances(live: &std::collections::HashSet<u64>) {
         let gone = c
             .iter()
             .filter(|(rev, _)| !live.contains(rev))
-            .map(|(_, i)| i.clone())
+            .map(|(_, p)| p.instance.clone())
             .collect();
         c.retain(|rev, _| live.contains(rev));
         gone

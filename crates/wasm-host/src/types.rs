@@ -117,9 +117,56 @@ fn same_name(stored: &[u8], name: &[u8]) -> bool {
     stored.len() == name.len() && (stored == name || stored.eq_ignore_ascii_case(name))
 }
 
+/// Cleared maps kept for reuse on this thread ([`HeaderMap::recycle`]): the data plane
+/// builds a request and a response map for every request that runs plugins, and reusing their
+/// buffers saves four allocations and four frees per request.
+const SPARE_MAPS: usize = 64;
+/// A map whose buffer grew past this many bytes is freed, not kept.
+const SPARE_MAP_BYTES: usize = 16 << 10;
+
+thread_local! {
+    static SPARE_MAPS_HERE: std::cell::RefCell<Vec<HeaderMap>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl HeaderMap {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty map with room for `entries` headers of `bytes` name and value bytes in all,
+    /// built on the buffers of a map recycled on this thread when there is one.
+    pub fn reusing(entries: usize, bytes: usize) -> Self {
+        let spare = SPARE_MAPS_HERE
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten();
+        match spare {
+            Some(mut m) => {
+                m.buf.reserve(bytes);
+                m.spans.reserve(entries);
+                m
+            }
+            None => Self::with_capacity(entries, bytes),
+        }
+    }
+
+    /// Clears the map and keeps its buffers for [`Self::reusing`] on this thread (unless the
+    /// thread keeps enough already, or the buffer grew large).
+    pub fn recycle(mut self) {
+        if self.spans.capacity() == 0 || self.buf.capacity() > SPARE_MAP_BYTES {
+            return;
+        }
+        self.buf.clear();
+        self.spans.clear();
+        self.dead = 0;
+        self.modified = false;
+        let _ = SPARE_MAPS_HERE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_MAPS {
+                s.push(self);
+            }
+        });
     }
 
     /// Room for `entries` headers of `bytes` name and value bytes in all.
@@ -501,6 +548,28 @@ mod tests {
         m.iter()
             .map(|(k, v)| (k.to_string(), String::from_utf8(v.to_vec()).unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_recycled_map_comes_back_empty_with_its_buffers() {
+        // Each test runs on a thread of its own, so this thread's spares are this test's.
+        let mut m = HeaderMap::reusing(8, 256);
+        m.add(":status", "200");
+        m.add("set-cookie", "secret=1");
+        m.remove("set-cookie");
+        m.recycle();
+        let again = HeaderMap::reusing(1, 1);
+        assert_eq!(again.len(), 0);
+        assert!(again.get("set-cookie").is_none());
+        assert!(again.iter().next().is_none());
+        assert!(!again.is_modified());
+        assert!(again.buf.capacity() >= 256 && again.spans.capacity() >= 8);
+        // A map whose buffer grew large is freed rather than kept.
+        let mut big = HeaderMap::reusing(1, 1);
+        big.add("x-big", vec![b'a'; 64 << 10]);
+        big.recycle();
+        let fresh = HeaderMap::reusing(1, 1);
+        assert!(fresh.buf.capacity() < 64 << 10);
     }
 
     #[test]
