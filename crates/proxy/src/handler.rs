@@ -26,7 +26,9 @@ use waystone_model::snapshot::{
     AccessLogFormat, GatewayConfig, GatewayRole, ObjectKey, PluginId, ServiceConfig,
     ServicePortConfig, Snapshot,
 };
-use waystone_wasm::{HeaderMap as WasmHeaders, HttpStream, StreamData, StreamProperties};
+use waystone_wasm::{
+    HeaderMap as WasmHeaders, HeaderSource, HttpStream, StreamData, StreamProperties,
+};
 
 use crate::chain::{ChainRun, Dir, Halt, LocalReply, Outcome, StreamReset};
 use crate::metrics::{self, KeyMap, ResponseFlags};
@@ -610,9 +612,15 @@ async fn proxy(
         Err(reply) => return local_reply_through_chain(run, reply).await,
     };
 
-    let (rparts, rbody) = response.into_parts();
+    let (mut rparts, rbody) = response.into_parts();
     run.stream.properties.response_code = Some(rparts.status.as_u16());
-    run.stream.response_headers = response_to_wasm(rparts.status, &rparts.headers);
+    // The plugins get the upstream's head unconverted: it is converted only if one of them
+    // looks at it, up to the last callback (`proxy_on_log`), and handed back after that.
+    let head = Arc::new(UpstreamHead {
+        status: rparts.status,
+        headers: std::mem::take(&mut rparts.headers),
+    });
+    run.stream.response_source = Some(head.clone());
     let response_eos = rbody.is_end_stream();
     match run.response_headers(response_eos).await {
         Outcome::Continue => {}
@@ -623,7 +631,8 @@ async fn proxy(
         Outcome::Reset(reset) => return reset_through_chain(run, reset),
     }
     // As for the request: an unchanged head goes out as the upstream sent it.
-    let response_head = |run: &ChainRun, rparts: http::response::Parts, body: Body| {
+    let response_head = |run: &mut ChainRun, mut rparts: http::response::Parts, body: Body| {
+        rparts.headers = UpstreamHead::take_back(run, head);
         if run.stream.response_headers.is_modified() {
             wasm_to_response(&run.stream.response_headers, body)
         } else {
@@ -633,9 +642,8 @@ async fn proxy(
     // Callouts and gRPC streams in flight keep the chain until the body ends, so their
     // events still reach the plugins (Envoy cancels them only when the stream ends).
     if response_eos || !(run.wants_stream(Dir::Response) || run.has_callouts()) {
-        let response = response_head(&run, rparts, rbody.map_err(BoxError::from).boxed());
         run.finish();
-        return response;
+        return response_head(&mut run, rparts, rbody.map_err(BoxError::from).boxed());
     }
     // A small response usually arrives whole with its head. Then its body goes through the
     // body callbacks here and leaves with the head in one write, instead of the head first
@@ -675,7 +683,8 @@ async fn proxy(
             };
             let changed = out.len() != len;
             let out_len = out.len();
-            let mut response = response_head(&run, rparts, full(out));
+            run.finish();
+            let mut response = response_head(&mut run, rparts, full(out));
             if changed
                 && response
                     .headers()
@@ -685,7 +694,6 @@ async fn proxy(
                     .headers_mut()
                     .insert(http::header::CONTENT_LENGTH, HeaderValue::from(out_len));
             }
-            run.finish();
             return response;
         }
     }
@@ -696,7 +704,9 @@ async fn proxy(
     // The response headers leave now; the body follows chunk by chunk through the response
     // plugins, on a task of this worker that owns the chain until the body ends.
     let (tx, rx) = mpsc::channel(stream::CHANNEL_FRAMES);
-    let mut response = response_head(&run, rparts, ChannelBody::new(rx).boxed());
+    // The body callbacks and the last ones run after the head has left: they see it converted.
+    run.stream.convert_response_headers();
+    let mut response = response_head(&mut run, rparts, ChannelBody::new(rx).boxed());
     let (head_tx, head_rx) = if declare {
         let (t, r) = oneshot::channel();
         (Some(t), Some(r))
@@ -751,6 +761,7 @@ async fn local_reply_through_chain(mut run: ChainRun, reply: LocalReply) -> Resp
     }
     headers.add("content-length", reply.body.len().to_string().as_bytes());
     run.stream.response_headers = headers;
+    run.stream.response_source = None;
     let eos = reply.body.is_empty();
     let response = match run.response_headers(eos).await {
         Outcome::Respond(again) => reply_response(again),
@@ -1001,17 +1012,46 @@ fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
     Ok((method, path, authority, headers))
 }
 
-fn response_to_wasm(status: StatusCode, headers: &http::HeaderMap) -> WasmHeaders {
-    let mut h = wasm_headers_for(headers, 16);
-    h.add_exact(":status", status.as_str());
-    for (name, value) in headers {
-        if HOP_BY_HOP.contains(&name.as_str()) {
-            continue;
-        }
-        h.add_exact(name.as_str(), value.as_bytes());
+/// The upstream's response head while the response plugins run: what they see as the
+/// response headers (`:status` first, hop-by-hop headers left out), converted only if one of
+/// them looks.
+#[derive(Debug)]
+struct UpstreamHead {
+    status: StatusCode,
+    headers: http::HeaderMap,
+}
+
+impl HeaderSource for UpstreamHead {
+    fn count(&self) -> usize {
+        let hop_by_hop = self
+            .headers
+            .iter()
+            .filter(|(name, _)| HOP_BY_HOP.contains(&name.as_str()))
+            .count();
+        1 + self.headers.len() - hop_by_hop
     }
-    h.mark_unmodified();
-    h
+
+    fn fill(&self, into: &mut WasmHeaders) {
+        into.add_exact(":status", self.status.as_str());
+        for (name, value) in &self.headers {
+            if HOP_BY_HOP.contains(&name.as_str()) {
+                continue;
+            }
+            into.add_exact(name.as_str(), value.as_bytes());
+        }
+    }
+}
+
+impl UpstreamHead {
+    /// The headers back from the run, which no longer offers them to its plugins (converted,
+    /// they stay in its stream).
+    fn take_back(run: &mut ChainRun, head: Arc<UpstreamHead>) -> http::HeaderMap {
+        run.stream.response_source = None;
+        match Arc::try_unwrap(head) {
+            Ok(head) => head.headers,
+            Err(shared) => shared.headers.clone(),
+        }
+    }
 }
 
 fn wasm_to_response(h: &WasmHeaders, body: Body) -> Response<Body> {

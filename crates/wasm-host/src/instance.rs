@@ -323,7 +323,7 @@ impl PluginInstance {
         stream: &mut HttpStream,
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
-        let n = stream.response_headers.len() as i32;
+        let n = stream.response_header_count() as i32;
         let f = self.callbacks.on_response_headers.clone();
         self.headers_callback(
             "proxy_on_response_headers",

@@ -42,7 +42,7 @@ pub use log_level::{
 pub use shared::{MetricKind, MetricSample, MetricValue, QueueWaker};
 pub use state::{ContextAction, UpstreamCheck};
 pub use types::{
-    AbiVersion, Action, GrpcCommand, GrpcTarget, HeaderMap, HttpCallResponse, HttpStream,
-    LocalResponse, MtlsProperties, NetworkStream, PeerType, PendingCallout, PluginSpec, StreamData,
-    StreamProperties, StreamType,
+    AbiVersion, Action, GrpcCommand, GrpcTarget, HeaderMap, HeaderSource, HttpCallResponse,
+    HttpStream, LocalResponse, MtlsProperties, NetworkStream, PeerType, PendingCallout, PluginSpec,
+    StreamData, StreamProperties, StreamType,
 };

@@ -428,13 +428,28 @@ impl std::ops::DerefMut for HttpStream {
     }
 }
 
+/// Headers the embedder hands over unconverted ([`StreamData::response_source`]): a chain
+/// whose plugins never look at them pays no conversion.
+pub trait HeaderSource: std::fmt::Debug + Send + Sync {
+    /// How many entries the converted map holds: the count the headers callback is given.
+    fn count(&self) -> usize;
+    /// Appends the entries to `into`, which is empty.
+    fn fill(&self, into: &mut HeaderMap);
+}
+
 /// What an [`HttpStream`] holds.
 #[derive(Debug, Default)]
 pub struct StreamData {
     pub request_headers: HeaderMap,
     pub request_body: Vec<u8>,
     pub request_trailers: HeaderMap,
+    /// Empty while [`Self::response_source`] is set.
     pub response_headers: HeaderMap,
+    /// Response headers not converted yet. The first host function that reads or changes the
+    /// response headers (or a `response.*` property) converts them into `response_headers`
+    /// ([`Self::convert_response_headers`]); an embedder that sets `response_headers` itself
+    /// leaves this `None`.
+    pub response_source: Option<Arc<dyn HeaderSource>>,
     pub response_body: Vec<u8>,
     pub response_trailers: HeaderMap,
     /// Set by `proxy_send_local_response`; the data plane answers with it.
@@ -451,6 +466,29 @@ pub struct StreamData {
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
     pub properties: StreamProperties,
+}
+
+impl StreamData {
+    /// The response headers, converted from [`Self::response_source`] first if still pending.
+    /// The converted map counts as unmodified.
+    pub fn convert_response_headers(&mut self) -> &mut HeaderMap {
+        if let Some(source) = self.response_source.take() {
+            let n = source.count();
+            let mut map = HeaderMap::reusing(n, n * 40);
+            source.fill(&mut map);
+            map.mark_unmodified();
+            std::mem::replace(&mut self.response_headers, map).recycle();
+        }
+        &mut self.response_headers
+    }
+
+    /// How many response headers there are, converted or not.
+    pub fn response_header_count(&self) -> usize {
+        match &self.response_source {
+            Some(source) => source.count(),
+            None => self.response_headers.len(),
+        }
+    }
 }
 
 /// An HTTP request a plugin asked for with `proxy_http_call`, queued on the instance until the

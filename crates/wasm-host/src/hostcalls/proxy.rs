@@ -23,7 +23,7 @@ fn header_map(state: &mut HostState, map_type: i32) -> Result<&mut HeaderMap, St
             match map_type {
                 0 => &mut stream.request_headers,
                 1 => &mut stream.request_trailers,
-                2 => &mut stream.response_headers,
+                2 => stream.convert_response_headers(),
                 _ => &mut stream.response_trailers,
             }
         }
@@ -597,6 +597,12 @@ fn register_properties(r: &mut Registrar) -> wasmtime::Result<()> {
                 return Ok(s.code());
             }
             let r = with_guest(&mut c, pptr, plen, |path, state| {
+                // `response.*` properties read the response headers: convert them if pending.
+                if path.starts_with(b"response")
+                    && let Some(stream) = state.stream.as_mut()
+                {
+                    stream.convert_response_headers();
+                }
                 properties::get_property(state, path).ok_or(Status::NotFound)
             });
             match r.and_then(|x| x) {
