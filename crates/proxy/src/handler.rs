@@ -931,6 +931,12 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
 ];
 
+/// Whether `name` is hop-by-hop. Most names are ruled out by their length alone: this runs
+/// for every header of every request and response.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17) && HOP_BY_HOP.contains(&name)
+}
+
 /// A header map for `headers` plus a few pseudo-headers of `extra` bytes, on the buffers of a
 /// map an earlier request recycled (`ChainRun`'s drop) when there is one. Its room is a guess
 /// (the buffers grow if it is short): summing the real sizes would walk the headers twice,
@@ -958,7 +964,7 @@ fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders
         // is the one hop-by-hop value Envoy keeps.
         let te_trailers =
             name == http::header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
-        if name == http::header::HOST || (HOP_BY_HOP.contains(&name.as_str()) && !te_trailers) {
+        if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
             continue;
         }
         // hyper's names are lowercase already.
@@ -1026,7 +1032,7 @@ impl HeaderSource for UpstreamHead {
         let hop_by_hop = self
             .headers
             .iter()
-            .filter(|(name, _)| HOP_BY_HOP.contains(&name.as_str()))
+            .filter(|(name, _)| is_hop_by_hop(name.as_str()))
             .count();
         1 + self.headers.len() - hop_by_hop
     }
@@ -1034,7 +1040,7 @@ impl HeaderSource for UpstreamHead {
     fn fill(&self, into: &mut WasmHeaders) {
         into.add_exact(":status", self.status.as_str());
         for (name, value) in &self.headers {
-            if HOP_BY_HOP.contains(&name.as_str()) {
+            if is_hop_by_hop(name.as_str()) {
                 continue;
             }
             into.add_exact(name.as_str(), value.as_bytes());
@@ -1093,7 +1099,7 @@ fn build_upstream(
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     // Looking each name up parses and hashes it: most requests carry none of them, so one
     // pass over the names decides whether any removal is needed.
-    if headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+    if headers.keys().any(|k| is_hop_by_hop(k.as_str())) {
         for h in HOP_BY_HOP {
             headers.remove(*h);
         }
@@ -1152,7 +1158,24 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::request_id_text;
+    use super::{HOP_BY_HOP, is_hop_by_hop, request_id_text};
+
+    #[test]
+    fn the_length_filter_lets_every_hop_by_hop_name_through() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            "host",
+            "content-length",
+            "connectio",
+            "te2",
+            "trailers",
+            "x-upgrade",
+        ] {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
+    }
 
     #[test]
     fn request_ids_are_uuid_v4_shaped() {

@@ -138,7 +138,11 @@ pub(crate) fn copy_out(
     ptr_ptr: i32,
     size_ptr: i32,
 ) -> wasmtime::Result<i32> {
-    if let Err(s) = check_writable(c, ptr_ptr, 4).and(check_writable(c, size_ptr, 4)) {
+    let checked = memory(c).and_then(|mem| {
+        let size = mem.data_size(&*c);
+        guest_range(ptr_ptr, 4, size).and(guest_range(size_ptr, 4, size))
+    });
+    if let Err(s) = checked {
         return Ok(s.code());
     }
     let Ok(len) = i32::try_from(bytes.len()) else {
@@ -158,13 +162,21 @@ pub(crate) fn copy_out(
         if p == 0 && len > 0 {
             return Ok(Status::InvalidMemoryAccess.code());
         }
-        if let Err(s) = write(c, p, bytes) {
-            return Ok(s.code());
-        }
         p
     };
-    let r = write_u32(c, ptr_ptr, guest_ptr as u32).and(write_u32(c, size_ptr, len as u32));
-    Ok(crate::status::status_of(r))
+    // The value, then its pointer and length, through one look at the memory (the allocator
+    // may have grown it).
+    let written = memory(c).and_then(|mem| {
+        let data = mem.data_mut(&mut *c);
+        let size = data.len();
+        if guest_ptr != 0 {
+            data[guest_range(guest_ptr, len, size)?].copy_from_slice(bytes);
+        }
+        data[guest_range(ptr_ptr, 4, size)?].copy_from_slice(&(guest_ptr as u32).to_le_bytes());
+        data[guest_range(size_ptr, 4, size)?].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(())
+    });
+    Ok(crate::status::status_of(written))
 }
 
 /// Emits one guest log line through `tracing` at the Proxy-Wasm level `level`
