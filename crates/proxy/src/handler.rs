@@ -937,14 +937,6 @@ fn is_hop_by_hop(name: &str) -> bool {
     matches!(name.len(), 2 | 7 | 10 | 16 | 17) && HOP_BY_HOP.contains(&name)
 }
 
-/// A header map for `headers` plus a few pseudo-headers of `extra` bytes, on the buffers of a
-/// map an earlier request recycled (`ChainRun`'s drop) when there is one. Its room is a guess
-/// (the buffers grow if it is short): summing the real sizes would walk the headers twice,
-/// and recycled buffers are nearly always large enough already.
-fn wasm_headers_for(headers: &http::HeaderMap, extra: usize) -> WasmHeaders {
-    WasmHeaders::reusing(headers.len() + 4, headers.len() * 40 + extra)
-}
-
 fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders {
     let path = parts
         .uri
@@ -953,8 +945,9 @@ fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders
         .unwrap_or("/");
     let method = parts.method.as_str();
     let scheme = parts.uri.scheme_str().unwrap_or("http");
+    // The pseudo-headers' room is exact; the other headers' a guess (`reusing`).
     let extra = 32 + authority.len() + path.len() + method.len() + scheme.len();
-    let mut h = wasm_headers_for(&parts.headers, extra);
+    let mut h = WasmHeaders::reusing(parts.headers.len() + 4, extra);
     h.add_exact(":authority", authority);
     h.add_exact(":path", path);
     h.add_exact(":method", method);

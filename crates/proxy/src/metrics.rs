@@ -580,7 +580,8 @@ thread_local! {
     static PLUGINS: RefCell<KeyMap<PluginKey, Arc<PluginSeries>>> = RefCell::default();
 }
 
-pub fn record_plugin_call(
+/// Counts one call by its full key: the path of the outcomes [`PluginCalls`] does not cache.
+fn record_plugin_call(
     revision: u64,
     name: &str,
     callback: Callback,

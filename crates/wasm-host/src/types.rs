@@ -123,6 +123,10 @@ fn same_name(stored: &[u8], name: &[u8]) -> bool {
 const SPARE_MAPS: usize = 64;
 /// A map whose buffer grew past this many bytes is freed, not kept.
 const SPARE_MAP_BYTES: usize = 16 << 10;
+/// What [`HeaderMap::reusing`] reserves per entry, a guess: summing the real sizes first would
+/// walk the headers twice, the buffer grows if the guess is short, and recycled buffers are
+/// nearly always large enough already.
+const GUESSED_ENTRY_BYTES: usize = 40;
 
 thread_local! {
     static SPARE_MAPS_HERE: std::cell::RefCell<Vec<HeaderMap>> =
@@ -134,9 +138,10 @@ impl HeaderMap {
         Self::default()
     }
 
-    /// An empty map with room for `entries` headers of `bytes` name and value bytes in all,
+    /// An empty map with room for `entries` headers of a typical size plus `extra_bytes`,
     /// built on the buffers of a map recycled on this thread when there is one.
-    pub fn reusing(entries: usize, bytes: usize) -> Self {
+    pub fn reusing(entries: usize, extra_bytes: usize) -> Self {
+        let bytes = entries * GUESSED_ENTRY_BYTES + extra_bytes;
         let spare = SPARE_MAPS_HERE
             .try_with(|s| s.borrow_mut().pop())
             .ok()
@@ -474,7 +479,7 @@ impl StreamData {
     pub fn convert_response_headers(&mut self) -> &mut HeaderMap {
         if let Some(source) = self.response_source.take() {
             let n = source.count();
-            let mut map = HeaderMap::reusing(n, n * 40);
+            let mut map = HeaderMap::reusing(n, 0);
             source.fill(&mut map);
             map.mark_unmodified();
             std::mem::replace(&mut self.response_headers, map).recycle();
