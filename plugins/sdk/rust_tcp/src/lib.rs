@@ -306,9 +306,9 @@ impl StreamContext for Conn {
             return Action::Pause;
         }
         let mut passed = data.len();
-        if let Some((from, to)) = &self.config.rewrite
-            && text.contains(from.as_str())
-        {
+        // No let chain: the offline wasm build uses Debian's rustc 1.85, which predates them.
+        let rewrite = self.config.rewrite.as_ref();
+        if let Some((from, to)) = rewrite.filter(|(from, _)| text.contains(from.as_str())) {
             let rewritten = text.replace(from.as_str(), to);
             self.set_downstream_data(0, size, rewritten.as_bytes());
             passed = rewritten.len();
