@@ -2,7 +2,7 @@
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
+log() { printf '%s [%ss]: %s\n' "$(basename "$0")" "$SECONDS" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 pkg_installed() {

@@ -12,7 +12,6 @@
 //!
 //! A local reply (from a plugin or from the proxy) skips to phase 5 with the reply.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -452,11 +451,7 @@ async fn proxy(
         facts.upstream_host = Some(endpoint);
         let upstream = build_upstream(
             parts.method,
-            parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/"),
+            origin_form(parts.uri),
             &authority,
             parts.headers,
             endpoint,
@@ -510,21 +505,17 @@ async fn proxy(
         return local_reply_through_chain(run, no_endpoint(target.service)).await;
     };
     facts.upstream_host = Some(endpoint);
-    let (method, path, authority, headers) = if run.stream.request_headers.is_modified() {
+    let (method, uri, authority, headers) = if run.stream.request_headers.is_modified() {
         match wasm_to_request(&run.stream.request_headers) {
-            Ok((method, path, authority, headers)) => {
-                (method, Cow::Owned(path), authority, headers)
-            }
+            Ok((method, path, authority, headers)) => (method, path_uri(&path), authority, headers),
             Err(reply) => return local_reply_through_chain(run, reply).await,
         }
     } else {
         // No plugin changed the head: send the parsed one on, as without plugins, instead
         // of parsing every name and copying every value back.
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let method = std::mem::take(&mut parts.method);
         (
-            method,
-            Cow::Borrowed(path),
+            std::mem::take(&mut parts.method),
+            origin_form(std::mem::take(&mut parts.uri)),
             authority,
             std::mem::take(&mut parts.headers),
         )
@@ -532,7 +523,7 @@ async fn proxy(
     let limit = settings.max_buffered_body;
     let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
-        let upstream = build_upstream(method, &path, &authority, headers, endpoint, body);
+        let upstream = build_upstream(method, uri, &authority, headers, endpoint, body);
         match run
             .while_waiting(std::pin::pin!(forward(endpoint, upstream)))
             .await
@@ -554,7 +545,7 @@ async fn proxy(
         };
         let send = async move {
             let mut upstream =
-                build_upstream(method, &path, &authority, headers, endpoint, upstream_body);
+                build_upstream(method, uri, &authority, headers, endpoint, upstream_body);
             if let Some(rx) = head_rx
                 && let Ok(Some(names)) = rx.await
             {
@@ -1076,9 +1067,27 @@ fn wasm_to_response(h: &WasmHeaders, body: Body) -> Response<Body> {
     response
 }
 
+/// The request target sent upstream: origin form, since the connection already says which
+/// endpoint it is for. A client's origin-form URI (the usual case) is reused as parsed; an
+/// absolute-form one keeps its path and query.
+fn origin_form(uri: http::Uri) -> http::Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    match uri.into_parts().path_and_query {
+        Some(pq) => http::Uri::from(pq),
+        None => http::Uri::from_static("/"),
+    }
+}
+
+/// A plugin's `:path` as the upstream request target.
+fn path_uri(path: &str) -> http::Uri {
+    http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static("/"))
+}
+
 fn build_upstream(
     method: http::Method,
-    path: &str,
+    uri: http::Uri,
     authority: &str,
     mut headers: http::HeaderMap,
     endpoint: SocketAddr,
@@ -1127,8 +1136,7 @@ fn build_upstream(
         .or_insert(HeaderValue::from_static("http"));
     let mut req = Request::new(body);
     *req.method_mut() = method;
-    // Origin form: the connection already says which endpoint this is for.
-    *req.uri_mut() = http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static("/"));
+    *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     req
 }
@@ -1151,7 +1159,29 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::{HOP_BY_HOP, is_hop_by_hop, request_id_text};
+    use super::{HOP_BY_HOP, is_hop_by_hop, origin_form, request_id_text};
+
+    #[test]
+    fn the_upstream_gets_the_origin_form_of_any_request_target() {
+        for (target, want) in [
+            ("/a/b?c=d", "/a/b?c=d"),
+            ("http://example.com:8080/a?b", "/a?b"),
+            ("http://example.com", "/"),
+            ("*", "*"),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            let got = origin_form(uri);
+            assert!(
+                got.scheme().is_none() && got.authority().is_none(),
+                "{target}"
+            );
+            assert_eq!(
+                got.path_and_query().map_or("/", |p| p.as_str()),
+                want,
+                "{target}"
+            );
+        }
+    }
 
     #[test]
     fn the_length_filter_lets_every_hop_by_hop_name_through() {

@@ -45,6 +45,10 @@ const MAX_IDLE_PER_ENDPOINT: usize = 512;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Header fields in a response head or a chunked body's trailers (Envoy's and hyper's 100).
 const MAX_RESPONSE_HEADERS: usize = 100;
+/// How many of a response's header names (and of their bytes) a pooled connection remembers
+/// for the next response.
+const NAMES_REMEMBERED: usize = 32;
+const NAME_BYTES_REMEMBERED: usize = 1024;
 /// The longest chunk-size line (size, extensions) accepted in a chunked response body.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Request body bytes queued for the socket before the body is polled for more.
@@ -89,6 +93,46 @@ pub enum UpstreamBodyError {
 struct Conn {
     io: Upstream,
     rbuf: BytesMut,
+    /// The names of the last response's headers, in order (see [`parse_head`]).
+    names: NameMemo,
+}
+
+/// A response's header names as the upstream wrote them and as parsed, in order.
+#[derive(Default)]
+struct NameMemo {
+    /// The names' bytes, one after another.
+    raw: Vec<u8>,
+    /// Where each name ends in `raw`, and the name parsed.
+    names: Vec<(u32, HeaderName)>,
+}
+
+impl NameMemo {
+    /// The `i`th name of a response whose names before it were just looked up here: the
+    /// name remembered if the previous response had exactly `raw` there, else `raw` parsed
+    /// and remembered in place of the `i`th name and every name after it.
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, &'static str> {
+        // Where the names before `i` end: they matched or were just remembered.
+        let start = match i {
+            0 => Some(0),
+            _ => self.names.get(i - 1).map(|e| e.0 as usize),
+        };
+        if let (Some(start), Some((end, name))) = (start, self.names.get(i))
+            && self.raw.get(start..*end as usize) == Some(raw)
+        {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| "invalid header name")?;
+        if let Some(start) = start
+            && i < NAMES_REMEMBERED
+            && start + raw.len() <= NAME_BYTES_REMEMBERED
+        {
+            self.names.truncate(i);
+            self.raw.truncate(start);
+            self.raw.extend_from_slice(raw);
+            self.names.push((self.raw.len() as u32, name.clone()));
+        }
+        Ok(name)
+    }
 }
 
 /// Sends `req` (origin-form URI, `Host` set) to `endpoint` on a pooled connection, or a new
@@ -113,7 +157,8 @@ pub async fn send(
                 // future would carry and move its bytes.
                 let io = Box::pin(connect_endpoint(endpoint, None)).await?;
                 let rbuf = BytesMut::with_capacity(8 * 1024);
-                (Conn { io, rbuf }, false)
+                let names = NameMemo::default();
+                (Conn { io, rbuf, names }, false)
             }
         };
         let replayable = reused && body.is_none();
@@ -410,6 +455,11 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    /// Which of the headers that decide framing and keep-alive are present, noted while
+    /// parsing so that a response without them costs no lookups.
+    has_transfer_encoding: bool,
+    has_content_length: bool,
+    has_connection: bool,
 }
 
 /// Writes the request and reads the response head; the body is left to [`UpstreamBody`].
@@ -435,7 +485,7 @@ async fn exchange(
         loop {
             if !conn.rbuf.is_empty() {
                 answered = true;
-                match parse_head(&mut conn.rbuf) {
+                match parse_head(&mut conn.rbuf, &mut conn.names) {
                     // Upgrade is a hop-by-hop header the proxy does not forward.
                     Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Poll::Ready(Err(Failure::Other(UpstreamError::Protocol {
@@ -482,13 +532,13 @@ async fn exchange(
         || head.status == StatusCode::NOT_MODIFIED
     {
         RespFraming::Done
-    } else if head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+    } else if head.has_transfer_encoding {
         if ends_chunked(&head.headers) {
             RespFraming::Chunked(Chunk::Size)
         } else {
             RespFraming::Close
         }
-    } else if head.headers.contains_key(http::header::CONTENT_LENGTH) {
+    } else if head.has_content_length {
         match content_length(&head.headers) {
             Some(n) => RespFraming::Length(n),
             None => {
@@ -501,7 +551,12 @@ async fn exchange(
     } else {
         RespFraming::Close
     };
-    let keep_alive = framing != RespFraming::Close && keeps_alive(head.version, &head.headers);
+    let keep_alive = framing != RespFraming::Close
+        && if head.has_connection {
+            keeps_alive(head.version, &head.headers)
+        } else {
+            head.version == Version::HTTP_11
+        };
     let (reader, writer_task, reusable) = if writer.done() && write_error.is_none() {
         (Either::Left(conn.io), None, keep_alive)
     } else if write_error.is_some() {
@@ -521,6 +576,7 @@ async fn exchange(
     let mut body = UpstreamBody {
         reader: SyncWrapper::new(Some(reader)),
         rbuf: conn.rbuf,
+        names: conn.names,
         framing,
         endpoint,
         reusable,
@@ -553,7 +609,12 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
 
 /// Parses a complete response head at the start of `buf` and consumes it; `None` when more
 /// bytes are needed. Header values are slices of the head's bytes, not copies.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
+///
+/// `names` holds the previous response's header names on this connection: an upstream
+/// answers with the same names in the same order response after response, so a name with
+/// the same bytes as its predecessor is reused instead of validated, lowercased and looked
+/// up again.
+fn parse_head(buf: &mut BytesMut, names: &mut NameMemo) -> Result<Option<Head>, &'static str> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
     let (len, code, minor, count) = {
@@ -589,9 +650,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
     };
     let bytes = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &spans[..count] {
-        let name = HeaderName::from_bytes(&bytes[n0 as usize..n1 as usize])
-            .map_err(|_| "invalid header name")?;
+    let (mut te, mut cl, mut connection) = (false, false, false);
+    for (i, &(n0, n1, v0, v1)) in spans[..count].iter().enumerate() {
+        let name = names.name(i, &bytes[n0 as usize..n1 as usize])?;
+        te |= name == http::header::TRANSFER_ENCODING;
+        cl |= name == http::header::CONTENT_LENGTH;
+        connection |= name == http::header::CONNECTION;
         let value = HeaderValue::from_maybe_shared(bytes.slice(v0 as usize..v1 as usize))
             .map_err(|_| "invalid header value")?;
         headers.append(name, value);
@@ -600,6 +664,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, &'static str> {
         status,
         version,
         headers,
+        has_transfer_encoding: te,
+        has_content_length: cl,
+        has_connection: connection,
     }))
 }
 
@@ -649,6 +716,7 @@ pub struct UpstreamBody {
     /// requires) although an HBONE stream is not.
     reader: SyncWrapper<Option<Reader>>,
     rbuf: BytesMut,
+    names: NameMemo,
     framing: RespFraming,
     endpoint: SocketAddr,
     reusable: bool,
@@ -669,7 +737,8 @@ impl UpstreamBody {
             && self.rbuf.is_empty()
         {
             let rbuf = std::mem::take(&mut self.rbuf);
-            checkin(self.endpoint, Conn { io, rbuf });
+            let names = std::mem::take(&mut self.names);
+            checkin(self.endpoint, Conn { io, rbuf, names });
         }
     }
 
@@ -973,17 +1042,58 @@ mod tests {
     #[test]
     fn response_heads_parse_and_skip_nothing_they_should_keep() {
         let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\nA: 1\r\na: 2\r\n\r\nbody"[..]);
-        let head = parse_head(&mut buf).unwrap().unwrap();
+        let mut names = NameMemo::default();
+        let head = parse_head(&mut buf, &mut names).unwrap().unwrap();
         assert_eq!(head.status, 200);
         assert_eq!(head.version, Version::HTTP_10);
         assert_eq!(head.headers.get_all("a").iter().count(), 2);
+        assert!(!head.has_content_length && !head.has_connection);
         assert_eq!(&buf[..], b"body");
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nA: 1\r\n"[..]);
-        assert!(parse_head(&mut partial).unwrap().is_none());
+        assert!(parse_head(&mut partial, &mut names).unwrap().is_none());
         assert!(!keeps_alive(Version::HTTP_10, &HeaderMap::new()));
         let mut close = HeaderMap::new();
         close.insert("connection", HeaderValue::from_static("Keep-Alive, Close"));
         assert!(!keeps_alive(Version::HTTP_11, &close));
         assert!(keeps_alive(Version::HTTP_11, &HeaderMap::new()));
+    }
+
+    /// Names remembered from the previous response are reused only where they match, and
+    /// whatever the next response carries is parsed and validated as if nothing were kept.
+    #[test]
+    fn remembered_header_names_never_change_what_is_parsed() {
+        let mut names = NameMemo::default();
+        let mut parse = |head: &str| {
+            let mut buf = BytesMut::from(head.as_bytes());
+            parse_head(&mut buf, &mut names).map(|h| h.unwrap())
+        };
+        let first =
+            parse("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: 1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+        assert!(first.has_content_length && first.has_connection && !first.has_transfer_encoding);
+        // Same names, other case, one changed and one added: every name is what parsing gives.
+        let second = parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nX-B: 2\r\nCONNECTION: close\r\nX-A: 3\r\n\r\n",
+        )
+        .unwrap();
+        let got: Vec<_> = second
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("content-length", "0"),
+                ("x-b", "2"),
+                ("connection", "close"),
+                ("x-a", "3")
+            ]
+        );
+        // Fewer names, then a name invalid where a valid one was remembered.
+        let third = parse("HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert!(third.has_transfer_encoding && !third.has_content_length && !third.has_connection);
+        assert_eq!(third.headers.len(), 1);
+        assert!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding\x01: chunked\r\n\r\n").is_err());
     }
 }
