@@ -1090,10 +1090,39 @@ mod tests {
                 ("x-a", "3")
             ]
         );
-        // Fewer names, then a name invalid where a valid one was remembered.
+        // The same head again: every name is reused, and what is parsed is the same.
+        let again = parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nX-B: 2\r\nCONNECTION: close\r\nX-A: 3\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(again.headers, second.headers);
+        assert!(again.has_content_length && again.has_connection);
+        // Fewer names, then a malformed head: refused as without a memo.
         let third = parse("HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(third.has_transfer_encoding && !third.has_content_length && !third.has_connection);
         assert_eq!(third.headers.len(), 1);
         assert!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding\x01: chunked\r\n\r\n").is_err());
+        // What is remembered: the last good head's names, as written.
+        assert_eq!(names.raw, b"Transfer-Encoding");
+        assert_eq!(names.names.len(), 1);
+        assert_eq!(names.names[0].1, http::header::TRANSFER_ENCODING);
+    }
+
+    #[test]
+    fn a_name_memo_reuses_only_exact_bytes_at_the_same_place() {
+        let mut memo = NameMemo::default();
+        for raw in [&b"Server"[..], b"X-Custom", b"Date"] {
+            memo.name(memo.names.len(), raw).unwrap();
+        }
+        assert_eq!(memo.raw, b"ServerX-CustomDate");
+        // Same bytes at the same place: the remembered name, nothing rewritten.
+        assert_eq!(memo.name(1, b"X-Custom").unwrap(), "x-custom");
+        assert_eq!(memo.raw, b"ServerX-CustomDate");
+        // Other bytes: parsed, and the memo from there on replaced.
+        assert_eq!(memo.name(1, b"x-custom").unwrap(), "x-custom");
+        assert_eq!(memo.raw, b"Serverx-custom");
+        assert_eq!(memo.names.len(), 2);
+        assert!(memo.name(2, b"bad name").is_err());
+        assert_eq!(memo.names.len(), 2);
     }
 }
