@@ -552,11 +552,7 @@ async fn exchange(
         RespFraming::Close
     };
     let keep_alive = framing != RespFraming::Close
-        && if head.has_connection {
-            keeps_alive(head.version, &head.headers)
-        } else {
-            head.version == Version::HTTP_11
-        };
+        && keeps_alive(head.version, &head.headers, head.has_connection);
     let (reader, writer_task, reusable) = if writer.done() && write_error.is_none() {
         (Either::Left(conn.io), None, keep_alive)
     } else if write_error.is_some() {
@@ -593,13 +589,16 @@ async fn exchange(
     Ok(response)
 }
 
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+/// Whether the upstream keeps the connection open; `has_connection` false (no `Connection`
+/// header, as noted while parsing) leaves the version's default without a lookup.
+fn keeps_alive(version: Version, headers: &HeaderMap, has_connection: bool) -> bool {
     let has = |token: &[u8]| {
-        headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        has_connection
+            && headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
     };
     match version {
         Version::HTTP_11 => !has(b"close"),
@@ -1051,11 +1050,11 @@ mod tests {
         assert_eq!(&buf[..], b"body");
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nA: 1\r\n"[..]);
         assert!(parse_head(&mut partial, &mut names).unwrap().is_none());
-        assert!(!keeps_alive(Version::HTTP_10, &HeaderMap::new()));
+        assert!(!keeps_alive(Version::HTTP_10, &HeaderMap::new(), true));
         let mut close = HeaderMap::new();
         close.insert("connection", HeaderValue::from_static("Keep-Alive, Close"));
-        assert!(!keeps_alive(Version::HTTP_11, &close));
-        assert!(keeps_alive(Version::HTTP_11, &HeaderMap::new()));
+        assert!(!keeps_alive(Version::HTTP_11, &close, true));
+        assert!(keeps_alive(Version::HTTP_11, &HeaderMap::new(), true));
     }
 
     /// Names remembered from the previous response are reused only where they match, and
