@@ -7,9 +7,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 struct Shared<T> {
     queue: RefCell<VecDeque<T>>,
@@ -82,16 +82,38 @@ impl<T> Receiver<T> {
     }
 
     /// The next message; `None` once every sender is gone and the queue is empty.
-    pub async fn recv(&mut self) -> Option<T> {
-        poll_fn(|cx| match self.try_recv() {
+    ///
+    /// Dropping the future before it is ready withdraws its waker: a `select!` that took
+    /// another branch leaves nothing behind for a later send or sender drop to wake. (A stale
+    /// waker here is the waiting task's own: waking it while it runs costs that task a whole
+    /// extra poll, for a connection task one more pass through hyper's dispatcher.)
+    pub fn recv(&mut self) -> Recv<'_, T> {
+        Recv(self)
+    }
+}
+
+/// The future of [`Receiver::recv`].
+pub struct Recv<'a, T>(&'a mut Receiver<T>);
+
+impl<T> Future for Recv<'_, T> {
+    type Output = Option<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let rx = &mut *self.get_mut().0;
+        match rx.try_recv() {
             Ok(v) => Poll::Ready(Some(v)),
             Err(Empty { closed: true }) => Poll::Ready(None),
             Err(Empty { closed: false }) => {
-                self.0.waker.set(Some(cx.waker().clone()));
+                rx.0.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
-        })
-        .await
+        }
+    }
+}
+
+impl<T> Drop for Recv<'_, T> {
+    fn drop(&mut self) {
+        self.0.0.waker.take();
     }
 }
 
@@ -130,6 +152,47 @@ mod tests {
                 assert_eq!(recv.await.unwrap(), vec![1, 2, 3]);
             })
             .await;
+    }
+
+    #[test]
+    fn a_dropped_recv_leaves_no_waker_behind() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = std::sync::Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let wakes = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+
+        let (tx, mut rx) = channel::<u8>();
+        let tx2 = tx.clone();
+        // Pending, then dropped (the other branch of a select! won): sends and sender drops
+        // afterwards wake nobody.
+        {
+            let mut fut = std::pin::pin!(rx.recv());
+            assert_eq!(fut.as_mut().poll(&mut cx), Poll::Pending);
+        }
+        tx.send(1).unwrap();
+        drop(tx);
+        assert_eq!(wakes(), 0);
+        assert_eq!(rx.try_recv().unwrap(), 1);
+
+        // While it waits, a send and the last sender's drop do wake it.
+        {
+            let mut fut = std::pin::pin!(rx.recv());
+            assert_eq!(fut.as_mut().poll(&mut cx), Poll::Pending);
+            tx2.send(2).unwrap();
+            assert_eq!(wakes(), 1);
+            assert_eq!(fut.as_mut().poll(&mut cx), Poll::Ready(Some(2)));
+        }
+        let mut fut = std::pin::pin!(rx.recv());
+        assert_eq!(fut.as_mut().poll(&mut cx), Poll::Pending);
+        drop(tx2);
+        assert_eq!(wakes(), 2);
+        assert_eq!(fut.as_mut().poll(&mut cx), Poll::Ready(None));
     }
 
     #[test]
