@@ -7,6 +7,7 @@ counts exactly N keep-alive requests and dumps the profile:
 
     cargo build --release -p waystone
     python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000, or nginx 1000 (the peer)
+    python3 scripts/callgrind-proxy.py auth 300 big # the bench's 64 KiB body instead of the small one
     callgrind_annotate /tmp/waystone-cg.plain.out.1 | grep 'PROGRAM TOTALS'   # / N
 
 Instruction counts do not move with the load of a shared machine, unlike req/s. With a plugin,
@@ -51,6 +52,8 @@ def guest_functions(profile: str, perf_map: Path, n: int) -> None:
 
 
 mode, n = sys.argv[1], int(sys.argv[2])
+big = sys.argv[3:] == ["big"]
+path = b.BIG_PATH if big else b.SMALL_PATH
 waystone = str(REPO / "target/release/waystone")
 work = Path(tempfile.mkdtemp(prefix="waystone-cg-"))
 work.chmod(0o755)
@@ -59,7 +62,7 @@ try:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     backend, port1, _ = b.start_backend(work, nginx)
     procs.append(backend)
-    out = f"/tmp/waystone-cg.{mode}.out"
+    out = f"/tmp/waystone-cg.{mode}{'.big' if big else ''}.out"
     valgrind = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", f"--callgrind-out-file={out}",
                 "--instr-atstart=no"]
     if mode == "nginx":
@@ -78,7 +81,7 @@ try:
     def run(k: int) -> None:
         c = http.client.HTTPConnection("127.0.0.1", port)
         for _ in range(k):
-            c.request("GET", b.SMALL_PATH, headers={"authorization": b.AUTH})
+            c.request("GET", path, headers={"authorization": b.AUTH})
             r = c.getresponse()
             r.read()
             assert r.status == 200, r.status
