@@ -125,7 +125,7 @@ enum Answer {
 pub struct ChainRun {
     filters: Vec<ActiveFilter>,
     pub stream: HttpStream,
-    resolver: Option<Resolver>,
+    resolver: Option<Rc<Resolver>>,
     /// Callouts of this request's contexts in flight on the worker, with the filter index.
     /// Dropped (aborted) with the run: Envoy cancels a context's callouts when it ends.
     /// Created with the first callout (most requests make none, and a set allocates).
@@ -265,12 +265,7 @@ impl ChainRun {
         rt: &RuntimeConfig,
         end_of_stream: bool,
     ) -> Outcome {
-        let resolver = Resolver {
-            snapshot: rt.snapshot.clone(),
-            default_namespace: rt.default_namespace.clone(),
-        };
-        worker::set_resolver(&resolver);
-        self.resolver = Some(resolver);
+        self.resolver = Some(worker::set_resolver(&rt.snapshot, &rt.default_namespace));
         for id in chain {
             let plugin = match rt.plugins.get(id) {
                 Some(PluginSlot::Ready(p)) => p.clone(),
@@ -659,7 +654,7 @@ impl ChainRun {
         if calls.is_empty() && grpc.is_empty() {
             return;
         }
-        let Some(resolver) = self.resolver.clone() else {
+        let Some(resolver) = self.resolver.as_deref().cloned() else {
             return;
         };
         for call in calls {

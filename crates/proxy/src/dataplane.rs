@@ -555,13 +555,16 @@ async fn serve_connection(
         crate::hbone::server::serve(socket, conn, inbound, waypoint, config, handle, drain).await;
         return;
     }
-    let service_shared = shared.clone();
+    // One `Rc` clone per request instead of two `Arc` clones: the counts of `Shared` and of the
+    // listener's `Entry` are touched by every worker, so each clone and drop would move their
+    // cache line between cores.
+    let service_ctx = std::rc::Rc::new((shared.clone(), entry));
     let service = service_fn(move |req| {
-        let shared = service_shared.clone();
-        let entry = entry.clone();
+        let ctx = service_ctx.clone();
         async move {
+            let (shared, entry) = (&ctx.0, &*ctx.1);
             let rt = shared.config.load_full();
-            if let (Entry::Mesh, Some(h)) = (&*entry, &shared.hbone)
+            if let (Entry::Mesh, Some(h)) = (entry, &shared.hbone)
                 && h.entry
                 && let Some((tunnel, dest)) =
                     crate::hbone::entry::tunnel_target(&rt, &h.waypoints, &req)
@@ -569,7 +572,7 @@ async fn serve_connection(
                 return Ok(crate::hbone::entry::forward(req, conn, tunnel, dest).await);
             }
             handler::into_service_result(
-                handler::handle(req, &entry, conn, rt, &shared.settings).await,
+                handler::handle(req, entry, conn, rt, &shared.settings).await,
             )
         }
     });

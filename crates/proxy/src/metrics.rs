@@ -93,6 +93,9 @@ fn bump(a: &AtomicU64, by: u64) {
 /// up), the sum in the unit's integer base, and the count.
 struct Hist {
     bounds: &'static [f64],
+    /// For each bound, the largest raw value that falls in its bucket: `record` compares
+    /// integers instead of dividing and searching floats on every sample.
+    limits: Box<[u64]>,
     /// `bounds.len() + 1` slots, the last one is `+Inf`.
     buckets: Box<[AtomicU64]>,
     /// Sum in `1 / scale` units of the rendered unit (e.g. µs for a milliseconds histogram).
@@ -104,16 +107,17 @@ impl Hist {
     fn new(bounds: &'static [f64], scale: f64) -> Self {
         Self {
             bounds,
+            limits: bounds.iter().map(|b| raw_limit(*b, scale)).collect(),
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum: AtomicU64::new(0),
             scale,
         }
     }
 
-    /// Records `raw` (in `1 / scale` units).
+    /// Records `raw` (in `1 / scale` units): into the first bucket whose bound is at least
+    /// `raw / scale`.
     fn record(&self, raw: u64) {
-        let v = raw as f64 / self.scale;
-        let i = self.bounds.partition_point(|b| *b < v);
+        let i = self.limits.partition_point(|l| *l < raw);
         bump(&self.buckets[i], 1);
         bump(&self.sum, raw);
     }
@@ -129,6 +133,20 @@ impl Hist {
         }
         acc.sum += self.sum.load(Ordering::Relaxed);
     }
+}
+
+/// The largest `raw` with `raw as f64 / scale <= bound` (the float test the bucket stands
+/// for, so integer and float bucketing agree exactly, rounding included).
+fn raw_limit(bound: f64, scale: f64) -> u64 {
+    let inside = |r: u64| r as f64 / scale <= bound;
+    let mut r = (bound * scale) as u64;
+    while r > 0 && !inside(r) {
+        r -= 1;
+    }
+    while r < u64::MAX && inside(r + 1) {
+        r += 1;
+    }
+    r
 }
 
 #[derive(Default, Clone)]
@@ -826,6 +844,49 @@ mod tests {
         assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
         assert!(out.contains("x_sum{a=\"b\"} 4000001.001\n"), "{out}");
+    }
+
+    #[test]
+    fn integer_bucketing_agrees_with_the_float_bounds() {
+        for (bounds, scale) in [
+            (&DURATION_BUCKETS_MS[..], 1000.0),
+            (&BYTES_BUCKETS[..], 1.0),
+            (&PLUGIN_CALL_BUCKETS_S[..], 1e9),
+        ] {
+            for &b in bounds {
+                let limit = raw_limit(b, scale);
+                assert!(limit as f64 / scale <= b, "{b}: {limit} is past the bound");
+                assert!(
+                    (limit + 1) as f64 / scale > b,
+                    "{b}: {} is inside",
+                    limit + 1
+                );
+            }
+            let h = Hist::new(
+                // Leaked once per bucket set: the histogram keeps a 'static slice.
+                Box::leak(bounds.to_vec().into_boxed_slice()),
+                scale,
+            );
+            for raw in [
+                0,
+                1,
+                499,
+                500,
+                501,
+                9_999,
+                10_000,
+                10_001,
+                25_000,
+                1_000_000_000,
+            ] {
+                let want = bounds.partition_point(|b| *b < raw as f64 / scale);
+                assert_eq!(
+                    h.limits.partition_point(|l| *l < raw),
+                    want,
+                    "{raw} / {scale}"
+                );
+            }
+        }
     }
 
     #[test]

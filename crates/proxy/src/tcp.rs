@@ -105,7 +105,7 @@ pub(crate) struct L4Chain {
     /// connects the upstream.
     connect_wanted: bool,
     /// Where this connection's callouts are resolved (the snapshot it started with).
-    resolver: Resolver,
+    resolver: Rc<Resolver>,
     /// Actions other contexts (a root's tick or callout answer) aim at this connection's
     /// contexts, with the filter index (`worker::route_context_actions`).
     actions_tx: worker::ActionSender,
@@ -123,11 +123,7 @@ impl L4Chain {
         properties: StreamProperties,
     ) -> (Self, Option<CloseReason>) {
         // Root contexts' callouts (a tick resuming this connection) resolve against it.
-        let resolver = Resolver {
-            snapshot: rt.snapshot.clone(),
-            default_namespace: rt.default_namespace.clone(),
-        };
-        worker::set_resolver(&resolver);
+        let resolver = worker::set_resolver(&rt.snapshot, &rt.default_namespace);
         let (actions_tx, actions) = crate::local_channel::channel();
         let mut this = Self {
             filters: Vec::new(),
@@ -250,7 +246,7 @@ impl L4Chain {
         // which delivers the answer to that context (it may then continue or close the
         // connection: routed back here as an action); gRPC ones wait for the driver's turn.
         for call in f.instance.borrow_mut().take_callouts() {
-            worker::spawn_root_callout(&f.instance, call, self.resolver.clone());
+            worker::spawn_root_callout(&f.instance, call, (*self.resolver).clone());
         }
         match result {
             Ok(action) => {

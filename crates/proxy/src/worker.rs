@@ -129,7 +129,7 @@ thread_local! {
     static INSTANCES: RefCell<KeyMap<u64, WorkerPlugin>> = RefCell::default();
     /// The snapshot the latest request on this worker ran with: what callouts of root contexts
     /// (ticks, queues) and `proxy_http_call`'s upstream check resolve names against.
-    static RESOLVER: RefCell<Option<Resolver>> = const { RefCell::new(None) };
+    static RESOLVER: RefCell<Option<Rc<Resolver>>> = const { RefCell::new(None) };
     /// Set when the worker drains: root drivers end.
     static STOPPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Per instance (by address), where its driver takes root-context callouts.
@@ -201,21 +201,31 @@ pub fn root_may_act(instance: &SharedInstance) -> bool {
     ticking || ROOT_IN_FLIGHT.with(|c| c.borrow().get(&key).is_some_and(|n| *n > 0))
 }
 
-/// Remembers the snapshot of the request being handled (cheap when unchanged).
-pub fn set_resolver(r: &Resolver) {
+/// Remembers the snapshot of the request being handled and returns this worker's resolver
+/// for it. While the snapshot is unchanged this clones an `Rc`, not the two `Arc`s (whose
+/// counts every worker would otherwise bump on every request).
+pub fn set_resolver(
+    snapshot: &Arc<waystone_model::snapshot::Snapshot>,
+    default_namespace: &Arc<str>,
+) -> Rc<Resolver> {
     RESOLVER.with(|c| {
         let mut c = c.borrow_mut();
-        let same = c
-            .as_ref()
-            .is_some_and(|old| Arc::ptr_eq(&old.snapshot, &r.snapshot));
-        if !same {
-            *c = Some(r.clone());
+        match &*c {
+            Some(r) if Arc::ptr_eq(&r.snapshot, snapshot) => r.clone(),
+            _ => {
+                let r = Rc::new(Resolver {
+                    snapshot: snapshot.clone(),
+                    default_namespace: default_namespace.clone(),
+                });
+                *c = Some(r.clone());
+                r
+            }
         }
-    });
+    })
 }
 
 fn current_resolver() -> Option<Resolver> {
-    RESOLVER.with(|c| c.borrow().clone())
+    RESOLVER.with(|c| c.borrow().as_deref().cloned())
 }
 
 /// This worker's instance of `plugin`, started on first use, with its root driver.
@@ -235,7 +245,7 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<WorkerPlugin, HostErro
     // Unknown upstreams are refused at call time (BadArgument), as Envoy refuses unknown
     // clusters. The check runs on this worker, during a guest call.
     started.set_upstream_check(Arc::new(|upstream: &str| {
-        current_resolver().is_some_and(|r| r.knows(upstream))
+        RESOLVER.with(|c| c.borrow().as_ref().is_some_and(|r| r.knows(upstream)))
     }));
     let instance = Rc::new(RefCell::new(started));
     spawn_root_driver(plugin, &instance);
