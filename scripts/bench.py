@@ -576,7 +576,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="extra interleaved runs of the headline shape; the target lines use their medians")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--micro", type=Path, help="criterion estimates.json of the basic_auth per-request bench")
