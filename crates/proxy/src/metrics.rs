@@ -848,11 +848,12 @@ mod tests {
 
     #[test]
     fn integer_bucketing_agrees_with_the_float_bounds() {
-        for (bounds, scale) in [
-            (&DURATION_BUCKETS_MS[..], 1000.0),
-            (&BYTES_BUCKETS[..], 1.0),
-            (&PLUGIN_CALL_BUCKETS_S[..], 1e9),
-        ] {
+        let sets: [(&'static [f64], f64); 3] = [
+            (&DURATION_BUCKETS_MS, 1000.0),
+            (&BYTES_BUCKETS, 1.0),
+            (&PLUGIN_CALL_BUCKETS_S, 1e9),
+        ];
+        for (bounds, scale) in sets {
             for &b in bounds {
                 let limit = raw_limit(b, scale);
                 assert!(limit as f64 / scale <= b, "{b}: {limit} is past the bound");
@@ -862,11 +863,7 @@ mod tests {
                     limit + 1
                 );
             }
-            let h = Hist::new(
-                // Leaked once per bucket set: the histogram keeps a 'static slice.
-                Box::leak(bounds.to_vec().into_boxed_slice()),
-                scale,
-            );
+            let h = Hist::new(bounds, scale);
             for raw in [
                 0,
                 1,
