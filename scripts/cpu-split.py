@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""User and system CPU time per request of Waystone, without and with basic_auth.
+
+Starts the bench backend and two `waystone up` (no plugin; basic_auth), then loads each in
+turn with `wrk` (the bench's small body, 32 connections) and prints req/s and the proxy's
+utime and stime per request from `/proc`. `--pin` puts the proxies on CPU 0 and `wrk` and
+the backend on CPU 1, so the proxy has a core of its own:
+
+    cargo build --release -p waystone && scripts/build-plugins.sh
+    python3 scripts/cpu-split.py --workers 1 --pin      # or without --pin: cores shared
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import bench as b  # noqa: E402
+
+
+def times(pid: int) -> tuple[float, float]:
+    user = system = 0
+    for p in b.process_tree(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / b.CLK_TCK, system / b.CLK_TCK
+
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--workers", type=int, default=1)
+ap.add_argument("--pin", action="store_true")
+ap.add_argument("--rounds", type=int, default=3)
+ap.add_argument("--seconds", type=float, default=3)
+args = ap.parse_args()
+
+work = Path(tempfile.mkdtemp(prefix="waystone-cpu-split-"))
+work.chmod(0o755)
+procs = []
+try:
+    backend, port1, _ = b.start_backend(work, shutil.which("nginx") or "/usr/sbin/nginx")
+    procs.append(backend)
+    auth = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)]
+    proxies = {}
+    for name, plugins in (("plain", []), ("basic_auth", auth)):
+        p, port, _ = b.start_waystone(work, str(REPO / "target/release/waystone"), name,
+                                      args.workers, port1, plugins)
+        procs.append(p)
+        proxies[name] = (p, port)
+    if args.pin:
+        for p, _ in proxies.values():
+            b.pin(p.pid, {0})
+        b.pin(backend.pid, {1})
+        os.sched_setaffinity(0, {1})
+    for _ in range(args.rounds):
+        for name, (p, port) in proxies.items():
+            u0, s0 = times(p.pid)
+            r = b.run_wrk(port, b.SMALL_PATH, args.seconds, 32, {"authorization": b.AUTH})
+            u1, s1 = times(p.pid)
+            n = max(r.requests, 1)
+            print(f"{name:10} {r.rps:8.0f} req/s  user {1e6 * (u1 - u0) / n:5.2f} us"
+                  f"  sys {1e6 * (s1 - s0) / n:5.2f} us  non-2xx {r.errors}", flush=True)
+finally:
+    for p in reversed(procs):
+        p.stop()
+    shutil.rmtree(work, ignore_errors=True)
