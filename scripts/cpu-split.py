@@ -21,16 +21,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 import bench as b  # noqa: E402
 
 
-def times(pid: int) -> tuple[float, float]:
-    user = system = 0
-    for p in b.process_tree(pid):
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / b.CLK_TCK, system / b.CLK_TCK
-
-
 ap = argparse.ArgumentParser()
 ap.add_argument("--workers", type=int, default=1)
 ap.add_argument("--pin", action="store_true")
@@ -58,9 +48,9 @@ try:
         os.sched_setaffinity(0, {1})
     for _ in range(args.rounds):
         for name, (p, port) in proxies.items():
-            u0, s0 = times(p.pid)
+            u0, s0 = b.cpu_times(p.pid)
             r = b.run_wrk(port, b.SMALL_PATH, args.seconds, 32, {"authorization": b.AUTH})
-            u1, s1 = times(p.pid)
+            u1, s1 = b.cpu_times(p.pid)
             n = max(r.requests, 1)
             print(f"{name:10} {r.rps:8.0f} req/s  user {1e6 * (u1 - u0) / n:5.2f} us"
                   f"  sys {1e6 * (s1 - s0) / n:5.2f} us  non-2xx {r.errors}", flush=True)

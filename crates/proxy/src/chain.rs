@@ -659,7 +659,7 @@ impl ChainRun {
         };
         for call in calls {
             if call.context_id != f.ctx {
-                worker::spawn_root_callout(&f.instance, call, resolver.clone());
+                worker::spawn_root_callout(&f.instance, call);
                 continue;
             }
             let resolver = resolver.clone();

@@ -37,7 +37,6 @@ use waystone_wasm::{
     Action, ContextAction, HostError, NetworkStream, PeerType, StreamProperties, StreamType,
 };
 
-use crate::callout::Resolver;
 use crate::metrics::{CallOutcome, Callback, PluginCalls};
 use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
 use crate::worker::{self, SharedInstance, WorkerPlugin};
@@ -104,8 +103,6 @@ pub(crate) struct L4Chain {
     /// Iteration reached the end of the chain once: `tcp_proxy`'s `onNewConnection`, which
     /// connects the upstream.
     connect_wanted: bool,
-    /// Where this connection's callouts are resolved (the snapshot it started with).
-    resolver: Rc<Resolver>,
     /// Actions other contexts (a root's tick or callout answer) aim at this connection's
     /// contexts, with the filter index (`worker::route_context_actions`).
     actions_tx: worker::ActionSender,
@@ -122,8 +119,9 @@ impl L4Chain {
         rt: &RuntimeConfig,
         properties: StreamProperties,
     ) -> (Self, Option<CloseReason>) {
-        // Root contexts' callouts (a tick resuming this connection) resolve against it.
-        let resolver = worker::set_resolver(&rt.snapshot, &rt.default_namespace);
+        // Root contexts' callouts (a tick resuming this connection) resolve against the
+        // worker's latest snapshot.
+        worker::set_resolver(&rt.snapshot, &rt.default_namespace);
         let (actions_tx, actions) = crate::local_channel::channel();
         let mut this = Self {
             filters: Vec::new(),
@@ -136,7 +134,6 @@ impl L4Chain {
             down_finished: false,
             up_pending: Vec::new(),
             connect_wanted: false,
-            resolver,
             actions_tx,
             actions: Some(actions),
         };
@@ -246,7 +243,7 @@ impl L4Chain {
         // which delivers the answer to that context (it may then continue or close the
         // connection: routed back here as an action); gRPC ones wait for the driver's turn.
         for call in f.instance.borrow_mut().take_callouts() {
-            worker::spawn_root_callout(&f.instance, call, (*self.resolver).clone());
+            worker::spawn_root_callout(&f.instance, call);
         }
         match result {
             Ok(action) => {

@@ -255,7 +255,7 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<WorkerPlugin, HostErro
 }
 
 /// Hands a callout of `instance`'s root context to that instance's driver.
-pub fn spawn_root_callout(instance: &SharedInstance, call: PendingCallout, _resolver: Resolver) {
+pub fn spawn_root_callout(instance: &SharedInstance, call: PendingCallout) {
     let key = Rc::as_ptr(instance) as usize;
     ROOT_CALLOUTS.with(|c| {
         if let Some(tx) = c.borrow().get(&key) {
