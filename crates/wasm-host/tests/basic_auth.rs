@@ -108,6 +108,24 @@ fn valid_credentials_continue() {
 }
 
 #[test]
+fn credentials_that_are_not_utf8_get_401_and_the_instance_lives_on() {
+    // obs-text is legal in an HTTP/1.1 header value. The SDK's String reads abort the plugin
+    // on it (a trap, poisoning the instance): the plugin reads bytes, so this is just a wrong
+    // credential.
+    let (_engine, module) = compile();
+    let mut inst = PluginInstance::start(&module, spec(CONFIG)).unwrap();
+    let mut stream = request("GET", "/productpage", None);
+    stream
+        .request_headers
+        .add("authorization", &b"Basic b2s6dGVzdA\xff\xfe"[..]);
+    assert_eq!(exchange(&mut inst, &mut stream), Action::Pause);
+    assert_eq!(stream.local_response.as_ref().map(|r| r.status), Some(401));
+    assert!(!inst.is_poisoned());
+    let mut stream = request("GET", "/productpage", Some("Basic b2s6dGVzdA=="));
+    assert_eq!(exchange(&mut inst, &mut stream), Action::Continue);
+}
+
+#[test]
 fn other_paths_continue() {
     let (_engine, module) = compile();
     let mut inst = PluginInstance::start(&module, spec(CONFIG)).unwrap();

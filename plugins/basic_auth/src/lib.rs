@@ -71,13 +71,16 @@ impl HttpContext for BasicAuthHttp {
         if self.config.rules.is_empty() {
             return Action::Continue;
         }
-        let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
+        // Bytes, not `String`: the values are only compared, and the SDK's `String` reads
+        // validate UTF-8 and abort the plugin on a value that is not (obs-text is legal in
+        // HTTP/1.1 header values).
+        let header = |name: &str| self.get_http_request_header_bytes(name).unwrap_or_default();
         // Each read is a host call and a guest allocation; `:authority` only matters to rules
         // with `hosts`.
         let authority = if self.config.matches_hosts() {
             header(":authority")
         } else {
-            String::new()
+            Vec::new()
         };
         let (method, path, authorization) =
             (header(":method"), header(":path"), header("authorization"));
@@ -94,7 +97,11 @@ impl HttpContext for BasicAuthHttp {
                 reason,
                 rule,
             } => {
-                log::debug!("basic_auth: {method} {path} denied by rule {rule}: {reason:?}");
+                log::debug!(
+                    "basic_auth: {} {} denied by rule {rule}: {reason:?}",
+                    String::from_utf8_lossy(&method),
+                    String::from_utf8_lossy(&path)
+                );
                 let challenge = format!("Basic realm={realm}");
                 self.send_http_response(401, vec![("WWW-Authenticate", challenge.as_str())], None);
                 Action::Pause
