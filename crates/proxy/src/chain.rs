@@ -25,7 +25,7 @@ use crate::metrics::{CallOutcome, Callback, PluginCalls};
 use crate::trace::PluginSpan;
 
 use crate::runtime::{LoadedPlugin, PluginSlot, RuntimeConfig};
-use crate::worker::{self, SharedInstance, WorkerPlugin};
+use crate::worker::{self, WorkerPlugin};
 
 /// A reply the proxy sends instead of (or in place of) the upstream's.
 #[derive(Debug, Clone)]
@@ -102,12 +102,19 @@ enum Event {
 }
 
 struct ActiveFilter {
-    plugin: Arc<LoadedPlugin>,
-    instance: SharedInstance,
-    calls: Rc<PluginCalls>,
+    /// The plugin, this worker's instance of it and its call series (`plugin`, `instance`,
+    /// `calls` through `Deref`).
+    worker: Rc<WorkerPlugin>,
     ctx: u32,
     /// Set after a fail-open fault: the plugin sees nothing more of this stream.
     bypassed: bool,
+}
+
+impl std::ops::Deref for ActiveFilter {
+    type Target = WorkerPlugin;
+    fn deref(&self) -> &WorkerPlugin {
+        &self.worker
+    }
 }
 
 type GrpcEventChannel = (
@@ -268,7 +275,7 @@ impl ChainRun {
         self.resolver = Some(worker::set_resolver(&rt.snapshot, &rt.default_namespace));
         for id in chain {
             let plugin = match rt.plugins.get(id) {
-                Some(PluginSlot::Ready(p)) => p.clone(),
+                Some(PluginSlot::Ready(p)) => p,
                 Some(PluginSlot::Failed {
                     fail_strategy: FailStrategy::FailOpen,
                     ..
@@ -282,35 +289,33 @@ impl ChainRun {
                     return Outcome::Respond(unavailable_reply(id));
                 }
             };
-            let WorkerPlugin { instance, calls } = match worker::instance_for(&plugin) {
-                Ok(i) => i,
-                Err(err) => match fault(&plugin, &err) {
+            let w = match worker::instance_for(plugin) {
+                Ok(w) => w,
+                Err(err) => match fault(plugin, &err) {
                     Some(reply) => return Outcome::Respond(reply),
                     None => continue,
                 },
             };
             let start = self.call_start();
-            let created = instance.borrow_mut().create_http_context();
+            let created = w.instance.borrow_mut().create_http_context();
             self.observe(
-                &plugin,
-                &calls,
+                &w.plugin,
+                &w.calls,
                 Callback::ContextCreate,
                 start,
                 created.as_ref().map(|_| false),
             );
             let ctx = match created {
                 Ok(ctx) => ctx,
-                Err(err) => match fault(&plugin, &err) {
+                Err(err) => match fault(plugin, &err) {
                     Some(reply) => return Outcome::Respond(reply),
                     None => continue,
                 },
             };
             let idx = self.filters.len();
-            worker::register_context(&instance, ctx, idx, self.actions_tx.clone());
+            worker::register_context(&w.instance, ctx, idx, self.actions_tx.clone());
             self.filters.push(ActiveFilter {
-                plugin,
-                instance,
-                calls,
+                worker: w,
                 ctx,
                 bypassed: false,
             });

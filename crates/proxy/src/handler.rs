@@ -476,7 +476,7 @@ async fn proxy(
         start_time: Some(std::time::SystemTime::now()),
         route_name: target.route.map(route_name).unwrap_or_default(),
         cluster_name: cluster_name(),
-        node_id: settings.node_id.clone(),
+        node_id: worker_copy(&settings.node_id),
         ..Default::default()
     };
     crate::hbone::annotate(&mut properties);
@@ -881,13 +881,55 @@ fn ensure_request_id(headers: &mut http::HeaderMap) {
     if headers.contains_key(&X_REQUEST_ID) {
         return;
     }
-    let n = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+    let n = next_request_number();
     let r: u64 = rand::random();
     let id = request_id_text(r, n);
     // Only hex digits and dashes: always a valid header value.
     if let Ok(v) = HeaderValue::from_bytes(&id) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
+}
+
+/// How many request numbers a worker takes from [`REQUEST_IDS`] at a time.
+const REQUEST_ID_BLOCK: u64 = 1 << 16;
+
+thread_local! {
+    /// This worker's next request number and the end of its block.
+    static REQUEST_ID_RANGE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// A number no other request of this process gets. Workers take blocks of the process-wide
+/// counter, so a request writes no cache line the other workers write too (an atomic add on
+/// a shared counter for every request made the cores take that line from each other).
+fn next_request_number() -> u64 {
+    REQUEST_ID_RANGE.with(|range| {
+        let (mut next, mut end) = range.get();
+        if next == end {
+            next = REQUEST_IDS.fetch_add(REQUEST_ID_BLOCK, Ordering::Relaxed);
+            end = next + REQUEST_ID_BLOCK;
+        }
+        range.set((next + 1, end));
+        next
+    })
+}
+
+/// This worker's own copy of `shared` (the process's node id), so that handing it to each
+/// request's plugins writes a reference count only this worker uses.
+fn worker_copy(shared: &Arc<str>) -> Arc<str> {
+    thread_local! {
+        static COPY: RefCell<Option<(Arc<str>, Arc<str>)>> = const { RefCell::new(None) };
+    }
+    COPY.with(|c| {
+        let mut c = c.borrow_mut();
+        match &*c {
+            Some((source, copy)) if Arc::ptr_eq(source, shared) => copy.clone(),
+            _ => {
+                let copy = Arc::<str>::from(&**shared);
+                *c = Some((shared.clone(), copy.clone()));
+                copy
+            }
+        }
+    })
 }
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");

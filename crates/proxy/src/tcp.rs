@@ -28,7 +28,6 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,9 +43,8 @@ use crate::worker::{self, SharedInstance, WorkerPlugin};
 const READ_CHUNK: usize = 16 << 10;
 
 struct Filter {
-    plugin: Arc<LoadedPlugin>,
-    instance: SharedInstance,
-    calls: Rc<PluginCalls>,
+    /// The plugin, this worker's instance of it and its call series (through `Deref`).
+    worker: Rc<WorkerPlugin>,
     /// Created when iteration first reaches this filter (Envoy creates the Wasm context in
     /// the filter's `onNewConnection`); 0 until then.
     ctx: u32,
@@ -54,6 +52,13 @@ struct Filter {
     initialized: bool,
     /// FAIL_OPEN after a fault: bytes pass it untouched and it gets no more callbacks.
     bypassed: bool,
+}
+
+impl std::ops::Deref for Filter {
+    type Target = WorkerPlugin;
+    fn deref(&self) -> &WorkerPlugin {
+        &self.worker
+    }
 }
 
 /// Why the proxy closes a connection itself.
@@ -153,17 +158,15 @@ impl L4Chain {
                     return (this, Some(CloseReason::Fault));
                 }
             };
-            let WorkerPlugin { instance, calls } = match worker::instance_for(&plugin) {
-                Ok(i) => i,
+            let worker = match worker::instance_for(&plugin) {
+                Ok(w) => w,
                 Err(err) => match fails_closed(&plugin, &err) {
                     true => return (this, Some(CloseReason::Fault)),
                     false => continue,
                 },
             };
             this.filters.push(Filter {
-                plugin,
-                instance,
-                calls,
+                worker,
                 ctx: 0,
                 initialized: false,
                 bypassed: false,

@@ -117,16 +117,19 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 pub type SharedInstance = Rc<RefCell<PluginInstance>>;
 
-/// This worker's instance of one plugin revision, with its handle on that plugin's call series.
-#[derive(Clone)]
+/// This worker's instance of one plugin revision, with the plugin it runs and its handle on
+/// that plugin's call series. Requests hold it by `Rc`: the `Arc<LoadedPlugin>`, whose count
+/// every worker shares, is cloned once per worker instead of once per request, so a request
+/// writes to no cache line another core is writing too.
 pub struct WorkerPlugin {
+    pub plugin: Arc<LoadedPlugin>,
     pub instance: SharedInstance,
-    pub calls: Rc<PluginCalls>,
+    pub calls: PluginCalls,
 }
 
 thread_local! {
     /// This worker's instances, by plugin revision.
-    static INSTANCES: RefCell<KeyMap<u64, WorkerPlugin>> = RefCell::default();
+    static INSTANCES: RefCell<KeyMap<u64, Rc<WorkerPlugin>>> = RefCell::default();
     /// The snapshot the latest request on this worker ran with: what callouts of root contexts
     /// (ticks, queues) and `proxy_http_call`'s upstream check resolve names against.
     static RESOLVER: RefCell<Option<Rc<Resolver>>> = const { RefCell::new(None) };
@@ -229,11 +232,11 @@ fn current_resolver() -> Option<Resolver> {
 }
 
 /// This worker's instance of `plugin`, started on first use, with its root driver.
-pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<WorkerPlugin, HostError> {
+pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<Rc<WorkerPlugin>, HostError> {
     if let Some(i) = INSTANCES.with(|c| c.borrow().get(&plugin.revision).cloned()) {
         return Ok(i);
     }
-    let calls = Rc::new(PluginCalls::new(plugin.revision, &plugin.spec.name));
+    let calls = PluginCalls::new(plugin.revision, &plugin.spec.name);
     let started_at = std::time::Instant::now();
     let result = PluginInstance::start(&plugin.module, plugin.spec.clone());
     calls.record(
@@ -249,7 +252,11 @@ pub fn instance_for(plugin: &Arc<LoadedPlugin>) -> Result<WorkerPlugin, HostErro
     }));
     let instance = Rc::new(RefCell::new(started));
     spawn_root_driver(plugin, &instance);
-    let entry = WorkerPlugin { instance, calls };
+    let entry = Rc::new(WorkerPlugin {
+        plugin: plugin.clone(),
+        instance,
+        calls,
+    });
     INSTANCES.with(|c| c.borrow_mut().insert(plugin.revision, entry.clone()));
     Ok(entry)
 }
