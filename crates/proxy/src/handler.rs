@@ -1201,7 +1201,47 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::{HOP_BY_HOP, is_hop_by_hop, origin_form, request_id_text};
+    use std::sync::Arc;
+
+    use super::{
+        HOP_BY_HOP, REQUEST_ID_BLOCK, is_hop_by_hop, next_request_number, origin_form,
+        request_id_text, worker_copy,
+    };
+
+    #[test]
+    fn request_numbers_are_unique_across_workers_and_blocks() {
+        // More than one block per thread, so each takes a second block while the others
+        // take theirs.
+        let per_thread = REQUEST_ID_BLOCK as usize + 10;
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..per_thread)
+                        .map(|_| next_request_number())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n);
+    }
+
+    #[test]
+    fn worker_copy_is_a_separate_allocation_that_follows_its_source() {
+        let a: Arc<str> = Arc::from("node-a");
+        let copy = worker_copy(&a);
+        assert_eq!(&*copy, "node-a");
+        assert!(!Arc::ptr_eq(&copy, &a));
+        assert!(Arc::ptr_eq(&copy, &worker_copy(&a)), "one copy per worker");
+        let b: Arc<str> = Arc::from("node-b");
+        assert_eq!(&*worker_copy(&b), "node-b");
+    }
 
     #[test]
     fn the_upstream_gets_the_origin_form_of_any_request_target() {
