@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,8 +25,6 @@ use waystone_model::snapshot::Snapshot;
 use waystone_wasm::{GrpcTarget, HeaderMap, HttpCallResponse, PendingCallout};
 
 use crate::routing;
-
-static PICKS: AtomicUsize = AtomicUsize::new(0);
 
 /// Largest callout response body kept (larger ones are a failure, as Envoy's buffer limit).
 const MAX_CALLOUT_BODY: usize = 16 << 20;
@@ -83,7 +80,7 @@ impl Resolver {
         if endpoints.is_empty() {
             return None;
         }
-        let n = PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = crate::routing::worker_picks(|p| p.next());
         Some(endpoints[n % endpoints.len()])
     }
 }

@@ -647,7 +647,8 @@ async fn serve_tcp(
         .iter()
         .find(|r| !r.backends.is_empty())
         .and_then(|route| {
-            let backend = crate::routing::pick_backend(&route.backends, &TCP_PICKS)?;
+            let backend =
+                crate::routing::worker_picks(|p| crate::routing::pick_backend(&route.backends, p))?;
             let service = rt.snapshot.service(&backend.service)?;
             let port = service.ports.iter().find(|p| p.port == backend.port)?;
             Some((route, service, port))
@@ -676,7 +677,9 @@ async fn serve_tcp(
         chain.end(waystone_wasm::PeerType::Local);
         return;
     }
-    let endpoint = target.and_then(|(_, _, port)| crate::routing::pick_endpoint(port, &TCP_PICKS));
+    let endpoint = target.and_then(|(_, _, port)| {
+        crate::routing::worker_picks(|p| crate::routing::pick_endpoint(port, p))
+    });
     // Runs once the plugins let the connection through (a plugin may hold its new
     // connection until its root context resumes it).
     let connect = || async move {
@@ -694,8 +697,6 @@ async fn serve_tcp(
     };
     crate::tcp::serve(socket, chain, connect, Some(drain)).await;
 }
-
-static TCP_PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The HBONE server and waypoint for a connection on a waypoint listener of protocol HBONE,
 /// when the data plane terminates HBONE; `None` serves plain HTTP/h2c.

@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -72,7 +72,6 @@ pub struct HandlerSettings {
     pub(crate) observer: Arc<Observer>,
 }
 
-static PICKS: AtomicUsize = AtomicUsize::new(0);
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Where a request goes after routing: a service port, and the plugin chain that applies.
@@ -317,7 +316,7 @@ fn select_target<'a, B>(
             };
             let route = routing::match_route(l, &view)
                 .ok_or_else(|| LocalReply::text(404, "route_not_found", "no route matched\n"))?;
-            let backend = routing::pick_backend(&route.backends, &PICKS)
+            let backend = routing::worker_picks(|p| routing::pick_backend(&route.backends, p))
                 .ok_or_else(|| LocalReply::text(500, "no_backend", "route has no backend\n"))?;
             let service = snapshot.service(&backend.service).ok_or_else(|| {
                 LocalReply::text(
@@ -445,7 +444,8 @@ async fn proxy(
 
     if target.chain.is_empty() {
         // No plugins: stream straight through, no conversions.
-        let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
+        let Some(endpoint) = routing::worker_picks(|p| routing::pick_endpoint(target.port, p))
+        else {
             return reply_response(no_endpoint(target.service));
         };
         facts.upstream_host = Some(endpoint);
@@ -501,7 +501,7 @@ async fn proxy(
         Outcome::Reset(reset) => return reset_through_chain(run, reset),
     }
 
-    let Some(endpoint) = routing::pick_endpoint(target.port, &PICKS) else {
+    let Some(endpoint) = routing::worker_picks(|p| routing::pick_endpoint(target.port, p)) else {
         return local_reply_through_chain(run, no_endpoint(target.service)).await;
     };
     facts.upstream_host = Some(endpoint);

@@ -1,7 +1,7 @@
 //! Pure routing decisions: which route, which service, which endpoint.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use waystone_model::snapshot::{
     Backend, HeaderMatch, ListenerConfig, PathMatch, RouteConfig, RouteMatch, ServiceConfig,
@@ -158,13 +158,47 @@ fn prefix_match(path: &str, prefix: &str) -> bool {
     path == prefix || (path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/')
 }
 
-/// Picks one backend by weight (`counter` spreads successive picks).
-pub fn pick_backend<'a>(backends: &'a [Backend], counter: &AtomicUsize) -> Option<&'a Backend> {
+/// One worker's count of its picks, which spreads successive picks over backends and
+/// endpoints. Each worker counts its own, from a random start (as each Envoy worker keeps its
+/// own load-balancer state): one counter shared by the workers was an atomic add on a cache
+/// line every core writes, twice a request.
+pub struct Picks(Cell<usize>);
+
+impl Picks {
+    pub fn new() -> Self {
+        Picks(Cell::new(rand::random()))
+    }
+
+    /// The next pick's number.
+    pub fn next(&self) -> usize {
+        let n = self.0.get();
+        self.0.set(n.wrapping_add(1));
+        n
+    }
+}
+
+impl Default for Picks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+thread_local! {
+    static WORKER_PICKS: Picks = Picks::new();
+}
+
+/// Runs `f` with this worker's [`Picks`].
+pub fn worker_picks<R>(f: impl FnOnce(&Picks) -> R) -> R {
+    WORKER_PICKS.with(f)
+}
+
+/// Picks one backend by weight (`picks` spreads successive picks).
+pub fn pick_backend<'a>(backends: &'a [Backend], picks: &Picks) -> Option<&'a Backend> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
     }
-    let mut n = (counter.fetch_add(1, Ordering::Relaxed) as u64) % total;
+    let mut n = (picks.next() as u64) % total;
     for b in backends {
         let w = u64::from(b.weight);
         if n < w {
@@ -176,11 +210,11 @@ pub fn pick_backend<'a>(backends: &'a [Backend], counter: &AtomicUsize) -> Optio
 }
 
 /// Picks one endpoint round-robin.
-pub fn pick_endpoint(port: &ServicePortConfig, counter: &AtomicUsize) -> Option<SocketAddr> {
+pub fn pick_endpoint(port: &ServicePortConfig, picks: &Picks) -> Option<SocketAddr> {
     if port.endpoints.is_empty() {
         return None;
     }
-    let i = counter.fetch_add(1, Ordering::Relaxed) % port.endpoints.len();
+    let i = picks.next() % port.endpoints.len();
     Some(port.endpoints[i])
 }
 
@@ -381,7 +415,7 @@ mod tests {
             weight: w,
         };
         let backends = vec![b("a", 1), b("b", 3), b("c", 0)];
-        let c = AtomicUsize::new(0);
+        let c = Picks(Cell::new(0));
         let picks: Vec<_> = (0..8)
             .map(|_| pick_backend(&backends, &c).unwrap().service.name.clone())
             .collect();

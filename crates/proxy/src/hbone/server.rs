@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -35,8 +34,6 @@ pub(crate) enum Plan {
     /// through the port's NETWORK plugins (if any).
     Tcp(SocketAddr, Vec<PluginId>),
 }
-
-static PICKS: AtomicUsize = AtomicUsize::new(0);
 
 /// Decides how the waypoint serves a CONNECT to `authority`, or the status refusing it.
 pub(crate) fn plan(
@@ -75,7 +72,7 @@ pub(crate) fn plan(
     let network_chain = port_chain
         .map(|p| p.network_chain.clone())
         .unwrap_or_default();
-    routing::pick_endpoint(port, &PICKS)
+    routing::worker_picks(|p| routing::pick_endpoint(port, p))
         .map(|endpoint| Plan::Tcp(endpoint, network_chain))
         .ok_or_else(|| {
             (
