@@ -467,11 +467,9 @@ async fn proxy(
         source: Some(conn.peer),
         destination: Some(conn.local),
         connection_id: conn.id,
-        request_id: parts
-            .headers
-            .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        // `request.id` is read from the x-request-id the plugins see (set above when the
+        // client sent none), as Envoy reads it from the request headers.
+        request_id: None,
         protocol: protocol_name(parts.version),
         start_time: Some(std::time::SystemTime::now()),
         route_name: target.route.map(route_name).unwrap_or_default(),

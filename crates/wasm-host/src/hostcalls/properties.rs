@@ -203,7 +203,10 @@ fn connection_property(props: &StreamProperties, seg: &[&[u8]]) -> Option<Option
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::types::{AbiVersion, HttpStream, PluginSpec};
 
     #[test]
     fn path_forms() {
@@ -215,5 +218,35 @@ mod tests {
             vec![&b"request"[..], b"headers", b"x.y"]
         );
         assert_eq!(segments(b"plugin_name"), vec![&b"plugin_name"[..]]);
+    }
+
+    #[test]
+    fn request_id_is_the_embedders_or_else_the_request_header() {
+        let spec = Arc::new(PluginSpec {
+            name: "p".into(),
+            root_id: String::new(),
+            vm_id: String::new(),
+            plugin_configuration: Vec::new(),
+            vm_configuration: Vec::new(),
+            env: Vec::new(),
+        });
+        let mut state = HostState::new(spec, AbiVersion::V0_2_1, Arc::default(), 1 << 20);
+        let mut stream = HttpStream::default();
+        stream
+            .request_headers
+            .add("x-request-id", "from-the-header");
+        state.stream = Some(stream);
+        // The data plane leaves the property unset: the header the plugins see answers.
+        assert_eq!(
+            get_property(&state, b"request\0id").as_deref(),
+            Some(&b"from-the-header"[..])
+        );
+        if let Some(s) = state.stream.as_mut() {
+            s.properties.request_id = Some("set-by-embedder".into());
+        }
+        assert_eq!(
+            get_property(&state, b"request\0id").as_deref(),
+            Some(&b"set-by-embedder"[..])
+        );
     }
 }
