@@ -478,8 +478,9 @@ async fn proxy(
         ..Default::default()
     };
     crate::hbone::annotate(&mut properties);
+    let (request_headers, te_trailers) = request_to_wasm(&parts, &authority);
     let stream = HttpStream::from(StreamData {
-        request_headers: request_to_wasm(&parts, &authority),
+        request_headers,
         properties,
         ..Default::default()
     });
@@ -487,12 +488,7 @@ async fn proxy(
     run.spans = facts.spans.clone();
     let request_eos = body.is_end_stream();
     // An HTTP/1.1 client gets response trailers only if it said it takes them (hyper's rule).
-    let client_takes_trailers = parts.version == http::Version::HTTP_2
-        || parts
-            .headers
-            .get_all(http::header::TE)
-            .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let client_takes_trailers = parts.version == http::Version::HTTP_2 || te_trailers;
     match run.request_headers(target.chain, rt, request_eos).await {
         Outcome::Continue => {}
         Outcome::Respond(reply) => return local_reply_through_chain(run, reply).await,
@@ -968,7 +964,9 @@ fn is_hop_by_hop(name: &str) -> bool {
     matches!(name.len(), 2 | 7 | 10 | 16 | 17) && HOP_BY_HOP.contains(&name)
 }
 
-fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders {
+/// The request head as plugins see it, and whether the client sent `te: trailers` (noted on
+/// the way instead of looked up again).
+fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> (WasmHeaders, bool) {
     let path = parts
         .uri
         .path_and_query()
@@ -983,11 +981,13 @@ fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders
     h.add_exact(":path", path);
     h.add_exact(":method", method);
     h.add_exact(":scheme", scheme);
+    let mut takes_trailers = false;
     for (name, value) in &parts.headers {
         // Envoy folds Host into :authority; plugins never see a `host` entry. `te: trailers`
         // is the one hop-by-hop value Envoy keeps.
         let te_trailers =
             name == http::header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        takes_trailers |= te_trailers;
         if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
             continue;
         }
@@ -995,7 +995,7 @@ fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> WasmHeaders
         h.add_exact(name.as_str(), value.as_bytes());
     }
     h.mark_unmodified();
-    h
+    (h, takes_trailers)
 }
 
 type RequestHead = (http::Method, String, String, http::HeaderMap);
