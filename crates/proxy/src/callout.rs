@@ -80,7 +80,7 @@ impl Resolver {
         if endpoints.is_empty() {
             return None;
         }
-        let n = crate::routing::worker_picks(|p| p.next());
+        let n = crate::routing::next_endpoint_pick();
         Some(endpoints[n % endpoints.len()])
     }
 }

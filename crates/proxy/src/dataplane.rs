@@ -647,8 +647,7 @@ async fn serve_tcp(
         .iter()
         .find(|r| !r.backends.is_empty())
         .and_then(|route| {
-            let backend =
-                crate::routing::worker_picks(|p| crate::routing::pick_backend(&route.backends, p))?;
+            let backend = crate::routing::pick_backend_here(&route.backends)?;
             let service = rt.snapshot.service(&backend.service)?;
             let port = service.ports.iter().find(|p| p.port == backend.port)?;
             Some((route, service, port))
@@ -677,9 +676,7 @@ async fn serve_tcp(
         chain.end(waystone_wasm::PeerType::Local);
         return;
     }
-    let endpoint = target.and_then(|(_, _, port)| {
-        crate::routing::worker_picks(|p| crate::routing::pick_endpoint(port, p))
-    });
+    let endpoint = target.and_then(|(_, _, port)| crate::routing::pick_endpoint_here(port));
     // Runs once the plugins let the connection through (a plugin may hold its new
     // connection until its root context resumes it).
     let connect = || async move {

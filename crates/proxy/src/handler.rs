@@ -316,7 +316,7 @@ fn select_target<'a, B>(
             };
             let route = routing::match_route(l, &view)
                 .ok_or_else(|| LocalReply::text(404, "route_not_found", "no route matched\n"))?;
-            let backend = routing::worker_picks(|p| routing::pick_backend(&route.backends, p))
+            let backend = routing::pick_backend_here(&route.backends)
                 .ok_or_else(|| LocalReply::text(500, "no_backend", "route has no backend\n"))?;
             let service = snapshot.service(&backend.service).ok_or_else(|| {
                 LocalReply::text(
@@ -444,8 +444,7 @@ async fn proxy(
 
     if target.chain.is_empty() {
         // No plugins: stream straight through, no conversions.
-        let Some(endpoint) = routing::worker_picks(|p| routing::pick_endpoint(target.port, p))
-        else {
+        let Some(endpoint) = routing::pick_endpoint_here(target.port) else {
             return reply_response(no_endpoint(target.service));
         };
         facts.upstream_host = Some(endpoint);
@@ -495,7 +494,7 @@ async fn proxy(
         Outcome::Reset(reset) => return reset_through_chain(run, reset),
     }
 
-    let Some(endpoint) = routing::worker_picks(|p| routing::pick_endpoint(target.port, p)) else {
+    let Some(endpoint) = routing::pick_endpoint_here(target.port) else {
         return local_reply_through_chain(run, no_endpoint(target.service)).await;
     };
     facts.upstream_host = Some(endpoint);

@@ -184,12 +184,26 @@ impl Default for Picks {
 }
 
 thread_local! {
-    static WORKER_PICKS: Picks = Picks::new();
+    static BACKEND_PICKS: Picks = Picks::new();
+    static ENDPOINT_PICKS: Picks = Picks::new();
 }
 
-/// Runs `f` with this worker's [`Picks`].
-pub fn worker_picks<R>(f: impl FnOnce(&Picks) -> R) -> R {
-    WORKER_PICKS.with(f)
+/// Picks one of `backends` by weight, with this worker's backend count.
+pub fn pick_backend_here(backends: &[Backend]) -> Option<&Backend> {
+    BACKEND_PICKS.with(|p| pick_backend(backends, p))
+}
+
+/// Picks one endpoint of `port` round-robin, with this worker's endpoint count. Backends and
+/// endpoints are counted apart: a request that picks both would otherwise take two numbers of
+/// one count, and with an even number of endpoints land on every other one only.
+pub fn pick_endpoint_here(port: &ServicePortConfig) -> Option<SocketAddr> {
+    ENDPOINT_PICKS.with(|p| pick_endpoint(port, p))
+}
+
+/// The next number of this worker's endpoint count (callouts spread over an upstream's
+/// endpoints with it).
+pub fn next_endpoint_pick() -> usize {
+    ENDPOINT_PICKS.with(Picks::next)
 }
 
 /// Picks one backend by weight (`picks` spreads successive picks).
@@ -422,5 +436,33 @@ mod tests {
         assert_eq!(picks.iter().filter(|n| *n == "a").count(), 2);
         assert_eq!(picks.iter().filter(|n| *n == "b").count(), 6);
         assert!(pick_backend(&[b("z", 0)], &c).is_none());
+    }
+
+    #[test]
+    fn requests_that_pick_a_backend_still_spread_over_every_endpoint() {
+        // Each request picks a backend (one HTTPRoute backend) and then an endpoint of its
+        // port: with one count for both, two endpoints would get every other number, the same
+        // endpoint each time.
+        let backends = vec![Backend {
+            service: ObjectKey::new("d", "svc"),
+            port: 80,
+            weight: 1,
+        }];
+        let port = ServicePortConfig {
+            name: None,
+            port: 80,
+            protocol: "TCP".into(),
+            app_protocol: None,
+            endpoints: vec![
+                "10.0.0.1:80".parse().unwrap(),
+                "10.0.0.2:80".parse().unwrap(),
+            ],
+        };
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..10 {
+            pick_backend_here(&backends).unwrap();
+            *seen.entry(pick_endpoint_here(&port).unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(seen.values().copied().collect::<Vec<_>>(), vec![5, 5]);
     }
 }

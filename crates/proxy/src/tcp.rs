@@ -144,7 +144,7 @@ impl L4Chain {
         };
         for id in chain {
             let plugin = match rt.plugins.get(id) {
-                Some(PluginSlot::Ready(p)) => p.clone(),
+                Some(PluginSlot::Ready(p)) => p,
                 Some(PluginSlot::Failed {
                     fail_strategy: FailStrategy::FailOpen,
                     ..
@@ -158,9 +158,9 @@ impl L4Chain {
                     return (this, Some(CloseReason::Fault));
                 }
             };
-            let worker = match worker::instance_for(&plugin) {
+            let worker = match worker::instance_for(plugin) {
                 Ok(w) => w,
-                Err(err) => match fails_closed(&plugin, &err) {
+                Err(err) => match fails_closed(plugin, &err) {
                     true => return (this, Some(CloseReason::Fault)),
                     false => continue,
                 },

@@ -72,7 +72,7 @@ pub(crate) fn plan(
     let network_chain = port_chain
         .map(|p| p.network_chain.clone())
         .unwrap_or_default();
-    routing::worker_picks(|p| routing::pick_endpoint(port, p))
+    routing::pick_endpoint_here(port)
         .map(|endpoint| Plan::Tcp(endpoint, network_chain))
         .ok_or_else(|| {
             (
