@@ -308,3 +308,53 @@ async fn gateway_runs_the_chain_and_swaps_config_atomically() {
     dp.shutdown(std::time::Duration::from_secs(2)).await;
     let _ = http_body_util::Empty::<Bytes>::new().collect().await;
 }
+
+/// A backend on `addr` that answers with the address it serves on.
+async fn named_backend(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let svc = service_fn(
+                move |_req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = Full::new(Bytes::from(format!("served by {addr}")));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_spreads_requests_over_every_endpoint() {
+    // Two endpoints of one Service, on two loopback addresses with one port.
+    let base = net();
+    let IpAddr::V4(v4) = base else { unreachable!() };
+    let [a, b, c, _] = v4.octets();
+    let (ip1, ip2) = (IpAddr::from([a, b, c, 11]), IpAddr::from([a, b, c, 12]));
+    let (e1, e2) = loop {
+        let e1 = named_backend(SocketAddr::new(ip1, 0)).await.unwrap();
+        if let Ok(e2) = named_backend(SocketAddr::new(ip2, e1.port())).await {
+            break (e1, e2);
+        }
+    };
+    let yaml = support::manifests_with_endpoints(&[e1, e2], &[("lb", 18081, None)]);
+    // One worker: every request is picked by the same worker, one after the other.
+    let dp = support::dataplane(base, 1).await;
+    let addr = support::apply(&dp, support::runtime(&yaml, |_| unreachable!()), "lb").await;
+    let mut served = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let (status, text) = get(addr, "/", "example.com", None).await;
+        assert_eq!(status, 200, "{text}");
+        let by = text.rsplit("served by ").next().unwrap().to_string();
+        *served.entry(by).or_insert(0) += 1;
+    }
+    let want = [(e1.to_string(), 5), (e2.to_string(), 5)].into();
+    assert_eq!(served, want);
+    dp.shutdown(std::time::Duration::from_secs(2)).await;
+}

@@ -113,6 +113,17 @@ pub type GatewaySpec<'a> = (&'a str, u16, Option<(&'a str, &'a str)>);
 /// HTTPRoute to the service and (when `plugin` is set) a WasmPlugin `<gateway>-plugin` with
 /// that `failStrategy` and `pluginConfig` (inline YAML).
 pub fn manifests(backend: SocketAddr, gateways: &[GatewaySpec<'_>]) -> String {
+    manifests_with_endpoints(&[backend], gateways)
+}
+
+/// [`manifests`] with one endpoint of the service per address of `backends` (all on the first
+/// one's port: an EndpointSlice names one port for all its addresses).
+pub fn manifests_with_endpoints(backends: &[SocketAddr], gateways: &[GatewaySpec<'_>]) -> String {
+    let addresses = backends
+        .iter()
+        .map(|b| format!(r#"{{addresses: ["{}"]}}"#, b.ip()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut out = format!(
         r#"
 apiVersion: v1
@@ -128,11 +139,10 @@ metadata:
   namespace: default
   labels: {{kubernetes.io/service-name: app}}
 addressType: IPv4
-endpoints: [{{addresses: ["{ip}"]}}]
+endpoints: [{addresses}]
 ports: [{{name: http, port: {port}}}]
 "#,
-        ip = backend.ip(),
-        port = backend.port()
+        port = backends[0].port()
     );
     for (gw, port, plugin) in gateways {
         out.push_str(&format!(
