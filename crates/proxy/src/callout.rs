@@ -390,7 +390,7 @@ fn on_input(
 /// `events` as they arrive, and returns the trailing metadata and close status. Dropping the
 /// task (cancel, or the owning context ended) resets the h2 stream.
 pub async fn grpc_stream(
-    resolver: Resolver,
+    resolver: &Resolver,
     call: GrpcTarget,
     mut input: tokio::sync::mpsc::UnboundedReceiver<GrpcStreamInput>,
     events: GrpcEvents,

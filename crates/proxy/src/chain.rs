@@ -659,7 +659,8 @@ impl ChainRun {
         if calls.is_empty() && grpc.is_empty() {
             return;
         }
-        let Some(resolver) = self.resolver.as_deref().cloned() else {
+        // Each callout's task holds the request's resolver by `Rc`.
+        let Some(resolver) = self.resolver.clone() else {
             return;
         };
         for call in calls {
@@ -703,7 +704,7 @@ impl ChainRun {
                     let resolver = resolver.clone();
                     let handle = spawn_callout(&mut self.callouts, async move {
                         let outcome =
-                            callout::grpc_stream(resolver, call, rx, events, idx, token).await;
+                            callout::grpc_stream(&resolver, call, rx, events, idx, token).await;
                         (idx, Answer::Grpc(token, outcome))
                     });
                     self.grpc_calls.insert(token, handle);

@@ -162,24 +162,18 @@ fn prefix_match(path: &str, prefix: &str) -> bool {
 /// endpoints. Each worker counts its own, from a random start (as each Envoy worker keeps its
 /// own load-balancer state): one counter shared by the workers was an atomic add on a cache
 /// line every core writes, twice a request.
-pub struct Picks(Cell<usize>);
+struct Picks(Cell<usize>);
 
 impl Picks {
-    pub fn new() -> Self {
+    fn new() -> Self {
         Picks(Cell::new(rand::random()))
     }
 
     /// The next pick's number.
-    pub fn next(&self) -> usize {
+    fn next(&self) -> usize {
         let n = self.0.get();
         self.0.set(n.wrapping_add(1));
         n
-    }
-}
-
-impl Default for Picks {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -207,7 +201,7 @@ pub fn next_endpoint_pick() -> usize {
 }
 
 /// Picks one backend by weight (`picks` spreads successive picks).
-pub fn pick_backend<'a>(backends: &'a [Backend], picks: &Picks) -> Option<&'a Backend> {
+fn pick_backend<'a>(backends: &'a [Backend], picks: &Picks) -> Option<&'a Backend> {
     let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return None;
@@ -224,7 +218,7 @@ pub fn pick_backend<'a>(backends: &'a [Backend], picks: &Picks) -> Option<&'a Ba
 }
 
 /// Picks one endpoint round-robin.
-pub fn pick_endpoint(port: &ServicePortConfig, picks: &Picks) -> Option<SocketAddr> {
+fn pick_endpoint(port: &ServicePortConfig, picks: &Picks) -> Option<SocketAddr> {
     if port.endpoints.is_empty() {
         return None;
     }

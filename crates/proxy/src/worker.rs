@@ -346,7 +346,7 @@ fn spawn_root_driver(plugin: &Arc<LoadedPlugin>, instance: &SharedInstance) {
                             let handle = in_flight.spawn_local(async move {
                                 Done::Grpc(
                                     token,
-                                    callout::grpc_stream(r, call, rx, events, 0, token).await,
+                                    callout::grpc_stream(&r, call, rx, events, 0, token).await,
                                 )
                             });
                             stream_tasks.insert(token, handle);
