@@ -5,6 +5,7 @@
 //! The decisions live in [`rules`]; this file only moves data between the
 //! host and them.
 
+pub mod pool;
 pub mod rules;
 
 use std::rc::Rc;
@@ -13,6 +14,11 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use rules::{Config, Decision, Request};
+
+/// Per-request allocations come from free lists by size class (see [`pool`]).
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: pool::Pool<std::alloc::System> = pool::Pool::new(std::alloc::System);
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
