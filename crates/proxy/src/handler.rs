@@ -602,6 +602,7 @@ async fn proxy(
     // looks at it, up to the last callback (`proxy_on_log`), and handed back after that.
     let head = Arc::new(UpstreamHead {
         status: rparts.status,
+        count: 1 + rparts.headers.len() - rbody.head_hop_by_hop(),
         headers: std::mem::take(&mut rparts.headers),
     });
     run.stream.response_source = Some(head.clone());
@@ -871,15 +872,16 @@ fn snapshot_name<T>(
 }
 
 fn ensure_request_id(headers: &mut http::HeaderMap) {
-    if headers.contains_key(&X_REQUEST_ID) {
+    // One hash of the name for the lookup and the insertion.
+    let http::header::Entry::Vacant(slot) = headers.entry(&X_REQUEST_ID) else {
         return;
-    }
+    };
     let n = next_request_number();
     let r: u64 = rand::random();
     let id = request_id_text(r, n);
     // Only hex digits and dashes: always a valid header value.
     if let Ok(v) = HeaderValue::from_bytes(&id) {
-        headers.insert(X_REQUEST_ID.clone(), v);
+        slot.insert(v);
     }
 }
 
@@ -959,7 +961,7 @@ const HOP_BY_HOP: &[&str] = &[
 
 /// Whether `name` is hop-by-hop. Most names are ruled out by their length alone: this runs
 /// for every header of every request and response.
-fn is_hop_by_hop(name: &str) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     matches!(name.len(), 2 | 7 | 10 | 16 | 17) && HOP_BY_HOP.contains(&name)
 }
 
@@ -1047,17 +1049,15 @@ fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
 #[derive(Debug)]
 struct UpstreamHead {
     status: StatusCode,
+    /// What the plugins are told: `:status` and the entries whose names are not hop-by-hop
+    /// (counted by the upstream parser).
+    count: usize,
     headers: http::HeaderMap,
 }
 
 impl HeaderSource for UpstreamHead {
     fn count(&self) -> usize {
-        let hop_by_hop = self
-            .headers
-            .iter()
-            .filter(|(name, _)| is_hop_by_hop(name.as_str()))
-            .count();
-        1 + self.headers.len() - hop_by_hop
+        self.count
     }
 
     fn fill(&self, into: &mut WasmHeaders) {
@@ -1201,9 +1201,29 @@ mod tests {
     use std::sync::Arc;
 
     use super::{
-        HOP_BY_HOP, REQUEST_ID_BLOCK, is_hop_by_hop, next_request_number, origin_form,
-        request_id_text, worker_copy,
+        HOP_BY_HOP, REQUEST_ID_BLOCK, X_REQUEST_ID, ensure_request_id, is_hop_by_hop,
+        next_request_number, origin_form, request_id_text, worker_copy,
     };
+
+    #[test]
+    fn a_request_without_an_id_gets_one_and_a_client_id_is_kept() {
+        let mut headers = http::HeaderMap::new();
+        ensure_request_id(&mut headers);
+        let given = headers.get(&X_REQUEST_ID).expect("an id").to_str().unwrap();
+        assert_eq!(given.len(), 36, "{given}");
+        assert_eq!(&given[14..15], "4", "UUID version 4: {given}");
+        ensure_request_id(&mut headers);
+        let mut other = http::HeaderMap::new();
+        ensure_request_id(&mut other);
+        assert_ne!(other.get(&X_REQUEST_ID), headers.get(&X_REQUEST_ID));
+
+        let mut client = http::HeaderMap::new();
+        client.insert("x-request-id", "from-the-client".parse().unwrap());
+        ensure_request_id(&mut client);
+        let ids: Vec<_> = client.get_all(&X_REQUEST_ID).iter().collect();
+        assert_eq!(ids, ["from-the-client"]);
+        assert_eq!(headers.get_all(&X_REQUEST_ID).iter().count(), 1, "set once");
+    }
 
     #[test]
     fn request_numbers_are_unique_across_workers_and_blocks() {

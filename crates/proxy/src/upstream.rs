@@ -34,7 +34,7 @@ use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
 use tokio_util::either::Either;
 
-use crate::handler::{Body, BoxError};
+use crate::handler::{Body, BoxError, is_hop_by_hop};
 use crate::hbone::client::{Upstream, connect_endpoint};
 use crate::metrics::KeyMap;
 
@@ -102,26 +102,28 @@ struct Conn {
 struct NameMemo {
     /// The names' bytes, one after another.
     raw: Vec<u8>,
-    /// Where each name ends in `raw`, and the name parsed.
-    names: Vec<(u32, HeaderName)>,
+    /// Where each name ends in `raw`, the name parsed, and whether it is hop-by-hop.
+    names: Vec<(u32, HeaderName, bool)>,
 }
 
 impl NameMemo {
     /// The `i`th name of a response whose names before it were just looked up here: the
     /// name remembered if the previous response had exactly `raw` there, else `raw` parsed
-    /// and remembered in place of the `i`th name and every name after it.
-    fn name(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, &'static str> {
+    /// and remembered in place of the `i`th name and every name after it. With the name,
+    /// whether it is hop-by-hop ([`is_hop_by_hop`]).
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<(HeaderName, bool), &'static str> {
         // Where the names before `i` end: they matched or were just remembered.
         let start = match i {
             0 => Some(0),
             _ => self.names.get(i - 1).map(|e| e.0 as usize),
         };
-        if let (Some(start), Some((end, name))) = (start, self.names.get(i))
+        if let (Some(start), Some((end, name, hop))) = (start, self.names.get(i))
             && self.raw.get(start..*end as usize) == Some(raw)
         {
-            return Ok(name.clone());
+            return Ok((name.clone(), *hop));
         }
         let name = HeaderName::from_bytes(raw).map_err(|_| "invalid header name")?;
+        let hop = is_hop_by_hop(name.as_str());
         if let Some(start) = start
             && i < NAMES_REMEMBERED
             && start + raw.len() <= NAME_BYTES_REMEMBERED
@@ -129,9 +131,9 @@ impl NameMemo {
             self.names.truncate(i);
             self.raw.truncate(start);
             self.raw.extend_from_slice(raw);
-            self.names.push((self.raw.len() as u32, name.clone()));
+            self.names.push((self.raw.len() as u32, name.clone(), hop));
         }
-        Ok(name)
+        Ok((name, hop))
     }
 }
 
@@ -460,6 +462,8 @@ struct Head {
     has_transfer_encoding: bool,
     has_content_length: bool,
     has_connection: bool,
+    /// How many of the entries have a hop-by-hop name.
+    hop_by_hop: usize,
 }
 
 /// Writes the request and reads the response head; the body is left to [`UpstreamBody`].
@@ -577,6 +581,7 @@ async fn exchange(
         endpoint,
         reusable,
         writer: writer_task,
+        head_hop_by_hop: head.hop_by_hop,
     };
     if body.framing == RespFraming::Done || body.framing == RespFraming::Length(0) {
         body.framing = RespFraming::Done;
@@ -650,8 +655,10 @@ fn parse_head(buf: &mut BytesMut, names: &mut NameMemo) -> Result<Option<Head>, 
     let bytes = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     let (mut te, mut cl, mut connection) = (false, false, false);
+    let mut hop_by_hop = 0;
     for (i, &(n0, n1, v0, v1)) in spans[..count].iter().enumerate() {
-        let name = names.name(i, &bytes[n0 as usize..n1 as usize])?;
+        let (name, hop) = names.name(i, &bytes[n0 as usize..n1 as usize])?;
+        hop_by_hop += usize::from(hop);
         te |= name == http::header::TRANSFER_ENCODING;
         cl |= name == http::header::CONTENT_LENGTH;
         connection |= name == http::header::CONNECTION;
@@ -666,6 +673,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut NameMemo) -> Result<Option<Head>, 
         has_transfer_encoding: te,
         has_content_length: cl,
         has_connection: connection,
+        hop_by_hop,
     }))
 }
 
@@ -721,9 +729,17 @@ pub struct UpstreamBody {
     reusable: bool,
     /// The request body still being written (see [`exchange`]); stopped with the response.
     writer: Option<tokio::task::JoinHandle<()>>,
+    /// How many entries of the response head have a hop-by-hop name.
+    head_hop_by_hop: usize,
 }
 
 impl UpstreamBody {
+    /// How many entries of the response head this body follows have a hop-by-hop name
+    /// (counted while parsing, so the plugins' header count costs no pass over the names).
+    pub fn head_hop_by_hop(&self) -> usize {
+        self.head_hop_by_hop
+    }
+
     /// The body has ended: the connection goes back to the pool if it can carry another
     /// exchange (keep-alive, the request fully written, nothing unexpected read).
     fn finish(&mut self) {
@@ -1070,6 +1086,7 @@ mod tests {
             parse("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-A: 1\r\nConnection: close\r\n\r\n")
                 .unwrap();
         assert!(first.has_content_length && first.has_connection && !first.has_transfer_encoding);
+        assert_eq!(first.hop_by_hop, 1, "connection");
         // Same names, other case, one changed and one added: every name is what parsing gives.
         let second = parse(
             "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nX-B: 2\r\nCONNECTION: close\r\nX-A: 3\r\n\r\n",
@@ -1096,15 +1113,31 @@ mod tests {
         .unwrap();
         assert_eq!(again.headers, second.headers);
         assert!(again.has_content_length && again.has_connection);
+        assert_eq!(
+            (second.hop_by_hop, again.hop_by_hop),
+            (1, 1),
+            "parsed, then remembered"
+        );
         // Fewer names, then a malformed head: refused as without a memo.
         let third = parse("HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert!(third.has_transfer_encoding && !third.has_content_length && !third.has_connection);
         assert_eq!(third.headers.len(), 1);
+        assert_eq!(third.hop_by_hop, 1, "transfer-encoding");
+        let many = parse(
+            "HTTP/1.1 200 OK\r\nKeep-Alive: 5\r\nX-A: 1\r\nTrailer: x\r\nUpgrade: h2c\r\n\
+             Proxy-Connection: close\r\nTE: trailers\r\nConnection: te\r\nServer: s\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(many.hop_by_hop, 6);
         assert!(parse("HTTP/1.1 200 OK\r\nTransfer-Encoding\x01: chunked\r\n\r\n").is_err());
         // What is remembered: the last good head's names, as written.
-        assert_eq!(names.raw, b"Transfer-Encoding");
-        assert_eq!(names.names.len(), 1);
-        assert_eq!(names.names[0].1, http::header::TRANSFER_ENCODING);
+        assert_eq!(names.names.len(), 8, "the last good head's names");
+        assert_eq!(names.names[0].1, "keep-alive");
+        assert_eq!(
+            names.names.iter().filter(|n| n.2).count(),
+            6,
+            "remembered as hop-by-hop"
+        );
     }
 
     #[test]
@@ -1115,10 +1148,16 @@ mod tests {
         }
         assert_eq!(memo.raw, b"ServerX-CustomDate");
         // Same bytes at the same place: the remembered name, nothing rewritten.
-        assert_eq!(memo.name(1, b"X-Custom").unwrap(), "x-custom");
+        assert_eq!(
+            memo.name(1, b"X-Custom").unwrap(),
+            (HeaderName::from_static("x-custom"), false)
+        );
         assert_eq!(memo.raw, b"ServerX-CustomDate");
         // Other bytes: parsed, and the memo from there on replaced.
-        assert_eq!(memo.name(1, b"x-custom").unwrap(), "x-custom");
+        assert_eq!(
+            memo.name(1, b"x-custom").unwrap(),
+            (HeaderName::from_static("x-custom"), false)
+        );
         assert_eq!(memo.raw, b"Serverx-custom");
         assert_eq!(memo.names.len(), 2);
         assert!(memo.name(2, b"bad name").is_err());

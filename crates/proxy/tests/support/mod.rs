@@ -76,11 +76,17 @@ impl Backend {
                             }
                             counter.fetch_add(1, Ordering::SeqCst);
                             let body = format!("{} {}", req.method(), req.uri().path());
+                            let mut resp =
+                                hyper::Response::builder().header("x-served-by", "backend");
+                            // Hop-by-hop names in the head, which plugins must not be shown
+                            // or counted (response_head.rs).
+                            if req.uri().path() == "/c" {
+                                resp = resp
+                                    .header("keep-alive", "timeout=5")
+                                    .header("connection", "keep-alive");
+                            }
                             Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .header("x-served-by", "backend")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
+                                resp.body(Full::new(Bytes::from(body))).unwrap(),
                             )
                         }
                     });
