@@ -109,9 +109,9 @@ pub enum PathMatch {
 impl PathMatch {
     fn matches(&self, path: &[u8]) -> bool {
         match self {
-            PathMatch::Prefix(p) => path.starts_with(p.as_bytes()),
-            PathMatch::Exact(p) => path == p.as_bytes(),
-            PathMatch::Suffix(p) => path.ends_with(p.as_bytes()),
+            PathMatch::Prefix(p) => starts_with(path, p.as_bytes()),
+            PathMatch::Exact(p) => same(path, p.as_bytes()),
+            PathMatch::Suffix(p) => ends_with(path, p.as_bytes()),
         }
     }
 }
@@ -138,9 +138,9 @@ impl HostMatch {
 
     fn matches(&self, host: &[u8]) -> bool {
         match self {
-            HostMatch::Suffix(s) => host.ends_with(s.as_bytes()),
-            HostMatch::Prefix(p) => host.starts_with(p.as_bytes()),
-            HostMatch::Exact(e) => host == e.as_bytes(),
+            HostMatch::Suffix(s) => ends_with(host, s.as_bytes()),
+            HostMatch::Prefix(p) => starts_with(host, p.as_bytes()),
+            HostMatch::Exact(e) => same(host, e.as_bytes()),
         }
     }
 }
@@ -158,7 +158,9 @@ pub struct Rule {
 
 impl Rule {
     fn applies_to(&self, request: &Request<'_>) -> bool {
-        self.methods.iter().any(|m| m.as_bytes() == request.method)
+        self.methods
+            .iter()
+            .any(|m| same(m.as_bytes(), request.method))
             && (self.hosts.is_empty() || {
                 let host = strip_port(request.authority);
                 self.hosts.iter().any(|h| h.matches(host))
@@ -167,9 +169,10 @@ impl Rule {
     }
 
     fn check(&self, authorization: &[u8]) -> Result<(), DenyReason> {
-        let Some(presented) = authorization.strip_prefix(BASIC_PREFIX) else {
+        if !starts_with(authorization, BASIC_PREFIX) {
             return Err(DenyReason::NoBasicCredentials);
-        };
+        }
+        let presented = &authorization[BASIC_PREFIX.len()..];
         // Visit every stored credential so the time taken does not reveal which
         // one (if any) shares a prefix with the presented value.
         let accepted = self.encoded_credentials.iter().fold(false, |acc, stored| {
@@ -311,6 +314,25 @@ impl Config {
         }
         Decision::Allow
     }
+}
+
+/// Whether `a == b`. The comparisons of a request against the rules are a few bytes each;
+/// on wasm32 `==` on slices is a call to compiler-builtins' `memcmp` (the backend does not
+/// expand it inline), and those calls were 320 of the 3,700 guest instructions of a request;
+/// inlined, these loops cost about 120 (callgrind).
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+#[inline]
+fn starts_with(s: &[u8], prefix: &[u8]) -> bool {
+    s.len() >= prefix.len() && same(&s[..prefix.len()], prefix)
+}
+
+#[inline]
+fn ends_with(s: &[u8], suffix: &[u8]) -> bool {
+    s.len() >= suffix.len() && same(&s[s.len() - suffix.len()..], suffix)
 }
 
 /// Drops a trailing `:port`, leaving bracketed IPv6 literals whole. Like
