@@ -8,6 +8,8 @@ counts exactly N keep-alive requests and dumps the profile:
     cargo build --release -p waystone
     python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000, or nginx 1000 (the peer)
     python3 scripts/callgrind-proxy.py auth 300 big # the bench's 64 KiB body instead of the small one
+    python3 scripts/callgrind-proxy.py auth 1000 cache  # also simulate the caches and branch
+                                                        # predictors: misses per request
     callgrind_annotate /tmp/waystone-cg.plain.out.1 | grep 'PROGRAM TOTALS'   # / N
 
 Instruction counts do not move with the load of a shared machine, unlike req/s. With a plugin,
@@ -37,7 +39,7 @@ def guest_functions(profile: str, perf_map: Path, n: int) -> None:
         syms.append((int(addr, 16), int(size, 16), name))
     syms.sort()
     starts = [s[0] for s in syms]
-    text = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no", profile],
+    text = subprocess.run(["callgrind_annotate", "--show=Ir", "--threshold=100", "--auto=no", profile],
                           capture_output=True, text=True, check=True).stdout
     by_name: dict[str, int] = {}
     for m in re.finditer(r"^\s*([\d,]+) \(.*?\)\s+\?\?\?:0x([0-9a-f]+)", text, re.M):
@@ -52,7 +54,8 @@ def guest_functions(profile: str, perf_map: Path, n: int) -> None:
 
 
 mode, n = sys.argv[1], int(sys.argv[2])
-big = sys.argv[3:] == ["big"]
+big = "big" in sys.argv[3:]
+cache = "cache" in sys.argv[3:]
 path = b.BIG_PATH if big else b.SMALL_PATH
 waystone = str(REPO / "target/release/waystone")
 work = Path(tempfile.mkdtemp(prefix="waystone-cg-"))
@@ -64,7 +67,7 @@ try:
     procs.append(backend)
     out = f"/tmp/waystone-cg.{mode}{'.big' if big else ''}.out"
     valgrind = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", f"--callgrind-out-file={out}",
-                "--instr-atstart=no"]
+                "--instr-atstart=no", *(["--cache-sim=yes", "--branch-sim=yes"] if cache else [])]
     if mode == "nginx":
         # The peer, counted the same way: nginx as the bench's plain reverse proxy, one process.
         conf, port, _ = b.nginx_proxy_conf(work, 1, port1)
@@ -95,6 +98,13 @@ try:
     run(n)
     ctl("-d")
     print(f"profile of {n} requests: {out}.1")
+    if cache:
+        totals = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", f"{out}.1"],
+                                capture_output=True, text=True, check=True).stdout
+        events = re.search(r"^Events shown:\s+(.*)$", totals, re.M).group(1).split()
+        values = re.search(r"^\s*(.*?)\s+PROGRAM TOTALS", totals, re.M).group(1)
+        values = [int(v.replace(",", "")) for v in re.findall(r"([\d,]+) \(", values)]
+        print("per request: " + "  ".join(f"{e} {v / n:,.0f}" for e, v in zip(events, values)))
     if mode == "auth":
         guest_functions(f"{out}.1", Path(f"/tmp/perf-{p.pid}.map"), n)
 finally:
