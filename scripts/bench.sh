@@ -24,8 +24,8 @@ ensure_packages nginx-light wrk nghttp2-client
 scripts/build-sdk-plugins.sh envoy >/dev/null
 envoy="$REPO/target/sdk-tools/py/envoy/_bin/envoy"
 scripts/build-plugins.sh
-log "cargo build --release"
-cargo build --release --locked -p waystone --quiet
+log "cargo build --profile production (fat LTO: the build measured is the one to run in production)"
+cargo build --profile production --locked -p waystone --quiet
 log "criterion: per-request Wasm cost"
 cargo bench --locked -p waystone-wasm --bench per_request --quiet -- --noplot 2>&1 | grep -E '^(per_request|\s+time:)' || true
 micro="${CARGO_TARGET_DIR:-$REPO/target}/criterion/per_request/basic_auth_allowed/new/estimates.json"
@@ -38,7 +38,7 @@ cached_ms=$(awk '$1 == "basic_auth" && $3 == "warm" { print $6 }' <<<"$loads")
 # nginx-light's package starts a system nginx on port 80; the benchmark runs its
 # own instances and needs none.
 python3 scripts/bench.py \
-    --waystone "${CARGO_TARGET_DIR:-$REPO/target}/release/waystone" \
+    --waystone "${CARGO_TARGET_DIR:-$REPO/target}/production/waystone" \
     --envoy "$envoy" \
     --wasm-dir "$REPO/target/wasm" \
     --micro "$micro" \

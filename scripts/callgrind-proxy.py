@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Instructions per request of the whole release proxy, under callgrind.
+"""Instructions per request of the whole proxy as built for production, under callgrind.
 
 Starts the bench backend (nginx) and `waystone up` (1 worker) under valgrind with
 instrumentation off, applies the bench manifest (no plugin, or basic_auth), warms up, then
 counts exactly N keep-alive requests and dumps the profile:
 
-    cargo build --release -p waystone
+    cargo build --profile production -p waystone
     python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000, or nginx 1000 (the peer)
     python3 scripts/callgrind-proxy.py auth 300 big # the bench's 64 KiB body instead of the small one
     python3 scripts/callgrind-proxy.py auth 1000 cache  # also simulate the caches and branch
@@ -57,7 +57,7 @@ mode, n = sys.argv[1], int(sys.argv[2])
 big = "big" in sys.argv[3:]
 cache = "cache" in sys.argv[3:]
 path = b.BIG_PATH if big else b.SMALL_PATH
-waystone = str(REPO / "target/release/waystone")
+waystone = str(REPO / "target/production/waystone")
 work = Path(tempfile.mkdtemp(prefix="waystone-cg-"))
 work.chmod(0o755)
 procs = []

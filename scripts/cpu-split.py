@@ -6,7 +6,7 @@ turn with `wrk` (the bench's small body, 32 connections) and prints req/s and th
 utime and stime per request from `/proc`. `--pin` puts the proxies on CPU 0 and `wrk` and
 the backend on CPU 1, so the proxy has a core of its own:
 
-    cargo build --release -p waystone && scripts/build-plugins.sh
+    cargo build --profile production -p waystone && scripts/build-plugins.sh
     python3 scripts/cpu-split.py --workers 1 --pin      # or without --pin: cores shared
 """
 import argparse
@@ -37,7 +37,7 @@ try:
     auth = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)]
     proxies = {}
     for name, plugins in (("plain", []), ("basic_auth", auth)):
-        p, port, _ = b.start_waystone(work, str(REPO / "target/release/waystone"), name,
+        p, port, _ = b.start_waystone(work, str(REPO / "target/production/waystone"), name,
                                       args.workers, port1, plugins)
         procs.append(p)
         proxies[name] = (p, port)
