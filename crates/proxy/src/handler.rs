@@ -86,13 +86,15 @@ struct Target<'a> {
 }
 
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     entry: &Entry,
     conn: ConnInfo,
     rt: Arc<RuntimeConfig>,
     settings: &HandlerSettings,
 ) -> Response<Body> {
     let started = std::time::Instant::now();
+    // Once per request, before either path below (with or without L7 telemetry).
+    ensure_request_id(req.headers_mut());
     let authority = request_authority(&req);
     // Through HBONE the CONNECT authority, not the inner Host, names the destination.
     let destination = crate::hbone::tunnel_destination();
@@ -121,7 +123,6 @@ pub async fn handle(
         .unwrap_or_else(|| metrics::label_set(gw, service));
     let format = observer.format_for(gw);
     let (mut parts, body) = req.into_parts();
-    ensure_request_id(&mut parts.headers);
     let grpc = parts
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -423,8 +424,8 @@ async fn proxy(
     settings: &HandlerSettings,
     facts: &mut Facts,
 ) -> Response<Body> {
+    // The x-request-id is in place already (`handle`).
     let (mut parts, body) = req.into_parts();
-    ensure_request_id(&mut parts.headers);
     // Istio's cluster name, only for the access log, spans and plugins.
     let cluster_name = || {
         snapshot_name(&rt.snapshot, target.port, || {
