@@ -12,6 +12,9 @@ counts exactly N keep-alive requests and dumps the profile:
                                                         # predictors: misses per request
     callgrind_annotate /tmp/waystone-cg.plain.out.1 | grep 'PROGRAM TOTALS'   # / N
 
+WAYSTONE_BIN=path/to/waystone profiles another build (e.g. two `release` builds side by side, which
+take minutes to build instead of the production build's quarter hour).
+
 Instruction counts do not move with the load of a shared machine, unlike req/s. With a plugin,
 the proxy writes a perf map (WAYSTONE_WASM_PERFMAP=1) and the script prints the instructions per
 request spent in guest code, by Wasm function (callgrind alone sees bare JIT addresses).
@@ -57,7 +60,7 @@ mode, n = sys.argv[1], int(sys.argv[2])
 big = "big" in sys.argv[3:]
 cache = "cache" in sys.argv[3:]
 path = b.BIG_PATH if big else b.SMALL_PATH
-waystone = str(REPO / "target/production/waystone")
+waystone = os.environ.get("WAYSTONE_BIN") or str(REPO / "target/production/waystone")
 work = Path(tempfile.mkdtemp(prefix="waystone-cg-"))
 work.chmod(0o755)
 procs = []

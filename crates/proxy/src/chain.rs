@@ -205,7 +205,13 @@ impl ChainRun {
         )
     }
 
+    /// When a callback that follows another one directly starts: when that one ended.
+    fn call_start_at(&self, at: Instant) -> CallStart {
+        CallStart(at, self.spans.as_ref().map(|_| SystemTime::now()))
+    }
+
     /// Records one callback of `plugin`: its outcome, latency and (when traced) its span.
+    /// Returns when it ended.
     fn observe(
         &self,
         plugin: &LoadedPlugin,
@@ -213,11 +219,12 @@ impl ChainRun {
         callback: Callback,
         start: CallStart,
         result: Result<bool, &HostError>,
-    ) {
+    ) -> Instant {
         let local = self.stream.local_response.as_ref().map(|l| l.status);
         let paused = matches!(result, Ok(true));
         let outcome = CallOutcome::of(&result.map(|_| ()), paused, local);
-        calls.record(callback, outcome, start.0.elapsed());
+        let end = Instant::now();
+        calls.record(callback, outcome, end.saturating_duration_since(start.0));
         if let (Some(spans), Some(wall)) = (&self.spans, start.1) {
             spans.borrow_mut().push(PluginSpan {
                 plugin: Arc::from(plugin.spec.name.as_str()),
@@ -227,6 +234,7 @@ impl ChainRun {
                 end_unix_nanos: crate::observe::unix_nanos(SystemTime::now()),
             });
         }
+        end
     }
 
     fn observe_action(
@@ -298,7 +306,7 @@ impl ChainRun {
             };
             let start = self.call_start();
             let created = w.instance.borrow_mut().create_http_context();
-            self.observe(
+            let created_at = self.observe(
                 &w.plugin,
                 &w.calls,
                 Callback::ContextCreate,
@@ -319,7 +327,8 @@ impl ChainRun {
                 ctx,
                 bypassed: false,
             });
-            let start = self.call_start();
+            // The headers callback follows the context's creation directly: one clock read.
+            let start = self.call_start_at(created_at);
             let result = {
                 let f = &self.filters[idx];
                 f.instance
@@ -327,6 +336,9 @@ impl ChainRun {
                     .on_request_headers(f.ctx, &mut self.stream, end_of_stream)
             };
             self.observe_action(idx, Callback::RequestHeaders, start, &result);
+            if self.continued_quietly(idx, &result) {
+                continue;
+            }
             if let Some(out) = self.settle(idx, result, end_of_stream).await {
                 return out;
             }
@@ -404,7 +416,11 @@ impl ChainRun {
                 Dir::Response => Callback::ResponseBody,
             };
             self.observe_action(idx, callback, start, &result);
-            let flow = self.settle_stream(idx, dir, result, eos).await?;
+            let flow = if self.continued_quietly(idx, &result) {
+                Flow::Pass
+            } else {
+                self.settle_stream(idx, dir, result, eos).await?
+            };
             let body = match dir {
                 Dir::Request => std::mem::take(&mut self.stream.request_body),
                 Dir::Response => std::mem::take(&mut self.stream.response_body),
@@ -566,6 +582,9 @@ impl ChainRun {
                     .on_response_headers(f.ctx, &mut self.stream, end_of_stream)
             };
             self.observe_action(idx, Callback::ResponseHeaders, start, &result);
+            if self.continued_quietly(idx, &result) {
+                continue;
+            }
             if let Some(out) = self.settle_response(idx, result).await {
                 return out;
             }
@@ -600,6 +619,26 @@ impl ChainRun {
             }
         }
         self.filters.clear();
+    }
+
+    /// The usual end of a callback, settled without the `settle*` futures (whose set-up costs
+    /// more than the rest of a callback's bookkeeping): it returned Continue and left nothing
+    /// to act on, so they would only pass the data on. No local reply, no callouts, gRPC
+    /// operations or actions for other contexts, no close; a `proxy_continue_stream` it made
+    /// is moot (it continued anyway) and cleared as they would.
+    fn continued_quietly(&mut self, idx: usize, result: &Result<Action, HostError>) -> bool {
+        if !matches!(result, Ok(Action::Continue)) || self.stream.local_response.is_some() {
+            return false;
+        }
+        let queued = match self.filters[idx].instance.try_borrow() {
+            Ok(inst) => inst.has_queued_work(),
+            Err(_) => true,
+        };
+        if queued {
+            return false;
+        }
+        self.stream.continue_requested = None;
+        true
     }
 
     /// Interprets a request-path callback result.

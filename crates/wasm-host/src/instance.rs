@@ -460,6 +460,17 @@ impl PluginInstance {
         self.store.data_mut().close_requested.take()
     }
 
+    /// Whether the calls since the embedder last took them left it anything to act on: HTTP
+    /// calls or gRPC operations to start, actions aimed at other contexts, or a stream to
+    /// close. When false, the `take_*` calls would all come back empty.
+    pub fn has_queued_work(&self) -> bool {
+        let state = self.store.data();
+        !state.callouts.queued_http.is_empty()
+            || !state.callouts.queued_grpc.is_empty()
+            || !state.context_actions.is_empty()
+            || state.close_requested.is_some()
+    }
+
     /// Number of contexts alive, the root one included.
     pub fn live_contexts(&self) -> usize {
         self.store.data().contexts.len()

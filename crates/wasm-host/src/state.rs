@@ -1,6 +1,7 @@
 //! The data of one wasmtime `Store`: everything host functions may reach during a guest call.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
@@ -131,7 +132,7 @@ pub(crate) struct HostState {
     pub(crate) done_requested: bool,
     /// The root context's `proxy_on_done` returned false: it finishes when it calls `proxy_done`.
     pub(crate) root_closing: bool,
-    pub(crate) contexts: BTreeSet<u32>,
+    pub(crate) contexts: ContextIds,
     /// The context whose callback is running (its stream, if any, is `stream`/`network`).
     pub(crate) current_context: u32,
     /// `proxy_set_effective_context` target; reset to `current_context` at every callback.
@@ -172,7 +173,7 @@ impl HostState {
             close_requested: None,
             done_requested: false,
             root_closing: false,
-            contexts: BTreeSet::new(),
+            contexts: ContextIds::default(),
             current_context: 0,
             effective_context: 0,
             context_actions: Vec::new(),
@@ -205,5 +206,61 @@ impl HostState {
     /// Whether the effective context is some context other than the running one.
     pub(crate) fn switched_context(&self) -> bool {
         self.effective_context != self.current_context
+    }
+}
+
+/// The live context ids of an instance: a context is added and removed once per request, so
+/// the set hashes ids with one multiplication instead of SipHash (ids come from the host's
+/// counter, not from clients) and stays O(1) with many streams open.
+pub(crate) type ContextIds = HashSet<u32, BuildHasherDefault<IdHasher>>;
+
+/// Fibonacci hashing of a `u32` id: the multiplication spreads consecutive ids over the high
+/// bits the table's control bytes use, while the low bits stay distinct.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u32(u32::from(*b) ^ (self.0 as u32));
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::{BuildHasher, Hasher};
+
+    use super::*;
+
+    #[test]
+    fn context_ids_hash_apart_and_round_trip() {
+        let build = BuildHasherDefault::<IdHasher>::default();
+        let hash = |id: u32| build.hash_one(id);
+        // Consecutive ids differ in the top 7 bits (the table's control byte) most of the time.
+        let tops: HashSet<u64> = (1..=128u32).map(|id| hash(id) >> 57).collect();
+        assert!(
+            tops.len() > 64,
+            "only {} distinct control bytes",
+            tops.len()
+        );
+        let mut ids = ContextIds::default();
+        for id in 1..=10_000u32 {
+            assert!(ids.insert(id));
+        }
+        for id in (1..=10_000u32).step_by(2) {
+            assert!(ids.remove(&id));
+        }
+        assert_eq!(ids.len(), 5_000);
+        assert!(ids.contains(&2) && !ids.contains(&1) && !ids.contains(&10_001));
+        let mut h = IdHasher::default();
+        h.write(&[1, 2, 3]);
+        assert_ne!(h.finish(), 0);
     }
 }
