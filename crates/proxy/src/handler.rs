@@ -38,6 +38,7 @@ use crate::observe::{
 use crate::routing::{self, RequestView};
 use crate::runtime::RuntimeConfig;
 use crate::stream::{self, ChannelBody, PumpError};
+use crate::upstream::{Encoded, Outgoing};
 use tokio::sync::{mpsc, oneshot};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -449,15 +450,16 @@ async fn proxy(
             return reply_response(no_endpoint(target.service));
         };
         facts.upstream_host = Some(endpoint);
-        let upstream = build_upstream(
-            parts.method,
-            origin_form(parts.uri),
-            &authority,
-            parts.headers,
-            endpoint,
-            body,
-        );
-        return match forward(endpoint, upstream).await {
+        let upstream = Outgoing {
+            method: &parts.method,
+            target: request_target(&parts.uri),
+            headers: &parts.headers,
+            authority: &authority,
+            trailer: None,
+        }
+        .encode(endpoint, &body);
+        drop(parts);
+        return match forward(endpoint, upstream, body).await {
             Ok(resp) => resp.map(|b| b.map_err(BoxError::from).boxed()),
             Err(reply) => reply_response(reply),
         };
@@ -509,7 +511,7 @@ async fn proxy(
         // of parsing every name and copying every value back.
         (
             std::mem::take(&mut parts.method),
-            origin_form(std::mem::take(&mut parts.uri)),
+            std::mem::take(&mut parts.uri),
             authority,
             std::mem::take(&mut parts.headers),
         )
@@ -517,9 +519,16 @@ async fn proxy(
     let limit = settings.max_buffered_body;
     let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
-        let upstream = build_upstream(method, uri, &authority, headers, endpoint, body);
+        let upstream = Outgoing {
+            method: &method,
+            target: request_target(&uri),
+            headers: &headers,
+            authority: &authority,
+            trailer: None,
+        }
+        .encode(endpoint, &body);
         match run
-            .while_waiting(std::pin::pin!(forward(endpoint, upstream)))
+            .while_waiting(std::pin::pin!(forward(endpoint, upstream, body)))
             .await
         {
             Ok(r) => r,
@@ -538,14 +547,19 @@ async fn proxy(
             (None, None)
         };
         let send = async move {
-            let mut upstream =
-                build_upstream(method, uri, &authority, headers, endpoint, upstream_body);
-            if let Some(rx) = head_rx
-                && let Ok(Some(names)) = rx.await
-            {
-                upstream.headers_mut().insert(http::header::TRAILER, names);
+            let trailer = match head_rx {
+                Some(rx) => rx.await.ok().flatten(),
+                None => None,
+            };
+            let upstream = Outgoing {
+                method: &method,
+                target: request_target(&uri),
+                headers: &headers,
+                authority: &authority,
+                trailer,
             }
-            forward(endpoint, upstream).await
+            .encode(endpoint, &upstream_body);
+            forward(endpoint, upstream, upstream_body).await
         };
         tokio::pin!(send);
         let mut forwarded = None;
@@ -1107,17 +1121,10 @@ fn wasm_to_response(h: &WasmHeaders, body: Body) -> Response<Body> {
     response
 }
 
-/// The request target sent upstream: origin form, since the connection already says which
-/// endpoint it is for. A client's origin-form URI (the usual case) is reused as parsed; an
-/// absolute-form one keeps its path and query.
-fn origin_form(uri: http::Uri) -> http::Uri {
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri;
-    }
-    match uri.into_parts().path_and_query {
-        Some(pq) => http::Uri::from(pq),
-        None => http::Uri::from_static("/"),
-    }
+/// The origin-form target of `uri` (`/path?query`), as an absolute-form or authority-form
+/// request is forwarded: its path and query, `/` when it has none.
+fn request_target(uri: &http::Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
 }
 
 /// A plugin's `:path` as the upstream request target.
@@ -1125,76 +1132,21 @@ fn path_uri(path: &str) -> http::Uri {
     http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static("/"))
 }
 
-fn build_upstream(
-    method: http::Method,
-    uri: http::Uri,
-    authority: &str,
-    mut headers: http::HeaderMap,
-    endpoint: SocketAddr,
-    body: Body,
-) -> Request<Body> {
-    // Envoy keeps `te: trailers` (the only TE value it forwards): an HTTP/1.1 upstream sends
-    // trailers only to a client that asked for them.
-    let te_trailers = headers
-        .get_all(http::header::TE)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    // Looking each name up parses and hashes it: most requests carry none of them, so one
-    // pass over the names decides whether any removal is needed.
-    if headers.keys().any(|k| is_hop_by_hop(k.as_str())) {
-        for h in HOP_BY_HOP {
-            headers.remove(*h);
-        }
-    }
-    if te_trailers {
-        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    }
-    // An HTTP/1.1 client's authority is its (single) Host header: then there is nothing to
-    // write.
-    let host_is_authority = !authority.is_empty() && {
-        let mut hosts = headers.get_all(http::header::HOST).iter();
-        hosts
-            .next()
-            .is_some_and(|h| h.as_bytes() == authority.as_bytes())
-            && hosts.next().is_none()
-    };
-    if !host_is_authority {
-        match HeaderValue::from_str(authority) {
-            Ok(v) if !authority.is_empty() => {
-                headers.insert(http::header::HOST, v);
-            }
-            // No authority from the client: the endpoint names itself, as an HTTP client would.
-            _ => {
-                if let Ok(v) = HeaderValue::from_str(&endpoint.to_string()) {
-                    headers.insert(http::header::HOST, v);
-                }
-            }
-        }
-    }
-    headers
-        .entry(X_FORWARDED_PROTO.clone())
-        .or_insert(HeaderValue::from_static("http"));
-    let mut req = Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    req
-}
-
-static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
-
 async fn forward(
     endpoint: SocketAddr,
-    req: Request<Body>,
+    req: Encoded,
+    body: Body,
 ) -> Result<Response<crate::upstream::UpstreamBody>, LocalReply> {
-    crate::upstream::send(endpoint, req).await.map_err(|err| {
-        tracing::debug!(error = %err, "upstream request failed");
-        LocalReply::text(
-            503,
-            "upstream_connect_error",
-            format!("upstream connect error: {err}\n"),
-        )
-    })
+    crate::upstream::send(endpoint, req, body)
+        .await
+        .map_err(|err| {
+            tracing::debug!(error = %err, "upstream request failed");
+            LocalReply::text(
+                503,
+                "upstream_connect_error",
+                format!("upstream connect error: {err}\n"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -1203,7 +1155,7 @@ mod tests {
 
     use super::{
         HOP_BY_HOP, REQUEST_ID_BLOCK, X_REQUEST_ID, ensure_request_id, is_hop_by_hop,
-        next_request_number, origin_form, request_id_text, worker_copy,
+        next_request_number, request_id_text, request_target, worker_copy,
     };
 
     #[test]
@@ -1270,16 +1222,7 @@ mod tests {
             ("*", "*"),
         ] {
             let uri: http::Uri = target.parse().unwrap();
-            let got = origin_form(uri);
-            assert!(
-                got.scheme().is_none() && got.authority().is_none(),
-                "{target}"
-            );
-            assert_eq!(
-                got.path_and_query().map_or("/", |p| p.as_str()),
-                want,
-                "{target}"
-            );
+            assert_eq!(request_target(&uri), want, "{target}");
         }
     }
 

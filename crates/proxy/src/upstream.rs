@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
@@ -137,18 +137,153 @@ impl NameMemo {
     }
 }
 
-/// Sends `req` (origin-form URI, `Host` set) to `endpoint` on a pooled connection, or a new
-/// one. A request without a body that fails on a reused connection before any byte of the
-/// answer (the upstream closed it while it sat in the pool) is sent again on a new one.
+/// A request going upstream, borrowed: its head as the client (or the plugins) left it, and
+/// what the proxy changes on the way, applied while the head is encoded. The head itself is
+/// left as it was: nothing is removed from or added to the map, and a chain's later callbacks
+/// can still read it.
+///
+/// The changes, as Envoy's router makes them: hop-by-hop headers are not forwarded, except
+/// `te: trailers` (an HTTP/1.1 upstream sends trailers only to a client that asked for them);
+/// `Host` says the request's authority (the endpoint's address when there is none) in place of
+/// the first `Host` the client sent; `x-forwarded-proto: http` is added when absent.
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    /// The request target, origin form (`/path?query`; empty is sent as `/`).
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The request's authority, for `Host`.
+    pub authority: &'a str,
+    /// A `Trailer` header to declare: the names of the trailers a streamed body may end with.
+    pub trailer: Option<HeaderValue>,
+}
+
+/// A request head ready for the wire, and how its body is framed.
+pub struct Encoded {
+    head: Bytes,
+    framing: ReqFraming,
+    head_only: bool,
+    /// The trailers a chunked body sends (those its `Trailer` header declares).
+    trailer_names: Vec<HeaderName>,
+}
+
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+impl Outgoing<'_> {
+    /// Encodes the request line and headers in one pass over the head, deciding the body's
+    /// framing as hyper's client does.
+    pub fn encode(&self, endpoint: SocketAddr, body: &Body) -> Encoded {
+        let headers = self.headers;
+        // `Transfer-Encoding` is hop-by-hop: the body's framing is decided here.
+        let (framing, skip_cl, add) = if body.is_end_stream() {
+            (ReqFraming::Length(0), false, None)
+        } else if let Some(len) = content_length(headers) {
+            (ReqFraming::Length(len), false, None)
+        } else if let Some(len) = body.size_hint().exact() {
+            (ReqFraming::Length(len), true, Some(Added::Length(len)))
+        } else if matches!(*self.method, Method::GET | Method::HEAD | Method::CONNECT) {
+            // As hyper: these almost never have a body, so one of unknown length is not sent.
+            (ReqFraming::Length(0), false, None)
+        } else {
+            (ReqFraming::Chunked, true, Some(Added::Chunked))
+        };
+        let host = if !self.authority.is_empty() && valid_value(self.authority.as_bytes()) {
+            Either::Left(self.authority)
+        } else {
+            Either::Right(endpoint.to_string())
+        };
+        let host = match &host {
+            Either::Left(a) => a.as_bytes(),
+            Either::Right(e) => e.as_bytes(),
+        };
+        let mut out = Vec::with_capacity(256 + headers.len() * 48);
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(if self.target.is_empty() {
+            b"/"
+        } else {
+            self.target.as_bytes()
+        });
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let (mut te_trailers, mut saw_host, mut saw_xfp) = (false, false, false);
+        for (name, value) in headers {
+            if is_hop_by_hop(name.as_str()) {
+                te_trailers |=
+                    name == http::header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+                continue;
+            }
+            if name == http::header::HOST {
+                // One Host, where the client's first one was.
+                if !saw_host {
+                    saw_host = true;
+                    put_line(&mut out, b"host", host);
+                }
+                continue;
+            }
+            if skip_cl && name == http::header::CONTENT_LENGTH {
+                continue;
+            }
+            saw_xfp |= *name == X_FORWARDED_PROTO;
+            put_field(&mut out, name, value);
+        }
+        if te_trailers {
+            out.extend_from_slice(b"te: trailers\r\n");
+        }
+        if !saw_host {
+            put_line(&mut out, b"host", host);
+        }
+        if !saw_xfp {
+            out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        }
+        let mut trailer_names = Vec::new();
+        if let Some(trailer) = &self.trailer {
+            put_line(&mut out, b"trailer", trailer.as_bytes());
+            if framing == ReqFraming::Chunked {
+                trailer_names = trailer
+                    .to_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+                    .collect();
+            }
+        }
+        match add {
+            Some(Added::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Some(Added::Length(len)) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(len.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            None => {}
+        }
+        out.extend_from_slice(b"\r\n");
+        Encoded {
+            head: Bytes::from(out),
+            framing,
+            head_only: *self.method == Method::HEAD,
+            trailer_names,
+        }
+    }
+}
+
+/// The bytes `HeaderValue::from_str` accepts: visible ASCII, space and tab.
+fn valid_value(v: &[u8]) -> bool {
+    v.iter().all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+/// Sends an encoded request to `endpoint` on a pooled connection, or a new one. A request
+/// without a body that fails on a reused connection before any byte of the answer (the
+/// upstream closed it while it sat in the pool) is sent again on a new one.
 pub async fn send(
     endpoint: SocketAddr,
-    req: Request<Body>,
+    req: Encoded,
+    body: Body,
 ) -> Result<Response<UpstreamBody>, UpstreamError> {
-    let (parts, body) = req.into_parts();
-    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
-    let framing = encode_head(&parts, &body, &mut head);
-    let head = Bytes::from(head);
-    let head_only = parts.method == Method::HEAD;
+    let Encoded {
+        head,
+        framing,
+        head_only,
+        mut trailer_names,
+    } = req;
     let mut body = (framing.sends_body()).then_some(body);
     loop {
         let (conn, reused) = match checkout(endpoint) {
@@ -163,8 +298,14 @@ pub async fn send(
                 (Conn { io, rbuf, names }, false)
             }
         };
+        // Only a request without a body is sent again: the trailer names went with the first.
         let replayable = reused && body.is_none();
-        let writer = Writer::new(head.clone(), body.take(), &framing, &parts.headers);
+        let writer = Writer::new(
+            head.clone(),
+            body.take(),
+            &framing,
+            std::mem::take(&mut trailer_names),
+        );
         match exchange(endpoint, conn, writer, head_only).await {
             Ok(resp) => return Ok(resp),
             Err(Failure::BeforeAnswer(_)) if replayable => continue,
@@ -192,59 +333,12 @@ impl ReqFraming {
     }
 }
 
-/// Writes the request line and headers, deciding the body's framing as hyper's client does.
-fn encode_head(parts: &http::request::Parts, body: &Body, out: &mut Vec<u8>) -> ReqFraming {
-    let headers = &parts.headers;
-    let te = headers.get_all(http::header::TRANSFER_ENCODING);
-    let has_te = te.iter().next().is_some();
-    let (framing, skip_te, skip_cl, add) = if body.is_end_stream() {
-        (ReqFraming::Length(0), true, false, None)
-    } else if has_te {
-        let add = (!ends_chunked(headers)).then_some(Added::Chunked);
-        (ReqFraming::Chunked, false, true, add)
-    } else if let Some(len) = content_length(headers) {
-        (ReqFraming::Length(len), false, false, None)
-    } else if let Some(len) = body.size_hint().exact() {
-        (
-            ReqFraming::Length(len),
-            false,
-            true,
-            Some(Added::Length(len)),
-        )
-    } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
-        // As hyper: these almost never have a body, so one of unknown length is not sent.
-        (ReqFraming::Length(0), false, false, None)
-    } else {
-        (ReqFraming::Chunked, false, true, Some(Added::Chunked))
-    };
-    out.extend_from_slice(parts.method.as_str().as_bytes());
-    out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(if target.is_empty() {
-        b"/"
-    } else {
-        target.as_bytes()
-    });
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if (skip_te && name == http::header::TRANSFER_ENCODING)
-            || (skip_cl && name == http::header::CONTENT_LENGTH)
-        {
-            continue;
-        }
-        put_field(out, name, value);
-    }
-    match add {
-        Some(Added::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Some(Added::Length(len)) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(len.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        None => {}
-    }
+/// Writes a `name: value` line from bytes.
+fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-    framing
 }
 
 /// Writes one `name: value` line of a head or of a chunked body's trailers.
@@ -300,21 +394,15 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(head: Bytes, body: Option<Body>, framing: &ReqFraming, headers: &HeaderMap) -> Self {
+    fn new(
+        head: Bytes,
+        body: Option<Body>,
+        framing: &ReqFraming,
+        trailer_names: Vec<HeaderName>,
+    ) -> Self {
         let (chunked, remaining) = match *framing {
             ReqFraming::Chunked => (true, 0),
             ReqFraming::Length(n) => (false, n),
-        };
-        let trailer_names = if chunked {
-            headers
-                .get_all(http::header::TRAILER)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|s| s.split(','))
-                .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-                .collect()
-        } else {
-            Vec::new()
         };
         let mut queue = VecDeque::with_capacity(4);
         let queued = head.len();
@@ -1014,6 +1102,173 @@ mod tests {
                 Step::NeedMore => return Err("needs more"),
             }
         }
+    }
+
+    fn body_of(bytes: &'static [u8]) -> Body {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(Bytes::from_static(bytes))
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    fn empty_body() -> Body {
+        use http_body_util::BodyExt;
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    /// A body whose length is not known up front (open while its sender lives).
+    fn streamed_body() -> (tokio::sync::mpsc::Sender<crate::stream::FrameResult>, Body) {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (tx, crate::stream::ChannelBody::new(rx).boxed())
+    }
+
+    fn head_lines(e: &Encoded) -> Vec<String> {
+        let text = std::str::from_utf8(&e.head).unwrap();
+        assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+        text.trim_end().split("\r\n").map(str::to_string).collect()
+    }
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    const ENDPOINT: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+    #[test]
+    fn the_encoded_head_makes_the_routers_changes_and_leaves_the_rest_in_order() {
+        let headers = map(&[
+            ("x-first", "1"),
+            ("connection", "keep-alive, x-first"),
+            ("host", "client.example"),
+            ("te", "trailers"),
+            ("x-multi", "a"),
+            ("keep-alive", "timeout=5"),
+            ("host", "second.example"),
+            ("x-multi", "b"),
+            ("upgrade", "websocket"),
+            ("x-last", "z"),
+        ]);
+        let method = Method::GET;
+        let out = Outgoing {
+            method: &method,
+            target: "/p?q=1",
+            headers: &headers,
+            authority: "svc.example:80",
+            trailer: None,
+        };
+        let e = out.encode(ENDPOINT, &empty_body());
+        assert_eq!(
+            head_lines(&e),
+            [
+                "GET /p?q=1 HTTP/1.1",
+                "x-first: 1",
+                "host: svc.example:80",
+                "x-multi: a",
+                "x-multi: b",
+                "x-last: z",
+                "te: trailers",
+                "x-forwarded-proto: http",
+            ]
+        );
+        assert_eq!(e.framing, ReqFraming::Length(0));
+        assert!(!e.head_only);
+        // The head itself is untouched: a chain's later callbacks still read it.
+        assert_eq!(headers.get_all("host").iter().count(), 2);
+        assert!(headers.contains_key("connection"));
+    }
+
+    #[test]
+    fn host_falls_back_to_the_endpoint_and_a_client_forwarded_proto_is_kept() {
+        let headers = map(&[("x-forwarded-proto", "https"), ("te", "gzip")]);
+        let method = Method::HEAD;
+        for authority in ["", "bad\u{7f}host"] {
+            let e = Outgoing {
+                method: &method,
+                target: "",
+                headers: &headers,
+                authority,
+                trailer: None,
+            }
+            .encode(ENDPOINT, &empty_body());
+            assert_eq!(
+                head_lines(&e),
+                [
+                    "HEAD / HTTP/1.1",
+                    "x-forwarded-proto: https",
+                    "host: 127.0.0.1:8080"
+                ],
+                "{authority:?}"
+            );
+            assert!(e.head_only);
+        }
+    }
+
+    #[test]
+    fn the_body_framing_follows_the_length_the_client_or_the_body_gives() {
+        let post = Method::POST;
+        let encode = |headers: &HeaderMap, body: &Body, trailer: Option<HeaderValue>| {
+            Outgoing {
+                method: &post,
+                target: "/",
+                headers,
+                authority: "a",
+                trailer,
+            }
+            .encode(ENDPOINT, body)
+        };
+        // The client's Content-Length stands (and a Transfer-Encoding never goes upstream).
+        let h = map(&[("content-length", "5"), ("transfer-encoding", "identity")]);
+        let (_tx, streamed) = streamed_body();
+        let e = encode(&h, &streamed, None);
+        assert_eq!(e.framing, ReqFraming::Length(5));
+        assert_eq!(
+            head_lines(&e)[1..],
+            ["content-length: 5", "host: a", "x-forwarded-proto: http"]
+        );
+        // No usable length from the client: the body's own, in place of theirs.
+        let h = map(&[("content-length", "5"), ("content-length", "6")]);
+        let e = encode(&h, &body_of(b"hello world"), None);
+        assert_eq!(e.framing, ReqFraming::Length(11));
+        assert_eq!(
+            head_lines(&e)[1..],
+            ["host: a", "x-forwarded-proto: http", "content-length: 11"]
+        );
+        // Unknown length: chunked, with the trailers its Trailer header declares.
+        let e = encode(
+            &HeaderMap::new(),
+            &streamed,
+            Some(HeaderValue::from_static("grpc-status, x-sum")),
+        );
+        assert_eq!(e.framing, ReqFraming::Chunked);
+        assert_eq!(
+            head_lines(&e)[1..],
+            [
+                "host: a",
+                "x-forwarded-proto: http",
+                "trailer: grpc-status, x-sum",
+                "transfer-encoding: chunked"
+            ]
+        );
+        assert_eq!(e.trailer_names, ["grpc-status", "x-sum"]);
+        // A GET body of unknown length is not sent.
+        let get = Method::GET;
+        let e = Outgoing {
+            method: &get,
+            target: "/",
+            headers: &HeaderMap::new(),
+            authority: "a",
+            trailer: None,
+        }
+        .encode(ENDPOINT, &streamed);
+        assert_eq!(e.framing, ReqFraming::Length(0));
     }
 
     #[test]
