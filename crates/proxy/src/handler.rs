@@ -426,7 +426,7 @@ async fn proxy(
     facts: &mut Facts,
 ) -> Response<Body> {
     // The x-request-id is in place already (`handle`).
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     // Istio's cluster name, only for the access log, spans and plugins.
     let cluster_name = || {
         snapshot_name(&rt.snapshot, target.port, || {
@@ -480,9 +480,14 @@ async fn proxy(
         ..Default::default()
     };
     crate::hbone::annotate(&mut properties);
-    let (request_headers, te_trailers) = request_to_wasm(&parts, &authority);
+    let version = parts.version;
+    // The plugins get the client's head unconverted: reads by name are answered from it, and
+    // it is converted only when one of them needs the whole map or changes it. It goes
+    // upstream from here too when none did.
+    let (head, te_trailers) = RequestHead::new(parts, authority);
+    let head = Arc::new(head);
     let stream = HttpStream::from(StreamData {
-        request_headers,
+        request_source: Some(head.clone()),
         properties,
         ..Default::default()
     });
@@ -490,7 +495,7 @@ async fn proxy(
     run.spans = facts.spans.clone();
     let request_eos = body.is_end_stream();
     // An HTTP/1.1 client gets response trailers only if it said it takes them (hyper's rule).
-    let client_takes_trailers = parts.version == http::Version::HTTP_2 || te_trailers;
+    let client_takes_trailers = version == http::Version::HTTP_2 || te_trailers;
     match run.request_headers(target.chain, rt, request_eos).await {
         Outcome::Continue => {}
         Outcome::Respond(reply) => return local_reply_through_chain(run, reply).await,
@@ -501,32 +506,31 @@ async fn proxy(
         return local_reply_through_chain(run, no_endpoint(target.service)).await;
     };
     facts.upstream_host = Some(endpoint);
-    let (method, uri, authority, headers) = if run.stream.request_headers.is_modified() {
+    // A head a plugin changed goes upstream as the plugins left it; an unchanged one (still
+    // unconverted, or converted and left alone) as the client sent it, instead of parsing
+    // every name and copying every value back.
+    let edited = if run.stream.request_headers.is_modified() {
         match wasm_to_request(&run.stream.request_headers) {
-            Ok((method, path, authority, headers)) => (method, path_uri(&path), authority, headers),
+            Ok((method, path, authority, headers)) => Some(RequestHead {
+                count: 0,
+                method,
+                uri: path_uri(&path),
+                authority,
+                headers,
+            }),
             Err(reply) => return local_reply_through_chain(run, reply).await,
         }
     } else {
-        // No plugin changed the head: send the parsed one on, as without plugins, instead
-        // of parsing every name and copying every value back.
-        (
-            std::mem::take(&mut parts.method),
-            std::mem::take(&mut parts.uri),
-            authority,
-            std::mem::take(&mut parts.headers),
-        )
+        None
     };
     let limit = settings.max_buffered_body;
     let wait = settings.trailer_wait;
     let forwarded = if request_eos || !run.wants_stream(Dir::Request) {
-        let upstream = Outgoing {
-            method: &method,
-            target: request_target(&uri),
-            headers: &headers,
-            authority: &authority,
-            trailer: None,
-        }
-        .encode(endpoint, &body);
+        let upstream = edited
+            .as_ref()
+            .unwrap_or(&head)
+            .outgoing(None)
+            .encode(endpoint, &body);
         match run
             .while_waiting(std::pin::pin!(forward(endpoint, upstream, body)))
             .await
@@ -546,19 +550,17 @@ async fn proxy(
         } else {
             (None, None)
         };
+        let head = head.clone();
         let send = async move {
             let trailer = match head_rx {
                 Some(rx) => rx.await.ok().flatten(),
                 None => None,
             };
-            let upstream = Outgoing {
-                method: &method,
-                target: request_target(&uri),
-                headers: &headers,
-                authority: &authority,
-                trailer,
-            }
-            .encode(endpoint, &upstream_body);
+            let upstream = edited
+                .as_ref()
+                .unwrap_or(&head)
+                .outgoing(trailer)
+                .encode(endpoint, &upstream_body);
             forward(endpoint, upstream, upstream_body).await
         };
         tokio::pin!(send);
@@ -699,7 +701,7 @@ async fn proxy(
     }
     let rbody = stream::Prepend::new(first, rbody);
     let declare = client_takes_trailers
-        && parts.version != http::Version::HTTP_2
+        && version != http::Version::HTTP_2
         && !rparts.headers.contains_key(http::header::CONTENT_LENGTH);
     // The response headers leave now; the body follows chunk by chunk through the response
     // plugins, on a task of this worker that owns the chain until the body ends.
@@ -980,43 +982,123 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     matches!(name.len(), 2 | 7 | 10 | 16 | 17) && HOP_BY_HOP.contains(&name)
 }
 
-/// The request head as plugins see it, and whether the client sent `te: trailers` (noted on
-/// the way instead of looked up again).
-fn request_to_wasm(parts: &http::request::Parts, authority: &str) -> (WasmHeaders, bool) {
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let method = parts.method.as_str();
-    let scheme = parts.uri.scheme_str().unwrap_or("http");
-    // The pseudo-headers' room is exact; the other headers' a guess (`reusing`).
-    let extra = 32 + authority.len() + path.len() + method.len() + scheme.len();
-    let mut h = WasmHeaders::reusing(parts.headers.len() + 4, extra);
-    h.add_exact(":authority", authority);
-    h.add_exact(":path", path);
-    h.add_exact(":method", method);
-    h.add_exact(":scheme", scheme);
-    let mut takes_trailers = false;
-    for (name, value) in &parts.headers {
-        // Envoy folds Host into :authority; plugins never see a `host` entry. `te: trailers`
-        // is the one hop-by-hop value Envoy keeps.
-        let te_trailers =
-            name == http::header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
-        takes_trailers |= te_trailers;
-        if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
-            continue;
-        }
-        // hyper's names are lowercase already.
-        h.add_exact(name.as_str(), value.as_bytes());
-    }
-    h.mark_unmodified();
-    (h, takes_trailers)
+/// A request's head as it came from the client, unconverted for the plugins
+/// (`StreamData::request_source`): the pseudo-headers come from the request line and its
+/// authority, the headers from the parsed map without `host` (folded into `:authority`, as
+/// Envoy does) and without hop-by-hop ones (`te: trailers` excepted).
+#[derive(Debug)]
+struct RequestHead {
+    method: http::Method,
+    uri: http::Uri,
+    authority: String,
+    headers: http::HeaderMap,
+    /// Entries of the converted map.
+    count: usize,
 }
 
-type RequestHead = (http::Method, String, String, http::HeaderMap);
+impl RequestHead {
+    /// Also says whether the client takes trailers (`te: trailers`), noted in the same pass.
+    fn new(parts: http::request::Parts, authority: String) -> (Self, bool) {
+        let (mut dropped, mut takes_trailers) = (0, false);
+        for (name, value) in &parts.headers {
+            let te_trailers = name == http::header::TE && is_trailers(value.as_bytes());
+            takes_trailers |= te_trailers;
+            if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
+                dropped += 1;
+            }
+        }
+        let head = RequestHead {
+            count: 4 + parts.headers.len() - dropped,
+            method: parts.method,
+            uri: parts.uri,
+            authority,
+            headers: parts.headers,
+        };
+        (head, takes_trailers)
+    }
 
-fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
+    fn path(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    /// The request as it goes upstream.
+    fn outgoing(&self, trailer: Option<HeaderValue>) -> Outgoing<'_> {
+        Outgoing {
+            method: &self.method,
+            target: request_target(&self.uri),
+            headers: &self.headers,
+            authority: &self.authority,
+            trailer,
+        }
+    }
+}
+
+fn is_trailers(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"trailers")
+}
+
+impl HeaderSource for RequestHead {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn fill(&self, h: &mut WasmHeaders) {
+        h.add_exact(":authority", &self.authority);
+        h.add_exact(":path", self.path());
+        h.add_exact(":method", self.method.as_str());
+        h.add_exact(":scheme", self.uri.scheme_str().unwrap_or("http"));
+        for (name, value) in &self.headers {
+            let te_trailers = name == http::header::TE && is_trailers(value.as_bytes());
+            if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
+                continue;
+            }
+            // hyper's names are lowercase already.
+            h.add_exact(name.as_str(), value.as_bytes());
+        }
+    }
+
+    fn first_value(&self, name: &[u8], out: &mut Vec<u8>) -> Option<bool> {
+        // Names are compared without regard to case, as the converted map compares them.
+        let is = |a: &[u8], b: &[u8]| a.len() == b.len() && a.eq_ignore_ascii_case(b);
+        let value: Option<&[u8]> = if name.first() == Some(&b':') {
+            if is(name, b":path") {
+                Some(self.path().as_bytes())
+            } else if is(name, b":method") {
+                Some(self.method.as_str().as_bytes())
+            } else if is(name, b":authority") {
+                Some(self.authority.as_bytes())
+            } else if is(name, b":scheme") {
+                Some(self.uri.scheme_str().unwrap_or("http").as_bytes())
+            } else {
+                None
+            }
+        } else if is(name, b"te") {
+            self.headers
+                .get_all(http::header::TE)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .find(|v| is_trailers(v))
+        } else if is(name, b"host") || HOP_BY_HOP.iter().any(|h| is(name, h.as_bytes())) {
+            None
+        } else {
+            // A walk over the few names beats parsing and hashing the key for the map's
+            // index; the first match is the first value (the map yields a name's values
+            // together, where the name first came).
+            self.headers
+                .iter()
+                .find(|(k, _)| is(k.as_str().as_bytes(), name))
+                .map(|(_, v)| v.as_bytes())
+        };
+        if let Some(v) = value {
+            out.extend_from_slice(v);
+        }
+        Some(value.is_some())
+    }
+}
+
+type EditedHead = (http::Method, String, String, http::HeaderMap);
+
+fn wasm_to_request(h: &WasmHeaders) -> Result<EditedHead, LocalReply> {
     let bad = |what: &str| {
         LocalReply::text(
             500,
@@ -1211,6 +1293,71 @@ mod tests {
         assert!(Arc::ptr_eq(&copy, &worker_copy(&a)), "one copy per worker");
         let b: Arc<str> = Arc::from("node-b");
         assert_eq!(&*worker_copy(&b), "node-b");
+    }
+
+    #[test]
+    fn an_unconverted_request_head_answers_as_its_converted_map_would() {
+        use waystone_wasm::{HeaderMap as WasmHeaders, HeaderSource};
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri("http://svc.example/a/b?c=d")
+            .body(())
+            .unwrap();
+        for (n, v) in [
+            ("host", "svc.example"),
+            ("x-multi", "one"),
+            ("connection", "keep-alive"),
+            ("te", "gzip"),
+            ("te", "Trailers"),
+            ("authorization", "Basic dTpw"),
+            ("x-multi", "two"),
+            ("keep-alive", "timeout=5"),
+            ("x-empty", ""),
+        ] {
+            req.headers_mut()
+                .append(n, http::HeaderValue::from_static(v));
+        }
+        let (parts, ()) = req.into_parts();
+        let (head, te_trailers) = super::RequestHead::new(parts, "svc.example:80".into());
+        assert!(te_trailers);
+        let mut map = WasmHeaders::default();
+        head.fill(&mut map);
+        assert_eq!(head.count(), map.len());
+        assert_eq!(
+            map.len(),
+            9,
+            "4 pseudo-headers, x-multi twice, te, authorization, x-empty"
+        );
+        for name in [
+            ":authority",
+            ":path",
+            ":method",
+            ":scheme",
+            ":status",
+            "host",
+            "x-multi",
+            "te",
+            "connection",
+            "keep-alive",
+            "authorization",
+            "x-empty",
+            "x-missing",
+            "bad name",
+            // Names compare without regard to case, as in the converted map.
+            "Authorization",
+            "X-MULTI",
+            ":Path",
+            "Host",
+            "Connection",
+            "TE",
+        ] {
+            let mut got = Vec::new();
+            let found = head.first_value(name.as_bytes(), &mut got);
+            assert_eq!(found, Some(map.get(name).is_some()), "{name}");
+            assert_eq!(got, map.get(name).unwrap_or_default(), "{name}");
+        }
+        assert_eq!(map.get(":path"), Some(&b"/a/b?c=d"[..]));
+        assert_eq!(map.get("te"), Some(&b"Trailers"[..]));
     }
 
     #[test]

@@ -280,7 +280,7 @@ impl PluginInstance {
         stream: &mut HttpStream,
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
-        let n = stream.request_headers.len() as i32;
+        let n = stream.request_header_count() as i32;
         let f = self.callbacks.on_request_headers.clone();
         self.headers_callback("proxy_on_request_headers", f, ctx, n, end_of_stream, stream)
     }

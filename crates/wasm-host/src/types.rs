@@ -433,19 +433,33 @@ impl std::ops::DerefMut for HttpStream {
     }
 }
 
-/// Headers the embedder hands over unconverted ([`StreamData::response_source`]): a chain
-/// whose plugins never look at them pays no conversion.
+/// Headers the embedder hands over unconverted ([`StreamData::request_source`],
+/// [`StreamData::response_source`]): a chain whose plugins never look at them pays no
+/// conversion, and one that only reads a few values by name pays none either when the source
+/// answers [`Self::first_value`].
 pub trait HeaderSource: std::fmt::Debug + Send + Sync {
     /// How many entries the converted map holds: the count the headers callback is given.
     fn count(&self) -> usize;
     /// Appends the entries to `into`, which is empty.
     fn fill(&self, into: &mut HeaderMap);
+    /// Appends to `out` the first value the converted map would hold under `name` (compared
+    /// without regard to case, as [`HeaderMap::get`]) and says whether there was one; `None`
+    /// when the source cannot tell without being converted.
+    fn first_value(&self, _name: &[u8], _out: &mut Vec<u8>) -> Option<bool> {
+        None
+    }
 }
 
 /// What an [`HttpStream`] holds.
 #[derive(Debug, Default)]
 pub struct StreamData {
+    /// Empty while [`Self::request_source`] is set.
     pub request_headers: HeaderMap,
+    /// Request headers not converted yet: reads by name are answered by the source when it
+    /// can; anything else that touches the request headers (a change, the whole map, its size,
+    /// a `request.*` property) converts them into `request_headers` first
+    /// ([`Self::convert_request_headers`]).
+    pub request_source: Option<Arc<dyn HeaderSource>>,
     pub request_body: Vec<u8>,
     pub request_trailers: HeaderMap,
     /// Empty while [`Self::response_source`] is set.
@@ -473,17 +487,35 @@ pub struct StreamData {
     pub properties: StreamProperties,
 }
 
+/// Converts `source` into `map` if it is still pending; the converted map counts as
+/// unmodified.
+fn convert(source: &mut Option<Arc<dyn HeaderSource>>, map: &mut HeaderMap) {
+    if let Some(source) = source.take() {
+        let mut converted = HeaderMap::reusing(source.count(), 0);
+        source.fill(&mut converted);
+        converted.mark_unmodified();
+        std::mem::replace(map, converted).recycle();
+    }
+}
+
 impl StreamData {
-    /// The response headers, converted from [`Self::response_source`] first if still pending.
-    /// The converted map counts as unmodified.
-    pub fn convert_response_headers(&mut self) -> &mut HeaderMap {
-        if let Some(source) = self.response_source.take() {
-            let n = source.count();
-            let mut map = HeaderMap::reusing(n, 0);
-            source.fill(&mut map);
-            map.mark_unmodified();
-            std::mem::replace(&mut self.response_headers, map).recycle();
+    /// The request headers, converted from [`Self::request_source`] first if still pending.
+    pub fn convert_request_headers(&mut self) -> &mut HeaderMap {
+        convert(&mut self.request_source, &mut self.request_headers);
+        &mut self.request_headers
+    }
+
+    /// How many request headers there are, converted or not.
+    pub fn request_header_count(&self) -> usize {
+        match &self.request_source {
+            Some(source) => source.count(),
+            None => self.request_headers.len(),
         }
+    }
+
+    /// The response headers, converted from [`Self::response_source`] first if still pending.
+    pub fn convert_response_headers(&mut self) -> &mut HeaderMap {
+        convert(&mut self.response_source, &mut self.response_headers);
         &mut self.response_headers
     }
 

@@ -222,3 +222,82 @@ fn measure_costs() {
         bytes.len()
     );
 }
+
+/// Request headers handed over unconverted, counting the conversions asked of them.
+#[derive(Debug)]
+struct Unconverted {
+    pairs: Vec<(&'static str, &'static str)>,
+    /// Whether it answers reads by name, or leaves them to the converted map.
+    answers: bool,
+    fills: std::sync::atomic::AtomicUsize,
+}
+
+impl waystone_wasm::HeaderSource for Unconverted {
+    fn count(&self) -> usize {
+        self.pairs.len()
+    }
+    fn fill(&self, into: &mut waystone_wasm::HeaderMap) {
+        self.fills
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (n, v) in &self.pairs {
+            into.add(n, v.as_bytes());
+        }
+    }
+    fn first_value(&self, name: &[u8], out: &mut Vec<u8>) -> Option<bool> {
+        if !self.answers {
+            return None;
+        }
+        let found = self.pairs.iter().find(|(n, _)| n.as_bytes() == name);
+        if let Some((_, v)) = found {
+            out.extend_from_slice(v.as_bytes());
+        }
+        Some(found.is_some())
+    }
+}
+
+#[test]
+fn reads_by_name_are_answered_by_an_unconverted_source() {
+    let (_engine, module) = compile();
+    let mut inst = PluginInstance::start(&module, spec(CONFIG)).expect("plugin starts");
+    for (auth, allowed) in [(Some("Basic b2s6dGVzdA=="), true), (None, false)] {
+        let mut pairs = vec![
+            (":authority", "bookinfo.example"),
+            (":path", "/productpage"),
+            (":method", "GET"),
+            (":scheme", "http"),
+        ];
+        pairs.extend(auth.map(|a| ("authorization", a)));
+        let source = Arc::new(Unconverted {
+            pairs,
+            answers: true,
+            fills: Default::default(),
+        });
+        let mut stream = HttpStream::default();
+        stream.request_source = Some(source.clone());
+        let action = exchange(&mut inst, &mut stream);
+        assert_eq!(action == Action::Continue, allowed, "{auth:?}");
+        assert_eq!(stream.local_response.is_none(), allowed, "{auth:?}");
+        // basic_auth reads three headers by name: none of that converts the map.
+        assert_eq!(
+            source.fills.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "{auth:?}"
+        );
+        assert!(stream.request_source.is_some());
+        assert_eq!(stream.request_header_count(), 4 + usize::from(allowed));
+    }
+    // A source that cannot answer reads by name is converted at the first one, once, and
+    // the converted map answers from then on.
+    let source = Arc::new(Unconverted {
+        pairs: vec![(":path", "/other"), (":method", "GET")],
+        answers: false,
+        fills: Default::default(),
+    });
+    let mut stream = HttpStream::default();
+    stream.request_source = Some(source.clone());
+    assert_eq!(exchange(&mut inst, &mut stream), Action::Continue);
+    assert_eq!(source.fills.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(stream.request_source.is_none());
+    assert_eq!(stream.request_headers.get(":path"), Some(&b"/other"[..]));
+    assert!(!stream.request_headers.is_modified());
+}

@@ -21,7 +21,7 @@ fn header_map(state: &mut HostState, map_type: i32) -> Result<&mut HeaderMap, St
         0..=3 => {
             let stream = state.effective_stream().ok_or(Status::NotFound)?;
             match map_type {
-                0 => &mut stream.request_headers,
+                0 => stream.convert_request_headers(),
                 1 => &mut stream.request_trailers,
                 2 => stream.convert_response_headers(),
                 _ => &mut stream.response_trailers,
@@ -340,17 +340,33 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
                 let mut value = std::mem::take(&mut state.scratch);
                 value.clear();
                 let abi = state.abi;
-                // Like Envoy: the first of repeated values, not a joined list.
-                match header_map(state, t)?.get(key) {
-                    Some(v) => value.extend_from_slice(v),
+                // Headers not converted yet are read from their source when it can answer.
+                let pending = match (t, state.effective_stream()) {
+                    (0, Some(s)) => s.request_source.as_ref(),
+                    (2, Some(s)) => s.response_source.as_ref(),
+                    _ => None,
+                };
+                let found = match pending.and_then(|src| src.first_value(key, &mut value)) {
+                    Some(found) => found,
+                    // Like Envoy: the first of repeated values, not a joined list.
+                    None => match header_map(state, t)?.get(key) {
+                        Some(v) => {
+                            value.extend_from_slice(v);
+                            true
+                        }
+                        None => false,
+                    },
+                };
+                match found {
+                    true => {}
                     // Envoy answers a missing header with NotFound, except to ABI 0.1.0
                     // modules, which get Ok and an empty value (their SDKs treat NotFound as
                     // fatal).
-                    None if abi != crate::types::AbiVersion::V0_1_0 => {
+                    false if abi != crate::types::AbiVersion::V0_1_0 => {
                         state.scratch = value;
                         return Err(Status::NotFound);
                     }
-                    None => {}
+                    false => {}
                 }
                 Ok(value)
             });
@@ -597,11 +613,14 @@ fn register_properties(r: &mut Registrar) -> wasmtime::Result<()> {
                 return Ok(s.code());
             }
             let r = with_guest(&mut c, pptr, plen, |path, state| {
-                // `response.*` properties read the response headers: convert them if pending.
-                if path.starts_with(b"response")
-                    && let Some(stream) = state.stream.as_mut()
-                {
-                    stream.convert_response_headers();
+                // `request.*` and `response.*` properties read the headers: convert them if
+                // pending.
+                if let Some(stream) = state.stream.as_mut() {
+                    if path.starts_with(b"request") {
+                        stream.convert_request_headers();
+                    } else if path.starts_with(b"response") {
+                        stream.convert_response_headers();
+                    }
                 }
                 properties::get_property(state, path).ok_or(Status::NotFound)
             });
