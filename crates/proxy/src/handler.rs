@@ -511,13 +511,12 @@ async fn proxy(
     // every name and copying every value back.
     let edited = if run.stream.request_headers.is_modified() {
         match wasm_to_request(&run.stream.request_headers) {
-            Ok((method, path, authority, headers)) => Some(RequestHead {
-                count: 0,
+            Ok((method, path, authority, headers)) => Some(RequestHead::from_plugins(
                 method,
-                uri: path_uri(&path),
+                path_uri(&path),
                 authority,
                 headers,
-            }),
+            )),
             Err(reply) => return local_reply_through_chain(run, reply).await,
         }
     } else {
@@ -1015,6 +1014,22 @@ impl RequestHead {
             headers: parts.headers,
         };
         (head, takes_trailers)
+    }
+
+    /// The head the plugins left (only sent upstream, never handed to them: no count).
+    fn from_plugins(
+        method: http::Method,
+        uri: http::Uri,
+        authority: String,
+        headers: http::HeaderMap,
+    ) -> Self {
+        RequestHead {
+            method,
+            uri,
+            authority,
+            headers,
+            count: 0,
+        }
     }
 
     fn path(&self) -> &str {

@@ -186,15 +186,15 @@ impl Outgoing<'_> {
         } else {
             (ReqFraming::Chunked, true, Some(Added::Chunked))
         };
-        let host = if !self.authority.is_empty() && valid_value(self.authority.as_bytes()) {
-            Either::Left(self.authority)
-        } else {
-            Either::Right(endpoint.to_string())
-        };
-        let host = match &host {
-            Either::Left(a) => a.as_bytes(),
-            Either::Right(e) => e.as_bytes(),
-        };
+        // No authority from the client (or not one a header can carry): the endpoint names
+        // itself, as an HTTP client would.
+        let host: std::borrow::Cow<'_, str> =
+            if !self.authority.is_empty() && valid_value(self.authority.as_bytes()) {
+                self.authority.into()
+            } else {
+                endpoint.to_string().into()
+            };
+        let host = host.as_bytes();
         let mut out = Vec::with_capacity(256 + headers.len() * 48);
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.push(b' ');

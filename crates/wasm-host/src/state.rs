@@ -225,7 +225,7 @@ impl std::hash::Hasher for IdHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.write_u32(u32::from(*b) ^ (self.0 as u32));
+            self.write_u32(u32::from(*b));
         }
     }
     fn write_u32(&mut self, v: u32) {

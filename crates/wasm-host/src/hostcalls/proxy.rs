@@ -357,16 +357,11 @@ fn register_header_maps(r: &mut Registrar) -> wasmtime::Result<()> {
                         None => false,
                     },
                 };
-                match found {
-                    true => {}
-                    // Envoy answers a missing header with NotFound, except to ABI 0.1.0
-                    // modules, which get Ok and an empty value (their SDKs treat NotFound as
-                    // fatal).
-                    false if abi != crate::types::AbiVersion::V0_1_0 => {
-                        state.scratch = value;
-                        return Err(Status::NotFound);
-                    }
-                    false => {}
+                // Envoy answers a missing header with NotFound, except to ABI 0.1.0 modules,
+                // which get Ok and an empty value (their SDKs treat NotFound as fatal).
+                if !found && abi != crate::types::AbiVersion::V0_1_0 {
+                    state.scratch = value;
+                    return Err(Status::NotFound);
                 }
                 Ok(value)
             });
