@@ -267,7 +267,7 @@ impl Outgoing<'_> {
 
 /// The bytes `HeaderValue::from_str` accepts: visible ASCII, space and tab.
 fn valid_value(v: &[u8]) -> bool {
-    v.iter().all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+    v.iter().all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
 }
 
 /// Sends an encoded request to `endpoint` on a pooled connection, or a new one. A request
@@ -1189,7 +1189,7 @@ mod tests {
     fn host_falls_back_to_the_endpoint_and_a_client_forwarded_proto_is_kept() {
         let headers = map(&[("x-forwarded-proto", "https"), ("te", "gzip")]);
         let method = Method::HEAD;
-        for authority in ["", "bad\u{7f}host"] {
+        for authority in ["", "bad\u{7f}host", "caf\u{e9}.example"] {
             let e = Outgoing {
                 method: &method,
                 target: "",
