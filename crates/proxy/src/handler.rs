@@ -511,12 +511,7 @@ async fn proxy(
     // every name and copying every value back.
     let edited = if run.stream.request_headers.is_modified() {
         match wasm_to_request(&run.stream.request_headers) {
-            Ok((method, path, authority, headers)) => Some(RequestHead::from_plugins(
-                method,
-                path_uri(&path),
-                authority,
-                headers,
-            )),
+            Ok(edited) => Some(edited),
             Err(reply) => return local_reply_through_chain(run, reply).await,
         }
     } else {
@@ -1000,11 +995,8 @@ impl RequestHead {
     fn new(parts: http::request::Parts, authority: String) -> (Self, bool) {
         let (mut dropped, mut takes_trailers) = (0, false);
         for (name, value) in &parts.headers {
-            let te_trailers = name == http::header::TE && is_trailers(value.as_bytes());
-            takes_trailers |= te_trailers;
-            if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
-                dropped += 1;
-            }
+            takes_trailers |= is_te_trailers(name, value);
+            dropped += usize::from(!shown_to_plugins(name, value));
         }
         let head = RequestHead {
             count: 4 + parts.headers.len() - dropped,
@@ -1014,26 +1006,6 @@ impl RequestHead {
             headers: parts.headers,
         };
         (head, takes_trailers)
-    }
-
-    /// The head the plugins left (only sent upstream, never handed to them: no count).
-    fn from_plugins(
-        method: http::Method,
-        uri: http::Uri,
-        authority: String,
-        headers: http::HeaderMap,
-    ) -> Self {
-        RequestHead {
-            method,
-            uri,
-            authority,
-            headers,
-            count: 0,
-        }
-    }
-
-    fn path(&self) -> &str {
-        self.uri.path_and_query().map_or("/", |p| p.as_str())
     }
 
     /// The request as it goes upstream.
@@ -1052,6 +1024,18 @@ fn is_trailers(v: &[u8]) -> bool {
     v.eq_ignore_ascii_case(b"trailers")
 }
 
+/// `te: trailers`, the one hop-by-hop header Envoy forwards (an HTTP/1.1 upstream sends
+/// trailers only to a client that asked for them).
+pub(crate) fn is_te_trailers(name: &HeaderName, value: &HeaderValue) -> bool {
+    name == http::header::TE && is_trailers(value.as_bytes())
+}
+
+/// Whether plugins see a request header: Envoy folds `host` into `:authority` and keeps no
+/// hop-by-hop header but `te: trailers`.
+fn shown_to_plugins(name: &HeaderName, value: &HeaderValue) -> bool {
+    name != http::header::HOST && (!is_hop_by_hop(name.as_str()) || is_te_trailers(name, value))
+}
+
 impl HeaderSource for RequestHead {
     fn count(&self) -> usize {
         self.count
@@ -1059,16 +1043,14 @@ impl HeaderSource for RequestHead {
 
     fn fill(&self, h: &mut WasmHeaders) {
         h.add_exact(":authority", &self.authority);
-        h.add_exact(":path", self.path());
+        h.add_exact(":path", request_target(&self.uri));
         h.add_exact(":method", self.method.as_str());
         h.add_exact(":scheme", self.uri.scheme_str().unwrap_or("http"));
         for (name, value) in &self.headers {
-            let te_trailers = name == http::header::TE && is_trailers(value.as_bytes());
-            if name == http::header::HOST || (is_hop_by_hop(name.as_str()) && !te_trailers) {
-                continue;
+            if shown_to_plugins(name, value) {
+                // hyper's names are lowercase already.
+                h.add_exact(name.as_str(), value.as_bytes());
             }
-            // hyper's names are lowercase already.
-            h.add_exact(name.as_str(), value.as_bytes());
         }
     }
 
@@ -1077,7 +1059,7 @@ impl HeaderSource for RequestHead {
         let is = |a: &[u8], b: &[u8]| a.len() == b.len() && a.eq_ignore_ascii_case(b);
         let value: Option<&[u8]> = if name.first() == Some(&b':') {
             if is(name, b":path") {
-                Some(self.path().as_bytes())
+                Some(request_target(&self.uri).as_bytes())
             } else if is(name, b":method") {
                 Some(self.method.as_str().as_bytes())
             } else if is(name, b":authority") {
@@ -1111,9 +1093,9 @@ impl HeaderSource for RequestHead {
     }
 }
 
-type EditedHead = (http::Method, String, String, http::HeaderMap);
-
-fn wasm_to_request(h: &WasmHeaders) -> Result<EditedHead, LocalReply> {
+/// The head a plugin changed, as it goes upstream (never handed back to the plugins, so it
+/// has no count).
+fn wasm_to_request(h: &WasmHeaders) -> Result<RequestHead, LocalReply> {
     let bad = |what: &str| {
         LocalReply::text(
             500,
@@ -1128,8 +1110,7 @@ fn wasm_to_request(h: &WasmHeaders) -> Result<EditedHead, LocalReply> {
     let path = h
         .get(":path")
         .and_then(|p| std::str::from_utf8(p).ok())
-        .ok_or_else(|| bad(":path"))?
-        .to_string();
+        .ok_or_else(|| bad(":path"))?;
     let authority = h
         .get(":authority")
         .and_then(|a| std::str::from_utf8(a).ok())
@@ -1152,7 +1133,13 @@ fn wasm_to_request(h: &WasmHeaders) -> Result<EditedHead, LocalReply> {
             }
         }
     }
-    Ok((method, path, authority, headers))
+    Ok(RequestHead {
+        method,
+        uri: path_uri(path),
+        authority,
+        headers,
+        count: 0,
+    })
 }
 
 /// The upstream's response head while the response plugins run: what they see as the

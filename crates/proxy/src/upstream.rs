@@ -34,7 +34,7 @@ use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
 use tokio_util::either::Either;
 
-use crate::handler::{Body, BoxError, is_hop_by_hop};
+use crate::handler::{Body, BoxError, is_hop_by_hop, is_te_trailers};
 use crate::hbone::client::{Upstream, connect_endpoint};
 use crate::metrics::KeyMap;
 
@@ -207,8 +207,7 @@ impl Outgoing<'_> {
         let (mut te_trailers, mut saw_host, mut saw_xfp) = (false, false, false);
         for (name, value) in headers {
             if is_hop_by_hop(name.as_str()) {
-                te_trailers |=
-                    name == http::header::TE && value.as_bytes().eq_ignore_ascii_case(b"trailers");
+                te_trailers |= is_te_trailers(name, value);
                 continue;
             }
             if name == http::header::HOST {
@@ -343,10 +342,7 @@ fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Writes one `name: value` line of a head or of a chunked body's trailers.
 fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    put_line(out, name.as_str().as_bytes(), value.as_bytes());
 }
 
 /// Whether the last transfer coding of `headers` is `chunked` (RFC 9112 §6.3).
