@@ -152,6 +152,10 @@ pub struct ChainRun {
     /// Initial metadata and messages of those streams as they arrive (their end comes through
     /// `callouts`); created when the first stream opens.
     grpc_events: Option<GrpcEventChannel>,
+    /// When the last body callback ended, if it continued quietly and nothing but this run's
+    /// bookkeeping ran since: [`ChainRun::finish_after_body`] times the first Done from there
+    /// instead of reading the clock again.
+    body_end: Option<Instant>,
 }
 
 /// The direction of a body or trailers phase: request filters run in chain order, response
@@ -195,6 +199,7 @@ impl ChainRun {
             actions,
             grpc_inputs: HashMap::new(),
             grpc_events: None,
+            body_end: None,
         }
     }
 
@@ -243,13 +248,13 @@ impl ChainRun {
         callback: Callback,
         start: CallStart,
         result: &Result<Action, HostError>,
-    ) {
+    ) -> Instant {
         let r = match result {
             Ok(a) => Ok(*a == Action::Pause),
             Err(e) => Err(e),
         };
         let f = &self.filters[idx];
-        self.observe(&f.plugin, &f.calls, callback, start, r);
+        self.observe(&f.plugin, &f.calls, callback, start, r)
     }
 
     /// True when some plugin of the chain has a body or trailers callback for `dir`: only then
@@ -379,6 +384,7 @@ impl ChainRun {
     ) -> Result<Vec<u8>, Halt> {
         let mut carry = chunk;
         let mut skipping = after.is_some();
+        self.body_end = None;
         for idx in self.order(dir) {
             if skipping {
                 skipping = Some(idx) != after;
@@ -415,10 +421,12 @@ impl ChainRun {
                 Dir::Request => Callback::RequestBody,
                 Dir::Response => Callback::ResponseBody,
             };
-            self.observe_action(idx, callback, start, &result);
+            let end = self.observe_action(idx, callback, start, &result);
             let flow = if self.continued_quietly(idx, &result) {
+                self.body_end = Some(end);
                 Flow::Pass
             } else {
+                self.body_end = None;
                 self.settle_stream(idx, dir, result, eos).await?
             };
             let body = match dir {
@@ -594,24 +602,41 @@ impl ChainRun {
 
     /// Ends every context: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
     pub fn finish(&mut self) {
+        self.finish_from(None);
+    }
+
+    /// [`ChainRun::finish`] right after [`ChainRun::body_chunk`] returned, with nothing
+    /// awaited since: the first Done is timed from where the last body callback ended.
+    pub fn finish_after_body(&mut self) {
+        let at = self.body_end.take();
+        self.finish_from(at);
+    }
+
+    /// `at`: when the callback this follows directly ended. Each Done after the first follows
+    /// the one before it directly, so the chain reads the clock once per plugin.
+    fn finish_from(&mut self, mut at: Option<Instant>) {
         for f in &self.filters {
             worker::unregister_context(&f.instance, f.ctx);
             if f.bypassed {
                 continue;
             }
-            let start = self.call_start();
+            let start = match at {
+                Some(t) => self.call_start_at(t),
+                None => self.call_start(),
+            };
             let result = f
                 .instance
                 .borrow_mut()
                 .finish_http_context(f.ctx, &mut self.stream);
-            self.observe(
+            at = Some(self.observe(
                 &f.plugin,
                 &f.calls,
                 Callback::Done,
                 start,
                 result.as_ref().map(|_| false),
-            );
+            ));
             if let Err(err) = result {
+                at = None;
                 tracing::warn!(plugin = %f.plugin.id, error = %err, "plugin failed while closing its context");
                 if f.instance.borrow().is_poisoned() {
                     worker::discard_instance(f.plugin.revision);

@@ -195,6 +195,7 @@ pub async fn handle(
     let facts = Facts {
         spans: trace.is_some().then(Default::default),
         detailed: access.is_some() || trace.is_some(),
+        start_time: Some(start_time),
         ..Default::default()
     };
     let pending = Box::new(Pending {
@@ -473,7 +474,7 @@ async fn proxy(
         // client sent none), as Envoy reads it from the request headers.
         request_id: None,
         protocol: protocol_name(parts.version),
-        start_time: Some(std::time::SystemTime::now()),
+        start_time: Some(facts.start_time.unwrap_or_else(std::time::SystemTime::now)),
         route_name: target.route.map(route_name).unwrap_or_default(),
         cluster_name: cluster_name(),
         node_id: worker_copy(&settings.node_id),
@@ -679,7 +680,7 @@ async fn proxy(
             };
             let changed = out.len() != len;
             let out_len = out.len();
-            run.finish();
+            run.finish_after_body();
             let mut response = response_head(&mut run, rparts, full(out));
             if changed
                 && response

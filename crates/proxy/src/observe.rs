@@ -95,6 +95,9 @@ pub(crate) struct Facts {
     pub detailed: bool,
     /// Plugin callbacks timed for child spans (tracing only).
     pub spans: Option<Rc<RefCell<Vec<PluginSpan>>>>,
+    /// When the request started (wall clock), read once for the access log and spans, and
+    /// handed to the plugins as `request.time`; `None` where there is no L7 telemetry.
+    pub start_time: Option<SystemTime>,
 }
 
 /// What the access log needs from the request, captured only when it is on.
