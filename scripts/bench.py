@@ -641,7 +641,7 @@ def main() -> int:
 
         # The headline shape again, in interleaved rounds with the four peers of the req/s and
         # p99 targets started side by side: each of those target lines takes the median of the
-        # rounds, so one unlucky 5 s window of a shared machine does not decide a ratio.
+        # rounds' ratios, so one unlucky 5 s window of a shared machine does not decide a ratio.
         w = max(workers)
         head = Shape("h1", SMALL_PATH, w)
         starters = {
@@ -659,7 +659,7 @@ def main() -> int:
                 running[name] = (proc, port)
         for i in range(args.rounds):
             print(f"  headline round {i + 1} of {args.rounds}", flush=True)
-            for name, (proc, port) in running.items():
+            for name, (proc, port) in round_order(running, i):
                 t = Target(name)
                 measure(t, proc, (port, port), [head], args.seconds, args.conns, work)
                 headline.setdefault(name, []).append(t.results[head.label])
@@ -729,7 +729,7 @@ def pinned_rounds(running: dict, backend: Proc, head: Shape, rounds: int, second
         for i in range(rounds):
             print(f"  pinned round {i + 1} of {rounds}: proxy on CPU {min(proxy_cpus)},"
                   f" wrk and backend on {sorted(LOADGEN_CPUS)}", flush=True)
-            for name, (proc, port) in running.items():
+            for name, (proc, port) in round_order(running, i):
                 pin(proc.pid, proxy_cpus)
                 t = Target(name)
                 measure(t, proc, (port, port), [head], seconds, conns, work)
@@ -745,6 +745,31 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+# The ratios the target lines take from the rounds: (numerator, denominator, Result field).
+RATIO_PAIRS = [
+    ("waystone+basic_auth", "envoy+basic_auth", "rps"),
+    ("waystone+basic_auth", "envoy+basic_auth", "p99_ms"),
+    ("waystone+basic_auth", "waystone", "rps"),
+    ("waystone", "nginx", "rps"),
+]
+
+
+def round_order(running: dict, i: int) -> list:
+    """The peers in the order round `i` measures them: reversed every other round, so a
+    peer's place in the round (after which peer, how far into it the machine's speed
+    drifted) is not the same in every round."""
+    order = list(running.items())
+    return order if i % 2 == 0 else order[::-1]
+
+
+def paired_ratio(rounds: dict, a: str, b: str, field: str) -> float:
+    """The median over rounds of `a`'s `field` over `b`'s in the same round. The two ran
+    minutes apart at most, so a change of the machine's speed between rounds (which moves
+    every peer of a round alike) cancels, where the ratio of the two medians keeps it."""
+    return statistics.median(ratio(getattr(x, field), getattr(y, field))
+                             for x, y in zip(rounds[a], rounds[b]))
+
+
 def median_result(runs: list[Result]) -> Result:
     """Per field, the median over interleaved runs of one peer."""
     return Result(rps=statistics.median(r.rps for r in runs), p50_ms=statistics.median(r.p50_ms for r in runs),
@@ -758,24 +783,32 @@ def targets_lines(targets: dict, workers: list[int], extra: dict, headline: dict
     # interleaved rounds when there were any.
     w = max(workers)
     key = Shape("h1", SMALL_PATH, w).label
-    r = lambda n: median_result(headline[n]) if n in headline else targets[n].results[key]
+
+    def shared(a: str, b: str, field: str) -> float:
+        if a in headline and b in headline:
+            return paired_ratio(headline, a, b, field)
+        return ratio(getattr(targets[a].results[key], field), getattr(targets[b].results[key], field))
+
     out = []
 
     def line(name: str, value: float, op: str, goal: float, fmt: str = "{:.2f}") -> None:
         ok = {">=": value >= goal, "<=": value <= goal, "<": value < goal}[op]
         out.append(f"target: {name} = {fmt.format(value)} (goal {op} {fmt.format(goal)}) {'met' if ok else 'missed'}")
 
-    line("waystone+basic_auth / envoy+basic_auth req/s", ratio(r("waystone+basic_auth").rps, r("envoy+basic_auth").rps), ">=", 2.0)
+    line("waystone+basic_auth / envoy+basic_auth req/s", shared("waystone+basic_auth", "envoy+basic_auth", "rps"), ">=", 2.0)
+    pin_note = ", proxy pinned to its own core"
     if pinned:
-        p = lambda n: median_result(pinned[n])
-        line("waystone+basic_auth / envoy+basic_auth req/s, proxy pinned to its own core",
-             ratio(p("waystone+basic_auth").rps, p("envoy+basic_auth").rps), ">=", 2.0)
-    line("waystone+basic_auth p99 / envoy+basic_auth p99", ratio(r("waystone+basic_auth").p99_ms, r("envoy+basic_auth").p99_ms), "<", 1.0)
+        line("waystone+basic_auth / envoy+basic_auth req/s" + pin_note,
+             paired_ratio(pinned, "waystone+basic_auth", "envoy+basic_auth", "rps"), ">=", 2.0)
+    line("waystone+basic_auth p99 / envoy+basic_auth p99", shared("waystone+basic_auth", "envoy+basic_auth", "p99_ms"), "<", 1.0)
     if pinned:
-        line("waystone+basic_auth p99 / envoy+basic_auth p99, proxy pinned to its own core",
-             ratio(p("waystone+basic_auth").p99_ms, p("envoy+basic_auth").p99_ms), "<", 1.0)
-    line("waystone+basic_auth / waystone req/s", ratio(r("waystone+basic_auth").rps, r("waystone").rps), ">=", 0.9)
-    line("waystone / nginx req/s", ratio(r("waystone").rps, r("nginx").rps), ">=", 1.0)
+        line("waystone+basic_auth p99 / envoy+basic_auth p99" + pin_note,
+             paired_ratio(pinned, "waystone+basic_auth", "envoy+basic_auth", "p99_ms"), "<", 1.0)
+    line("waystone+basic_auth / waystone req/s", shared("waystone+basic_auth", "waystone", "rps"), ">=", 0.9)
+    if pinned:
+        line("waystone+basic_auth / waystone req/s" + pin_note,
+             paired_ratio(pinned, "waystone+basic_auth", "waystone", "rps"), ">=", 0.9)
+    line("waystone / nginx req/s", shared("waystone", "nginx", "rps"), ">=", 1.0)
     if "wasm_overhead_basic_auth_us" in extra:
         line("basic_auth per-request Wasm overhead (criterion median, us)", extra["wasm_overhead_basic_auth_us"], "<=", 2.0)
     line("RSS with 10 plugins, waystone / envoy", ratio(extra["rss_10_plugins_waystone_mib"], extra["rss_10_plugins_envoy_mib"]), "<=", 1 / 3)
@@ -788,7 +821,8 @@ def targets_lines(targets: dict, workers: list[int], extra: dict, headline: dict
 def report(targets: dict, workers: list[int], extra: dict, headline: dict, pinned: dict) -> list[str]:
     lines = []
     key = Shape("h1", SMALL_PATH, max(workers)).label
-    for title, rounds in ((f"{key}: {{n}} interleaved rounds (the target lines use the medians)", headline),
+    for title, rounds in ((f"{key}: {{n}} interleaved rounds (the target lines use the median of the rounds' ratios)",
+                           headline),
                           (f"{key}, proxy pinned to one CPU, wrk and backend to the others: {{n}} rounds", pinned)):
         if not rounds:
             continue
@@ -800,6 +834,13 @@ def report(targets: dict, workers: list[int], extra: dict, headline: dict, pinne
             m = median_result(runs)
             lines.append(f"| {name} | {' / '.join(f'{x.rps:.0f}' for x in runs)} | {m.rps:.0f} | "
                          f"{' / '.join(f'{x.p99_ms:.2f}' for x in runs)} | {m.p99_ms:.2f} | {m.cpu_us_per_req:.1f} |")
+        lines.append("")
+        for a, b, field in RATIO_PAIRS:
+            if a in rounds and b in rounds:
+                each = [ratio(getattr(x, field), getattr(y, field)) for x, y in zip(rounds[a], rounds[b])]
+                lines.append(f"- {a} / {b} {field} per round: {' / '.join(f'{v:.2f}' for v in each)}; "
+                             f"median {paired_ratio(rounds, a, b, field):.2f} (ratio of the medians "
+                             f"{ratio(getattr(median_result(rounds[a]), field), getattr(median_result(rounds[b]), field)):.2f})")
     for w in workers:
         for proto in ("h1", "h2"):
             for path in (SMALL_PATH, BIG_PATH):
