@@ -9,7 +9,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+// Callbacks are timed with the TSC, scaled to nanoseconds (`quanta`; the OS clock where the TSC
+// is not invariant): two reads and the duration between them take about 32 ns here against
+// 47 with `std::time::Instant` (`clock_gettime`), and a request with one plugin makes eight
+// reads. A callback's start and end are read on the same worker thread.
+use quanta::Instant;
 
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};

@@ -33,6 +33,9 @@ pub struct Workers {
 impl Workers {
     pub fn start(count: usize) -> std::io::Result<Self> {
         let count = count.max(1);
+        // The clock that times plugin callbacks calibrates itself on first use (about a
+        // millisecond, at most 200): here, not in some worker's first request.
+        quanta::Instant::now();
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         for i in 0..count {

@@ -66,6 +66,26 @@ async fn a_runaway_loop_is_interrupted_and_the_worker_keeps_serving() {
         let a = o.await.unwrap();
         assert_eq!(a.status, 200, "{a:?}");
     }
+    // The callback's recorded duration is the time the guest spun (the callback clock is the
+    // TSC, scaled to nanoseconds): at least the deadline, and not more than the request took.
+    let mut metrics = String::new();
+    waystone_proxy::metrics::render_prometheus(&mut metrics);
+    let spun = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "waystone_wasm_plugin_call_duration_seconds_sum{plugin=\"default.looping-plugin\",\
+                 callback=\"proxy_on_request_headers\"} ",
+            )
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| {
+            panic!("no request-headers duration for the looping plugin:\n{metrics}")
+        });
+    assert!(
+        spun >= deadline.as_secs_f64() && spun <= elapsed.as_secs_f64(),
+        "recorded {spun} s, deadline {deadline:?}, request {elapsed:?}"
+    );
     // The interrupted instance was replaced: the next request starts a fresh one.
     let a = send(&c, looping, "/", &[]).await;
     assert_eq!((a.status, a.header("x-misbehave-count")), (200, Some("1")));
