@@ -67,7 +67,8 @@ async fn a_runaway_loop_is_interrupted_and_the_worker_keeps_serving() {
         assert_eq!(a.status, 200, "{a:?}");
     }
     // The callback's recorded duration is the time the guest spun (the callback clock is the
-    // TSC, scaled to nanoseconds): at least the deadline, and not more than the request took.
+    // TSC, scaled to nanoseconds): at least the deadline, and within the bound the request's
+    // own time is held to (the sum also holds the first request's few microseconds).
     let mut metrics = String::new();
     waystone_proxy::metrics::render_prometheus(&mut metrics);
     let spun = metrics
@@ -83,7 +84,7 @@ async fn a_runaway_loop_is_interrupted_and_the_worker_keeps_serving() {
             panic!("no request-headers duration for the looping plugin:\n{metrics}")
         });
     assert!(
-        spun >= deadline.as_secs_f64() && spun <= elapsed.as_secs_f64(),
+        spun >= deadline.as_secs_f64() && spun < (deadline * 15).as_secs_f64(),
         "recorded {spun} s, deadline {deadline:?}, request {elapsed:?}"
     );
     // The interrupted instance was replaced: the next request starts a fresh one.
