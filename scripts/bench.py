@@ -764,8 +764,9 @@ def round_order(running: dict, i: int) -> list:
 
 def paired_ratio(rounds: dict, a: str, b: str, field: str) -> float:
     """The median over rounds of `a`'s `field` over `b`'s in the same round. The two ran
-    minutes apart at most, so a change of the machine's speed between rounds (which moves
-    every peer of a round alike) cancels, where the ratio of the two medians keeps it."""
+    seconds apart (a round of four peers takes about 25 s), so a change of the machine's speed
+    between rounds (which moves every peer of a round alike) cancels, where the ratio of the
+    two medians keeps it."""
     return statistics.median(ratio(getattr(x, field), getattr(y, field))
                              for x, y in zip(rounds[a], rounds[b]))
 
@@ -779,8 +780,8 @@ def median_result(runs: list[Result]) -> Result:
 
 
 def targets_lines(targets: dict, workers: list[int], extra: dict, headline: dict, pinned: dict) -> list[str]:
-    # The headline shape: HTTP/1.1, small body, the most workers measured; the medians of its
-    # interleaved rounds when there were any.
+    # The headline shape: HTTP/1.1, small body, the most workers measured; the median of its
+    # rounds' ratios when there were rounds.
     w = max(workers)
     key = Shape("h1", SMALL_PATH, w).label
 
