@@ -475,9 +475,9 @@ async fn proxy(
         request_id: None,
         protocol: protocol_name(parts.version),
         start_time: Some(facts.start_time.unwrap_or_else(std::time::SystemTime::now)),
-        route_name: target.route.map(route_name).unwrap_or_default(),
-        cluster_name: cluster_name(),
-        node_id: worker_copy(&settings.node_id),
+        route_name: target.route.map(route_name).into(),
+        cluster_name: cluster_name().into(),
+        node_id: worker_copy(&settings.node_id).into(),
         ..Default::default()
     };
     crate::hbone::annotate(&mut properties);

@@ -214,12 +214,13 @@ impl PluginInstance {
         if let Some(f) = init {
             this.call("_initialize", f, (), ROOT_CONTEXT, Attach::Nothing)?;
         } else if let Some(f) = start_fn {
-            match this.call_raw(f, (), ROOT_CONTEXT, Attach::Nothing) {
+            let mut site = this.parts().0;
+            match site.call_raw(&f, (), ROOT_CONTEXT, Attach::Nothing) {
                 Ok(()) => {}
                 // A WASI command returning from main may exit with 0: that is a normal end.
                 Err(e) if matches!(e.downcast_ref::<GuestExit>(), Some(GuestExit::ProcExit(0))) => {
                 }
-                Err(e) => return Err(this.fault("_start", e)),
+                Err(e) => return Err(site.fault("_start", e)),
             }
         }
 
@@ -259,11 +260,11 @@ impl PluginInstance {
         let id = self.next_context;
         // Ids are never reused while the instance lives; wrapping past u32 skips 0 and root.
         self.next_context = self.next_context.checked_add(1).unwrap_or(ROOT_CONTEXT + 1);
-        let create = self.callbacks.context_create.clone();
         self.store.data_mut().contexts.insert(id);
-        if let Err(e) = self.call(
+        let (mut site, cbs) = self.parts();
+        if let Err(e) = site.call(
             "proxy_on_context_create",
-            create,
+            &cbs.context_create,
             (id as i32, ROOT_CONTEXT as i32),
             id,
             Attach::Nothing,
@@ -281,8 +282,14 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.request_header_count() as i32;
-        let f = self.callbacks.on_request_headers.clone();
-        self.headers_callback("proxy_on_request_headers", f, ctx, n, end_of_stream, stream)
+        self.headers_callback(
+            "proxy_on_request_headers",
+            |c| &c.on_request_headers,
+            ctx,
+            n,
+            end_of_stream,
+            stream,
+        )
     }
 
     /// Body callbacks see what is buffered in `stream.request_body`: the embedder appends each
@@ -296,10 +303,9 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.request_body.len() as i32;
-        let f = self.callbacks.on_request_body.clone();
         self.http_callback(
             "proxy_on_request_body",
-            f,
+            |c| &c.on_request_body,
             ctx,
             n,
             Some(end_of_stream),
@@ -313,8 +319,13 @@ impl PluginInstance {
         stream: &mut HttpStream,
     ) -> Result<Action, HostError> {
         let n = stream.request_trailers.len() as i32;
-        let f = self.callbacks.on_request_trailers.clone();
-        self.http_callback2("proxy_on_request_trailers", f, ctx, n, stream)
+        self.http_callback2(
+            "proxy_on_request_trailers",
+            |c| &c.on_request_trailers,
+            ctx,
+            n,
+            stream,
+        )
     }
 
     pub fn on_response_headers(
@@ -324,10 +335,9 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.response_header_count() as i32;
-        let f = self.callbacks.on_response_headers.clone();
         self.headers_callback(
             "proxy_on_response_headers",
-            f,
+            |c| &c.on_response_headers,
             ctx,
             n,
             end_of_stream,
@@ -342,10 +352,9 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, HostError> {
         let n = stream.response_body.len() as i32;
-        let f = self.callbacks.on_response_body.clone();
         self.http_callback(
             "proxy_on_response_body",
-            f,
+            |c| &c.on_response_body,
             ctx,
             n,
             Some(end_of_stream),
@@ -359,8 +368,13 @@ impl PluginInstance {
         stream: &mut HttpStream,
     ) -> Result<Action, HostError> {
         let n = stream.response_trailers.len() as i32;
-        let f = self.callbacks.on_response_trailers.clone();
-        self.http_callback2("proxy_on_response_trailers", f, ctx, n, stream)
+        self.http_callback2(
+            "proxy_on_response_trailers",
+            |c| &c.on_response_trailers,
+            ctx,
+            n,
+            stream,
+        )
     }
 
     /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`, in that order. The context is
@@ -377,40 +391,23 @@ impl PluginInstance {
     }
 
     fn finish_inner(&mut self, ctx: u32, attach: Attach<'_>) -> Result<(), HostError> {
+        let (mut site, cbs) = self.parts();
         // The stream is moved into the store once for the three calls, not once per call.
         match attach {
             Attach::Http(s) => {
-                self.attach_stream(s);
-                let r = self.finish_calls(ctx);
-                self.detach_stream(s);
+                site.attach_stream(s);
+                let r = finish_calls(&mut site, cbs, ctx);
+                site.detach_stream(s);
                 r
             }
             Attach::Network(s) => {
-                self.store.data_mut().network = Some(std::mem::take(s));
-                let r = self.finish_calls(ctx);
-                *s = self.store.data_mut().network.take().unwrap_or_default();
+                site.store.data_mut().network = Some(std::mem::take(s));
+                let r = finish_calls(&mut site, cbs, ctx);
+                *s = site.store.data_mut().network.take().unwrap_or_default();
                 r
             }
-            Attach::Nothing => self.finish_calls(ctx),
+            Attach::Nothing => finish_calls(&mut site, cbs, ctx),
         }
-    }
-
-    /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` with the context's stream already in
-    /// the store.
-    fn finish_calls(&mut self, ctx: u32) -> Result<(), HostError> {
-        let c = ctx as i32;
-        // For stream contexts the answer of on_done (whether the context may be deleted now)
-        // is not waited for: the stream is over.
-        if let Some(f) = self.callbacks.on_done.clone() {
-            self.call("proxy_on_done", f, c, ctx, Attach::Nothing)?;
-        }
-        if let Some(f) = self.callbacks.on_log.clone() {
-            self.call("proxy_on_log", f, c, ctx, Attach::Nothing)?;
-        }
-        if let Some(f) = self.callbacks.on_delete.clone() {
-            self.call("proxy_on_delete", f, c, ctx, Attach::Nothing)?;
-        }
-        Ok(())
     }
 
     /// Drops a finished context and cancels the callouts it still had in flight (Envoy cancels
@@ -955,28 +952,30 @@ impl PluginInstance {
         Ok(())
     }
 
+    /// `which` picks the callback out of the instance's [`Callbacks`].
     fn http_callback(
         &mut self,
         callback: &'static str,
-        f: Cb3,
+        which: fn(&Callbacks) -> &Cb3,
         ctx: u32,
         n: i32,
         eos: Option<bool>,
         stream: &mut HttpStream,
     ) -> Result<Action, HostError> {
         self.check_context(callback, ctx)?;
-        let Some(f) = f else {
+        let (mut site, cbs) = self.parts();
+        let Some(f) = which(cbs) else {
             return self.refuse_if_poisoned(callback).map(|()| Action::Continue);
         };
         let eos = i32::from(eos.unwrap_or(false));
-        self.call(callback, f, (ctx as i32, n, eos), ctx, Attach::Http(stream))
+        site.call(callback, f, (ctx as i32, n, eos), ctx, Attach::Http(stream))
             .map(action)
     }
 
     fn headers_callback(
         &mut self,
         callback: &'static str,
-        f: Option<HeadersCb>,
+        which: fn(&Callbacks) -> &Option<HeadersCb>,
         ctx: u32,
         n: i32,
         eos: bool,
@@ -984,12 +983,13 @@ impl PluginInstance {
     ) -> Result<Action, HostError> {
         self.check_context(callback, ctx)?;
         let attach = Attach::Http(stream);
-        match f {
+        let (mut site, cbs) = self.parts();
+        match which(cbs) {
             None => self.refuse_if_poisoned(callback).map(|()| Action::Continue),
-            Some(HeadersCb::V01(f)) => self
+            Some(HeadersCb::V01(f)) => site
                 .call(callback, f, (ctx as i32, n), ctx, attach)
                 .map(action),
-            Some(HeadersCb::V02(f)) => self
+            Some(HeadersCb::V02(f)) => site
                 .call(callback, f, (ctx as i32, n, i32::from(eos)), ctx, attach)
                 .map(action),
         }
@@ -998,31 +998,39 @@ impl PluginInstance {
     fn http_callback2(
         &mut self,
         callback: &'static str,
-        f: Cb2,
+        which: fn(&Callbacks) -> &Cb2,
         ctx: u32,
         n: i32,
         stream: &mut HttpStream,
     ) -> Result<Action, HostError> {
         self.check_context(callback, ctx)?;
-        let Some(f) = f else {
+        let (mut site, cbs) = self.parts();
+        let Some(f) = which(cbs) else {
             return self.refuse_if_poisoned(callback).map(|()| Action::Continue);
         };
-        self.call(callback, f, (ctx as i32, n), ctx, Attach::Http(stream))
+        site.call(callback, f, (ctx as i32, n), ctx, Attach::Http(stream))
             .map(action)
     }
 
     fn refuse_if_poisoned(&self, callback: &'static str) -> Result<(), HostError> {
-        if self.poisoned {
-            return Err(HostError::Poisoned {
-                plugin: self.spec.name.clone(),
-                callback,
-            });
-        }
-        Ok(())
+        refuse_if_poisoned(self.poisoned, &self.spec, callback)
     }
 
-    /// Runs one guest callback under the deadline, with `stream` reachable from host functions
-    /// for its duration (moved into the store and back, also on error).
+    /// The instance split for a guest call: what the call uses, and the callbacks, so that a
+    /// callback is called through a reference into [`Callbacks`] instead of a clone of its
+    /// `Arc` (an atomic increment and decrement for each of a request's seven callbacks).
+    fn parts(&mut self) -> (CallSite<'_>, &Callbacks) {
+        let site = CallSite {
+            store: &mut self.store,
+            poisoned: &mut self.poisoned,
+            spec: &self.spec,
+            deadline_ticks: self.deadline_ticks,
+            call_deadline: self._module.inner.engine.inner.config.call_deadline,
+        };
+        (site, &self.callbacks)
+    }
+
+    /// [`CallSite::call`] for a callback the caller holds (the rarer ones, cloned).
     fn call<P: WasmParams, R: WasmResults>(
         &mut self,
         callback: &'static str,
@@ -1031,7 +1039,45 @@ impl PluginInstance {
         ctx: u32,
         attach: Attach<'_>,
     ) -> Result<R, HostError> {
-        self.refuse_if_poisoned(callback)?;
+        self.parts().0.call(callback, &f, params, ctx, attach)
+    }
+}
+
+fn refuse_if_poisoned(
+    poisoned: bool,
+    spec: &PluginSpec,
+    callback: &'static str,
+) -> Result<(), HostError> {
+    if poisoned {
+        return Err(HostError::Poisoned {
+            plugin: spec.name.clone(),
+            callback,
+        });
+    }
+    Ok(())
+}
+
+/// What a guest call uses of its instance ([`PluginInstance::parts`]).
+struct CallSite<'a> {
+    store: &'a mut Store<HostState>,
+    poisoned: &'a mut bool,
+    spec: &'a PluginSpec,
+    deadline_ticks: u64,
+    call_deadline: Duration,
+}
+
+impl CallSite<'_> {
+    /// Runs one guest callback under the deadline, with `stream` reachable from host functions
+    /// for its duration (moved into the store and back, also on error).
+    fn call<P: WasmParams, R: WasmResults>(
+        &mut self,
+        callback: &'static str,
+        f: &TypedFunc<P, R>,
+        params: P,
+        ctx: u32,
+        attach: Attach<'_>,
+    ) -> Result<R, HostError> {
+        refuse_if_poisoned(*self.poisoned, self.spec, callback)?;
         self.call_raw(f, params, ctx, attach)
             .map_err(|e| self.fault(callback, e))
     }
@@ -1040,7 +1086,7 @@ impl PluginInstance {
     /// switches with `proxy_set_effective_context`.
     fn call_raw<P: WasmParams, R: WasmResults>(
         &mut self,
-        f: Cb<P, R>,
+        f: &TypedFunc<P, R>,
         params: P,
         ctx: u32,
         attach: Attach<'_>,
@@ -1052,17 +1098,17 @@ impl PluginInstance {
         match attach {
             Attach::Http(s) => {
                 self.attach_stream(s);
-                let r = f.call(&mut self.store, params);
+                let r = f.call(&mut *self.store, params);
                 self.detach_stream(s);
                 r
             }
             Attach::Network(s) => {
                 self.store.data_mut().network = Some(std::mem::take(s));
-                let r = f.call(&mut self.store, params);
+                let r = f.call(&mut *self.store, params);
                 *s = self.store.data_mut().network.take().unwrap_or_default();
                 r
             }
-            Attach::Nothing => f.call(&mut self.store, params),
+            Attach::Nothing => f.call(&mut *self.store, params),
         }
     }
 
@@ -1082,9 +1128,8 @@ impl PluginInstance {
 
     /// Poisons the instance and names the fault.
     fn fault(&mut self, callback: &'static str, e: wasmtime::Error) -> HostError {
-        self.poisoned = true;
-        let deadline = self._module.inner.engine.inner.config.call_deadline;
-        classify(&self.spec, &self.store, callback, deadline, e).unwrap_or_else(|reason| {
+        *self.poisoned = true;
+        classify(self.spec, self.store, callback, self.call_deadline, e).unwrap_or_else(|reason| {
             HostError::Trap {
                 plugin: self.spec.name.clone(),
                 callback,
@@ -1092,6 +1137,24 @@ impl PluginInstance {
             }
         })
     }
+}
+
+/// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` with the context's stream already in the
+/// store.
+fn finish_calls(site: &mut CallSite<'_>, cbs: &Callbacks, ctx: u32) -> Result<(), HostError> {
+    let c = ctx as i32;
+    // For stream contexts the answer of on_done (whether the context may be deleted now) is not
+    // waited for: the stream is over.
+    if let Some(f) = &cbs.on_done {
+        site.call("proxy_on_done", f, c, ctx, Attach::Nothing)?;
+    }
+    if let Some(f) = &cbs.on_log {
+        site.call("proxy_on_log", f, c, ctx, Attach::Nothing)?;
+    }
+    if let Some(f) = &cbs.on_delete {
+        site.call("proxy_on_delete", f, c, ctx, Attach::Nothing)?;
+    }
+    Ok(())
 }
 
 /// Names the fault: memory cap and deadline get their own errors, anything else is a trap

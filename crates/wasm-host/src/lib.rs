@@ -44,5 +44,5 @@ pub use state::{ContextAction, UpstreamCheck};
 pub use types::{
     AbiVersion, Action, GrpcCommand, GrpcTarget, HeaderMap, HeaderSource, HttpCallResponse,
     HttpStream, LocalResponse, MtlsProperties, NetworkStream, PeerType, PendingCallout, PluginSpec,
-    StreamData, StreamProperties, StreamType,
+    SharedName, StreamData, StreamProperties, StreamType,
 };

@@ -375,6 +375,51 @@ pub struct MtlsProperties {
     pub tls_version: String,
 }
 
+/// A name a request's properties share with the data plane (route, cluster, node id); empty
+/// is `None`. Not an empty `Arc<str>`: that is a clone of std's one static empty `Arc`, whose
+/// count every thread writes, and each request built and dropped six of them (the defaults
+/// under its stream's and properties' `..Default::default()`): twelve atomic
+/// read-modify-writes a request on one cache line all the workers share.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SharedName(Option<Arc<str>>);
+
+impl SharedName {
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or("")
+    }
+}
+
+impl std::ops::Deref for SharedName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<Arc<str>> for SharedName {
+    fn from(name: Arc<str>) -> Self {
+        SharedName((!name.is_empty()).then_some(name))
+    }
+}
+
+impl From<Option<Arc<str>>> for SharedName {
+    fn from(name: Option<Arc<str>>) -> Self {
+        name.map(SharedName::from).unwrap_or_default()
+    }
+}
+
+impl From<&str> for SharedName {
+    fn from(name: &str) -> Self {
+        SharedName((!name.is_empty()).then(|| Arc::from(name)))
+    }
+}
+
+impl From<String> for SharedName {
+    fn from(name: String) -> Self {
+        SharedName::from(name.as_str())
+    }
+}
+
 /// Connection and request facts behind `proxy_get_property`.
 #[derive(Debug, Default, Clone)]
 pub struct StreamProperties {
@@ -387,8 +432,8 @@ pub struct StreamProperties {
     pub start_time: Option<SystemTime>,
     /// Names shared with the snapshot they come from (one per route and cluster, not one copy
     /// per request).
-    pub route_name: Arc<str>,
-    pub cluster_name: Arc<str>,
+    pub route_name: SharedName,
+    pub cluster_name: SharedName,
     pub response_code: Option<u16>,
     /// Envoy's `response.code_details` (e.g. `via_upstream`, `wasm:<plugin>:<status>`).
     pub response_code_details: String,
@@ -398,7 +443,7 @@ pub struct StreamProperties {
     pub upstream: Option<SocketAddr>,
     /// The SNI the client asked for (TLS listeners only).
     pub requested_server_name: String,
-    pub node_id: Arc<str>,
+    pub node_id: SharedName,
     /// The downstream mutual-TLS facts (HBONE), `None` on plaintext connections.
     pub mtls: Option<MtlsProperties>,
     /// Envoy's `node.cluster` (the proxy's service cluster).
@@ -617,7 +662,30 @@ pub struct NetworkStream {
 
 #[cfg(test)]
 mod tests {
-    use super::HeaderMap;
+    use super::{HeaderMap, SharedName, StreamData};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_stream_built_from_defaults_holds_no_shared_name() {
+        // No `Arc` at all: an empty `Arc<str>` would be std's one static, written by every
+        // thread that clones or drops it.
+        let data = StreamData::default();
+        for name in [
+            &data.properties.route_name,
+            &data.properties.cluster_name,
+            &data.properties.node_id,
+        ] {
+            assert_eq!(*name, SharedName::default());
+            assert_eq!(name.as_str(), "");
+        }
+        assert_eq!(SharedName::from(""), SharedName::default());
+        assert_eq!(SharedName::from(Arc::<str>::from("")), SharedName::default());
+        assert_eq!(SharedName::from(None), SharedName::default());
+        let named: Arc<str> = Arc::from("outbound|80||a.default.svc.cluster.local");
+        let shared = SharedName::from(Some(named.clone()));
+        assert_eq!(&*shared, &*named);
+        assert_eq!(SharedName::from(String::from(&*named)).as_str(), &*named);
+    }
 
     fn pairs(m: &HeaderMap) -> Vec<(String, String)> {
         m.iter()
