@@ -16,7 +16,7 @@ use waystone_model::snapshot::ObjectKey;
 use crate::handler::{self, ConnInfo, Entry, HandlerSettings};
 use crate::metrics::{InstanceStats, LabelTable};
 use crate::observe::Observer;
-use crate::runtime::{PluginSlot, RuntimeConfig};
+use crate::runtime::{PluginSlot, RuntimeConfig, WorkerConfig};
 use crate::worker::{self, Workers};
 
 #[derive(Debug, Clone)]
@@ -216,7 +216,14 @@ impl DataPlane {
         let live = Arc::new(live);
         self.shared.workers.broadcast(|| {
             let live = live.clone();
-            Box::new(move || Box::pin(async move { worker::retain_instances(&live) }))
+            Box::new(move || {
+                Box::pin(async move {
+                    // Nothing of the old config stays alive on a worker that sees no more
+                    // requests.
+                    forget_worker_config();
+                    worker::retain_instances(&live)
+                })
+            })
         });
 
         let mut bindings = BTreeMap::new();
@@ -546,7 +553,7 @@ async fn serve_connection(
         let handle: crate::hbone::server::HandleFn = std::rc::Rc::new(move |req| {
             let (shared, entry) = (handle_shared.clone(), entry.clone());
             Box::pin(async move {
-                let rt = shared.config.load_full();
+                let rt = worker_config(&shared.config);
                 handler::handle(req, &entry, conn, rt, &shared.settings).await
             })
         });
@@ -563,7 +570,7 @@ async fn serve_connection(
         let ctx = service_ctx.clone();
         async move {
             let (shared, entry) = (&ctx.0, &*ctx.1);
-            let rt = shared.config.load_full();
+            let rt = worker_config(&shared.config);
             if let (Entry::Mesh, Some(h)) = (entry, &shared.hbone)
                 && h.entry
                 && let Some((tunnel, dest)) =
@@ -734,5 +741,67 @@ where
 {
     fn execute(&self, fut: F) {
         tokio::task::spawn_local(fut);
+    }
+}
+
+thread_local! {
+    /// This worker's handle on the current runtime config ([`worker_config`]).
+    static WORKER_CONFIG: std::cell::RefCell<Option<std::rc::Rc<WorkerConfig>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The current runtime config, as an `Rc` this worker's requests share while the config
+/// stays. `ArcSwap::load_full` on every request incremented and decremented the config's
+/// reference count, which every worker writes, so the cache line moved between cores twice a
+/// request; `load` only reads the shared pointer (and writes this thread's own debt slot).
+fn worker_config(config: &ArcSwap<RuntimeConfig>) -> std::rc::Rc<WorkerConfig> {
+    let now = config.load();
+    WORKER_CONFIG.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some(rc) = &*c
+            && Arc::ptr_eq(&rc.0, &now)
+        {
+            return rc.clone();
+        }
+        let rc = std::rc::Rc::new(WorkerConfig(arc_swap::Guard::into_inner(now)));
+        *c = Some(rc.clone());
+        rc
+    })
+}
+
+/// Drops this worker's handle on the config (run on each worker after a swap).
+fn forget_worker_config() {
+    WORKER_CONFIG.with(|c| c.borrow_mut().take());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_shares_one_handle_per_config_and_lets_go_of_it() {
+        let config = ArcSwap::from_pointee(RuntimeConfig::empty());
+        let first = worker_config(&config);
+        assert!(std::rc::Rc::ptr_eq(&first, &worker_config(&config)));
+        assert!(Arc::ptr_eq(&first.0, &config.load_full()));
+
+        config.store(Arc::new(RuntimeConfig::empty()));
+        let second = worker_config(&config);
+        assert!(
+            !Arc::ptr_eq(&first.0, &second.0),
+            "a swap is seen at the next request"
+        );
+        assert!(Arc::ptr_eq(&second.0, &config.load_full()));
+
+        // The old config lives only as long as the requests holding it; after the swap's
+        // hook, the worker holds no config either.
+        let old = Arc::downgrade(&first.0);
+        drop(first);
+        assert!(old.upgrade().is_none());
+        let current = Arc::downgrade(&second.0);
+        drop(second);
+        forget_worker_config();
+        config.store(Arc::new(RuntimeConfig::empty()));
+        assert!(current.upgrade().is_none());
     }
 }

@@ -90,7 +90,7 @@ pub async fn handle(
     mut req: Request<Incoming>,
     entry: &Entry,
     conn: ConnInfo,
-    rt: Arc<RuntimeConfig>,
+    rt: std::rc::Rc<crate::runtime::WorkerConfig>,
     settings: &HandlerSettings,
 ) -> Response<Body> {
     let started = std::time::Instant::now();

@@ -43,6 +43,19 @@ pub enum PluginSlot {
     },
 }
 
+/// A worker's handle on the runtime config current when it took it: an `Rc` of this is what
+/// the worker's requests share (`dataplane::worker_config`), so a request writes no reference
+/// count that other workers write.
+#[derive(Debug)]
+pub struct WorkerConfig(pub Arc<RuntimeConfig>);
+
+impl std::ops::Deref for WorkerConfig {
+    type Target = RuntimeConfig;
+    fn deref(&self) -> &RuntimeConfig {
+        &self.0
+    }
+}
+
 /// One consistent configuration: swapped atomically, read per request.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {

@@ -679,7 +679,10 @@ mod tests {
             assert_eq!(name.as_str(), "");
         }
         assert_eq!(SharedName::from(""), SharedName::default());
-        assert_eq!(SharedName::from(Arc::<str>::from("")), SharedName::default());
+        assert_eq!(
+            SharedName::from(Arc::<str>::from("")),
+            SharedName::default()
+        );
         assert_eq!(SharedName::from(None), SharedName::default());
         let named: Arc<str> = Arc::from("outbound|80||a.default.svc.cluster.local");
         let shared = SharedName::from(Some(named.clone()));
