@@ -1025,7 +1025,7 @@ impl PluginInstance {
             poisoned: &mut self.poisoned,
             spec: &self.spec,
             deadline_ticks: self.deadline_ticks,
-            call_deadline: self._module.inner.engine.inner.config.call_deadline,
+            module: &self._module,
         };
         (site, &self.callbacks)
     }
@@ -1063,7 +1063,8 @@ struct CallSite<'a> {
     poisoned: &'a mut bool,
     spec: &'a PluginSpec,
     deadline_ticks: u64,
-    call_deadline: Duration,
+    /// Read only to name a fault (the deadline it may have passed).
+    module: &'a CompiledModule,
 }
 
 impl CallSite<'_> {
@@ -1129,7 +1130,8 @@ impl CallSite<'_> {
     /// Poisons the instance and names the fault.
     fn fault(&mut self, callback: &'static str, e: wasmtime::Error) -> HostError {
         *self.poisoned = true;
-        classify(self.spec, self.store, callback, self.call_deadline, e).unwrap_or_else(|reason| {
+        let deadline = self.module.inner.engine.inner.config.call_deadline;
+        classify(self.spec, self.store, callback, deadline, e).unwrap_or_else(|reason| {
             HostError::Trap {
                 plugin: self.spec.name.clone(),
                 callback,
