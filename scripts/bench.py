@@ -582,7 +582,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--rounds", type=int, default=5,
+    ap.add_argument("--rounds", type=int, default=9,
                     help="extra interleaved runs of the headline shape; the target lines use their medians")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--micro", type=Path, help="criterion estimates.json of the basic_auth per-request bench")
@@ -642,14 +642,17 @@ def main() -> int:
         # The headline shape again, in interleaved rounds with the four peers of the req/s and
         # p99 targets started side by side: each of those target lines takes the median of the
         # rounds' ratios, so one unlucky 5 s window of a shared machine does not decide a ratio.
+        # The peers run in the order that puts the two sides of every target ratio next to each
+        # other (envoy+basic_auth | waystone+basic_auth | waystone | nginx), so each ratio of a
+        # round compares runs seconds apart, never with a third peer between them.
         w = max(workers)
         head = Shape("h1", SMALL_PATH, w)
         starters = {
-            "nginx": lambda: start_nginx_proxy(work, args.nginx, w, b1)[:2],
             "envoy+basic_auth": lambda: start_envoy(work, args.envoy, "envoy-auth-rounds", w, b1, auth_plugin),
-            "waystone": lambda: start_waystone(work, args.waystone, "waystone-plain-rounds", w, b1, [])[:2],
             "waystone+basic_auth": lambda: start_waystone(work, args.waystone, "waystone-auth-rounds", w, b1,
                                                           auth_plugin)[:2],
+            "waystone": lambda: start_waystone(work, args.waystone, "waystone-plain-rounds", w, b1, [])[:2],
+            "nginx": lambda: start_nginx_proxy(work, args.nginx, w, b1)[:2],
         }
         running = {}
         if args.rounds > 0:

@@ -5,7 +5,7 @@
 # scripts/bench.py, which prints the tables and refreshes BENCHMARKS.md.
 #
 # Usage: scripts/bench.sh [--seconds S] [--workers 1,2] [--conns N] [--no-report]
-# Bounded: about 60 runs of S seconds (default 5) plus start-up: ~7 minutes.
+# Bounded: about 125 runs of S seconds (default 5) plus start-up: ~15 minutes, after the builds.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
