@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use waystone_model::snapshot::ObjectKey;
 
 use crate::handler::{self, ConnInfo, Entry, HandlerSettings};
+use crate::head_timeout::{HeadWatch, WatchedBody, WatchedIo};
 use crate::metrics::{InstanceStats, LabelTable};
 use crate::observe::Observer;
 use crate::runtime::{PluginSlot, RuntimeConfig, WorkerConfig};
@@ -37,6 +38,9 @@ pub struct DataPlaneConfig {
     /// How long an HTTP/1.1 head waits for a stalled body while its trailers are not known yet
     /// (see `stream.rs`).
     pub trailer_wait: std::time::Duration,
+    /// How long an idle HTTP/1.1 connection (accepted, or its last response over) may take to
+    /// send a complete request head before it is closed (`head_timeout.rs`).
+    pub head_timeout: std::time::Duration,
 }
 
 impl Default for DataPlaneConfig {
@@ -52,6 +56,7 @@ impl Default for DataPlaneConfig {
             hbone: None,
             observability: Default::default(),
             trailer_wait: crate::stream::HEAD_STALL,
+            head_timeout: crate::head_timeout::HEAD_TIMEOUT,
         }
     }
 }
@@ -106,6 +111,7 @@ struct Shared {
     drain: watch::Sender<u8>,
     connections: AtomicU64,
     hbone: Option<HboneShared>,
+    head_timeout: std::time::Duration,
 }
 
 struct HboneShared {
@@ -139,6 +145,7 @@ impl DataPlane {
             workers,
             drain,
             connections: AtomicU64::new(0),
+            head_timeout: cfg.head_timeout,
             hbone: cfg.hbone.as_ref().map(|h| HboneShared {
                 inbound: h.inbound.then(|| {
                     Arc::new(crate::hbone::server::Inbound::new(
@@ -562,35 +569,43 @@ async fn serve_connection(
         crate::hbone::server::serve(socket, conn, inbound, waypoint, config, handle, drain).await;
         return;
     }
+    // Watched for the request-head timeout until the connection ends (with the service).
+    let registered = HeadWatch::register(shared.head_timeout);
+    let watch = registered.watch().clone();
     // One `Rc` clone per request instead of two `Arc` clones: the counts of `Shared` and of the
     // listener's `Entry` are touched by every worker, so each clone and drop would move their
     // cache line between cores.
-    let service_ctx = std::rc::Rc::new((shared.clone(), entry));
+    let service_ctx = std::rc::Rc::new((shared.clone(), entry, registered));
     let service = service_fn(move |req| {
         let ctx = service_ctx.clone();
         async move {
             let (shared, entry) = (&ctx.0, &*ctx.1);
+            // Busy until hyper drops the response body: no head is due meanwhile.
+            let in_flight = ctx.2.watch().begin();
             let rt = worker_config(&shared.config);
             if let (Entry::Mesh, Some(h)) = (entry, &shared.hbone)
                 && h.entry
                 && let Some((tunnel, dest)) =
                     crate::hbone::entry::tunnel_target(&rt, &h.waypoints, &req)
             {
-                return Ok(crate::hbone::entry::forward(req, conn, tunnel, dest).await);
+                let response = crate::hbone::entry::forward(req, conn, tunnel, dest).await;
+                return Ok(response.map(|b| WatchedBody::new(b, in_flight)));
             }
             handler::into_service_result(
                 handler::handle(req, entry, conn, rt, &shared.settings).await,
             )
+            .map(|r| r.map(|b| WatchedBody::new(b, in_flight)))
         }
     });
     let mut builder = auto::Builder::new(LocalExec);
     // Limits on what a client may make the proxy hold: a request head larger than the
     // buffer or with more headers is answered 431 and the connection closed; an h2 header
     // list over the limit resets the stream; the stream cap bounds one h2 connection's work.
+    // The request-head timeout is `head_timeout.rs`'s, not hyper's per-request timer.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(std::time::Duration::from_secs(30))
+        .header_read_timeout(None)
         .max_buf_size(MAX_REQUEST_HEAD)
         .max_headers(MAX_REQUEST_HEADERS);
     builder
@@ -598,7 +613,7 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_REQUEST_HEAD as u32)
         .max_concurrent_streams(MAX_H2_STREAMS);
-    let connection = builder.serve_connection(TokioIo::new(socket), service);
+    let connection = builder.serve_connection(TokioIo::new(WatchedIo::new(socket, watch)), service);
     tokio::pin!(connection);
     let mut drain = shared.drain.subscribe();
     loop {

@@ -14,6 +14,7 @@ mod chain;
 mod dataplane;
 mod handler;
 pub mod hbone;
+mod head_timeout;
 mod local_channel;
 pub mod metrics;
 mod observe;

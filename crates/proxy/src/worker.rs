@@ -103,20 +103,23 @@ impl Workers {
     }
 }
 
-/// A timer that always fires within [`HEARTBEAT`], so this worker's timer driver always has
-/// a wake-up planned that is earlier than any per-request timer (hyper's 30 s header-read
-/// timeout, armed on every keep-alive request). Tokio's driver writes its eventfd to wake
-/// itself whenever a timer is registered earlier than its planned wake-up, and with no timer
-/// planned every registration counts as earlier: under load that was a `write` and an extra
-/// `epoll_wait` for about every other request (measured with `perf stat -e
-/// syscalls:sys_enter_write`, 2 workers: 0.52 writes per request before, see BENCHMARKS.md).
+/// This worker's heartbeat: the request-head timeout's sweep (`head_timeout.rs`) once every
+/// [`HEARTBEAT`]. Its timer also keeps a wake-up planned that is earlier than any timer a
+/// request arms (hyper's 30 s header-read timeout on HBONE connections, a body's trailer
+/// wait). Tokio's driver writes its eventfd to wake itself whenever a timer is registered
+/// earlier than its planned wake-up, and with no timer planned every registration counts as
+/// earlier: when hyper armed its header-read timer for every keep-alive request on every
+/// listener, that was a `write` and an extra `epoll_wait` for about every other request
+/// (measured with `perf stat -e syscalls:sys_enter_write`, 2 workers: 0.52 writes per request
+/// before, see BENCHMARKS.md).
 async fn heartbeat() {
     loop {
+        crate::head_timeout::sweep();
         tokio::time::sleep(HEARTBEAT).await;
     }
 }
 
-const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEARTBEAT: Duration = crate::head_timeout::SWEEP_EVERY;
 
 pub type SharedInstance = Rc<RefCell<PluginInstance>>;
 

@@ -22,10 +22,7 @@ async fn slow_backend(
     ip: IpAddr,
     arrived: mpsc::UnboundedSender<String>,
 ) -> (SocketAddr, Arc<Notify>) {
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = support::listen(ip).await;
     let release = Arc::new(Notify::new());
     let held = release.clone();
     tokio::spawn(async move {
@@ -34,14 +31,9 @@ async fn slow_backend(
             let arrived = arrived.clone();
             let held = held.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = support::read_head(&mut s).await else {
+                    return;
+                };
                 let text = String::from_utf8_lossy(&head);
                 let path = text.split(' ').nth(1).unwrap_or("").to_string();
                 if path == "/partial" {

@@ -142,3 +142,174 @@ async fn bad_requests_get_4xx_or_a_closed_connection_and_harm_no_one_else() {
     assert_eq!(ok(small).await.unwrap().status(), 200);
     dp.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A backend that reads one request head, then answers `/slowhead` after `delay`, and
+/// `/slowbody` with its head at once and its body after `delay`.
+async fn slow_backend(ip: std::net::IpAddr, delay: Duration) -> SocketAddr {
+    let (listener, addr) = listen(ip).await;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
+                let slow_head = head.starts_with(b"GET /slowhead ");
+                if slow_head {
+                    tokio::time::sleep(delay).await;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+                    .await;
+                if !slow_head {
+                    tokio::time::sleep(delay).await;
+                }
+                let _ = s.write_all(b"slow").await;
+                let _ = s.read(&mut [0u8; 64]).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads until the peer closes or `limit` passes; true when it closed (EOF or reset).
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_or_trickling_http1_connection_is_closed_after_the_head_timeout_and_nothing_else() {
+    let ip = net(7);
+    let timeout = Duration::from_secs(1);
+    let slow = slow_backend(ip, Duration::from_secs(3)).await;
+    let dp = waystone_proxy::DataPlane::start(waystone_proxy::DataPlaneConfig {
+        workers: 1,
+        gateway_address: ip,
+        entry_address: None,
+        head_timeout: timeout,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = apply(
+        &dp,
+        runtime(&manifests(slow, &[("gw", 18081, None)]), |_| unreachable!()),
+        "gw",
+    )
+    .await;
+    let connect = || tokio::net::TcpStream::connect(addr);
+    // Closed between the timeout and the timeout plus two sweeps (stamps are a sweep early).
+    let bound = timeout + Duration::from_secs(3);
+
+    let silent = async {
+        let mut s = connect().await.unwrap();
+        let t = std::time::Instant::now();
+        assert!(
+            closed_within(&mut s, bound).await,
+            "a silent connection stayed open"
+        );
+        assert!(
+            t.elapsed() >= timeout,
+            "closed before the timeout: {:?}",
+            t.elapsed()
+        );
+    };
+    let trickling = async {
+        let mut s = connect().await.unwrap();
+        let t = std::time::Instant::now();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        // One header line every 200 ms: bytes keep coming, the head never completes.
+        let mut i = 0;
+        let closed = loop {
+            if t.elapsed() > bound {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            i += 1;
+            if s.write_all(format!("x-{i}: v\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break true;
+            }
+            let mut b = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await
+            {
+                break true;
+            }
+        };
+        assert!(
+            closed,
+            "a head trickled byte by byte kept the connection open"
+        );
+        assert!(
+            t.elapsed() >= timeout,
+            "closed before the timeout: {:?}",
+            t.elapsed()
+        );
+    };
+    // Answers slower than the timeout, head or body, with the client waiting: not idle. After
+    // the answer the keep-alive connection is idle, and closed in its turn.
+    let waiting = |path: &'static str| async move {
+        let mut s = connect().await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1024];
+        while !got.ends_with(b"slow") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: no answer"))
+                .unwrap();
+            assert!(
+                n > 0,
+                "{path}: closed while the answer was on its way: {got:?}"
+            );
+            got.extend_from_slice(&b[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{path}: {got:?}");
+        let t = std::time::Instant::now();
+        assert!(
+            closed_within(&mut s, bound).await,
+            "{path}: the idle connection stayed open"
+        );
+        assert!(t.elapsed() >= timeout, "{path}: closed before the timeout");
+    };
+    // HTTP/2 (prior knowledge) is not held to a head timeout: idle past it, a PING is answered.
+    let h2 = async {
+        let mut s = connect().await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        tokio::time::sleep(bound).await;
+        s.write_all(b"\0\0\x08\x06\0\0\0\0\0waystone")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 256];
+        let ack: &[u8] = b"\0\0\x08\x06\x01\0\0\0\0waystone";
+        while !got.windows(ack.len()).any(|w| w == ack) {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("no PING ack")
+                .unwrap();
+            assert!(n > 0, "the idle h2 connection was closed");
+            got.extend_from_slice(&b[..n]);
+        }
+    };
+    tokio::join!(
+        silent,
+        trickling,
+        waiting("/slowhead"),
+        waiting("/slowbody"),
+        h2
+    );
+    dp.shutdown(Duration::from_secs(2)).await;
+}

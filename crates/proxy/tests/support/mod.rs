@@ -43,6 +43,30 @@ pub fn net(salt: u8) -> IpAddr {
         .unwrap()
 }
 
+/// A listener on `ip`, any port, and its address.
+pub async fn listen(ip: IpAddr) -> (tokio::net::TcpListener, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+/// Reads from `s` until a whole request head (up to its blank line) has arrived; `None` when
+/// the peer closed or failed first.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// An HTTP/1.1 backend that counts the requests it received and answered; `/slow` answers
 /// after 1 s.
 pub struct Backend {
