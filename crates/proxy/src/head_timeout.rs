@@ -51,6 +51,8 @@ pub struct HeadWatch {
     timeout_ms: u64,
     in_flight: Cell<u32>,
     idle_since_ms: Cell<u64>,
+    /// `idle_since_ms` was stamped since the last sweep, with that sweep's time.
+    stamped: Cell<bool>,
     /// HTTP/2: not watched.
     exempt: Cell<bool>,
     /// Set by [`sweep`]: the next read fails.
@@ -68,6 +70,7 @@ impl HeadWatch {
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             in_flight: Cell::new(0),
             idle_since_ms: Cell::new(NOW_MS.get()),
+            stamped: Cell::new(true),
             exempt: Cell::new(false),
             expired: Cell::new(false),
             waker: RefCell::new(None),
@@ -89,14 +92,10 @@ impl HeadWatch {
     }
 
     fn overdue(&self, now_ms: u64) -> bool {
-        // Idle times are stamped with the latest sweep's time, up to one period early: a
-        // connection is closed only once it has surely been idle for the whole timeout.
-        let period = SWEEP_EVERY.as_millis() as u64;
         !self.exempt.get()
             && !self.expired.get()
             && self.in_flight.get() == 0
-            && now_ms.saturating_sub(self.idle_since_ms.get())
-                >= self.timeout_ms.saturating_add(period)
+            && now_ms.saturating_sub(self.idle_since_ms.get()) >= self.timeout_ms
     }
 
     fn expire(&self) {
@@ -126,7 +125,9 @@ impl Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         let slot = self.0.slot.get();
-        WATCHED.with(|w| {
+        // `try_with`: a connection dropped while the thread's locals are torn down has nothing
+        // left to leave.
+        let _ = WATCHED.try_with(|w| {
             let mut w = w.borrow_mut();
             if w.get(slot).is_some_and(|x| Rc::ptr_eq(x, &self.0)) {
                 w.swap_remove(slot);
@@ -148,6 +149,7 @@ impl Drop for InFlight {
         self.0.in_flight.set(n);
         if n == 0 {
             self.0.idle_since_ms.set(NOW_MS.get());
+            self.0.stamped.set(true);
         }
     }
 }
@@ -160,10 +162,20 @@ pub fn sweep() {
         EPOCH.set(Some(now));
         now
     });
-    let now_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+    sweep_at(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX));
+}
+
+fn sweep_at(now_ms: u64) {
     NOW_MS.set(now_ms);
     WATCHED.with(|w| {
         for watch in w.borrow().iter() {
+            // A stamp taken since the last sweep holds that sweep's time, earlier than the
+            // moment the connection went idle, by however late this sweep is: it becomes this
+            // sweep's time, which is not earlier. So idle times only ever err long, and a
+            // connection is never closed before it has been idle for the whole timeout.
+            if watch.stamped.replace(false) {
+                watch.idle_since_ms.set(now_ms);
+            }
             if watch.overdue(now_ms) {
                 watch.expire();
             }
@@ -175,7 +187,8 @@ pub fn sweep() {
 pub struct WatchedIo<T> {
     io: T,
     watch: Rc<HeadWatch>,
-    first_read: bool,
+    /// How many of the first bytes read matched [`H2_PREFACE_START`]; `None` once decided.
+    preface: Option<usize>,
 }
 
 impl<T> WatchedIo<T> {
@@ -183,8 +196,26 @@ impl<T> WatchedIo<T> {
         WatchedIo {
             io,
             watch,
-            first_read: true,
+            preface: Some(0),
         }
+    }
+
+    /// Follows the connection's first bytes: HTTP/2 once all of [`H2_PREFACE_START`] has come
+    /// (a prefix alone decides nothing, or a client could trickle "P" to be let off).
+    fn note_first_bytes(&mut self, got: &[u8]) {
+        let Some(matched) = self.preface else {
+            return;
+        };
+        let want = &H2_PREFACE_START[matched..];
+        let n = got.len().min(want.len());
+        self.preface = if got[..n] != want[..n] {
+            None
+        } else if matched + n == H2_PREFACE_START.len() {
+            self.watch.exempt.set(true);
+            None
+        } else {
+            Some(matched + n)
+        };
     }
 }
 
@@ -208,13 +239,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         match &r {
             Poll::Pending => this.watch.park(cx.waker()),
-            Poll::Ready(Ok(())) if this.first_read && buf.filled().len() > before => {
-                this.first_read = false;
-                let got = &buf.filled()[before..];
-                let n = got.len().min(H2_PREFACE_START.len());
-                if got[..n] == H2_PREFACE_START[..n] {
-                    this.watch.exempt.set(true);
-                }
+            Poll::Ready(Ok(())) if this.preface.is_some() => {
+                this.note_first_bytes(&buf.filled()[before..]);
             }
             _ => {}
         }
@@ -291,29 +317,59 @@ impl HttpBody for WatchedBody {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_the_whole_h2_preface_start_lets_a_connection_off_the_head_timeout() {
+        sweep();
+        let exempt_after = |reads: &[&[u8]]| {
+            let registered = HeadWatch::register(HEAD_TIMEOUT);
+            let mut io = WatchedIo::new((), registered.watch().clone());
+            for r in reads {
+                io.note_first_bytes(r);
+            }
+            registered.watch().exempt.get()
+        };
+        assert!(exempt_after(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]));
+        assert!(exempt_after(&[b"P", b"RI * HT", b"TP/2.0\r\n"]));
+        assert!(!exempt_after(&[b"P"]), "a prefix decides nothing");
+        assert!(!exempt_after(&[b"PRI * HTTP/2"]));
+        assert!(!exempt_after(&[b"P", b"OST / HTTP/1.1\r\n"]));
+        assert!(!exempt_after(&[b"GET / HTTP/1.1\r\n", b"PRI * HTTP/2.0"]));
+    }
+
     fn watched() -> usize {
         WATCHED.with(|w| w.borrow().len())
     }
 
     #[test]
     fn an_idle_connection_expires_after_the_timeout_and_a_busy_one_does_not() {
-        sweep();
-        let idle = HeadWatch::register(Duration::from_millis(0));
-        let busy = HeadWatch::register(Duration::from_millis(0));
-        let h2 = HeadWatch::register(Duration::from_millis(0));
+        let t0 = NOW_MS.get() + 1_000;
+        sweep_at(t0);
+        let timeout = 30_000;
+        let idle = HeadWatch::register(Duration::from_millis(timeout));
+        let busy = HeadWatch::register(Duration::from_millis(timeout));
+        let h2 = HeadWatch::register(Duration::from_millis(timeout));
         h2.watch().exempt.set(true);
         let request = busy.watch().begin();
         assert_eq!(watched(), 3);
-        // Stamped with the latest sweep: nothing is overdue within one sweep period.
-        assert!(!idle.watch().overdue(NOW_MS.get()));
-        let later = NOW_MS.get() + SWEEP_EVERY.as_millis() as u64;
-        assert!(idle.watch().overdue(later));
-        assert!(!busy.watch().overdue(later), "a request is in flight");
-        assert!(!h2.watch().overdue(later), "HTTP/2 is not watched");
+        // A late sweep (5 s instead of 1): the stamps of t0 move to it, so the timeout counts
+        // from there and nothing closes early.
+        sweep_at(t0 + 5_000);
+        assert_eq!(idle.watch().idle_since_ms.get(), t0 + 5_000);
+        sweep_at(t0 + 5_000 + timeout - 1);
+        assert!(!idle.watch().expired.get(), "closed before the timeout");
+        sweep_at(t0 + 5_000 + timeout);
+        assert!(idle.watch().expired.get());
+        assert!(!busy.watch().expired.get(), "a request is in flight");
+        assert!(!h2.watch().expired.get(), "HTTP/2 is not watched");
+        // The request ends: idle from then (stamped with the last sweep, moved to the next).
         drop(request);
-        assert!(busy.watch().overdue(later + SWEEP_EVERY.as_millis() as u64));
-        idle.watch().expire();
-        assert!(!idle.watch().overdue(later), "expired once");
+        let ended = NOW_MS.get();
+        assert_eq!(busy.watch().idle_since_ms.get(), ended);
+        sweep_at(ended + 1_000);
+        sweep_at(ended + 1_000 + timeout - 1);
+        assert!(!busy.watch().expired.get());
+        sweep_at(ended + 1_000 + timeout);
+        assert!(busy.watch().expired.get());
         // Unregistering keeps the others' slots right.
         drop(idle);
         assert_eq!(watched(), 2);

@@ -203,8 +203,9 @@ async fn an_idle_or_trickling_http1_connection_is_closed_after_the_head_timeout_
     )
     .await;
     let connect = || tokio::net::TcpStream::connect(addr);
-    // Closed between the timeout and the timeout plus two sweeps (stamps are a sweep early).
-    let bound = timeout + Duration::from_secs(3);
+    // Closed after the timeout, by the first sweep after it (once a second; a loaded machine
+    // may run it late, hence the margin).
+    let bound = timeout + Duration::from_secs(5);
 
     let silent = async {
         let mut s = connect().await.unwrap();
