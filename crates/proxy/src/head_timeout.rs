@@ -39,9 +39,6 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 thread_local! {
     /// When this worker's clock started (its first sweep).
     static EPOCH: Cell<Option<Instant>> = const { Cell::new(None) };
-    /// Milliseconds from `EPOCH` to this worker's latest sweep: what idle times are stamped
-    /// with, so a request reads no clock.
-    static NOW_MS: Cell<u64> = const { Cell::new(0) };
     /// This worker's watched connections.
     static WATCHED: RefCell<Vec<Rc<HeadWatch>>> = const { RefCell::new(Vec::new()) };
 }
@@ -50,9 +47,10 @@ thread_local! {
 pub struct HeadWatch {
     timeout_ms: u64,
     in_flight: Cell<u32>,
+    /// When the connection went idle, as of the first sweep after it did (see [`sweep_at`]).
     idle_since_ms: Cell<u64>,
-    /// `idle_since_ms` was stamped since the last sweep, with that sweep's time.
-    stamped: Cell<bool>,
+    /// It went idle since the last sweep, which has not set `idle_since_ms` yet.
+    went_idle: Cell<bool>,
     /// HTTP/2: not watched.
     exempt: Cell<bool>,
     /// Set by [`sweep`]: the next read fails.
@@ -69,8 +67,8 @@ impl HeadWatch {
         let watch = Rc::new(HeadWatch {
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             in_flight: Cell::new(0),
-            idle_since_ms: Cell::new(NOW_MS.get()),
-            stamped: Cell::new(true),
+            idle_since_ms: Cell::new(0),
+            went_idle: Cell::new(true),
             exempt: Cell::new(false),
             expired: Cell::new(false),
             waker: RefCell::new(None),
@@ -148,8 +146,7 @@ impl Drop for InFlight {
         let n = self.0.in_flight.get().saturating_sub(1);
         self.0.in_flight.set(n);
         if n == 0 {
-            self.0.idle_since_ms.set(NOW_MS.get());
-            self.0.stamped.set(true);
+            self.0.went_idle.set(true);
         }
     }
 }
@@ -166,14 +163,13 @@ pub fn sweep() {
 }
 
 fn sweep_at(now_ms: u64) {
-    NOW_MS.set(now_ms);
     WATCHED.with(|w| {
         for watch in w.borrow().iter() {
-            // A stamp taken since the last sweep holds that sweep's time, earlier than the
-            // moment the connection went idle, by however late this sweep is: it becomes this
-            // sweep's time, which is not earlier. So idle times only ever err long, and a
-            // connection is never closed before it has been idle for the whole timeout.
-            if watch.stamped.replace(false) {
+            // A connection that went idle since the last sweep is idle from now on: not before
+            // the moment it went idle, however late this sweep runs, so idle times only ever
+            // err long and a connection is never closed before the whole timeout. A request
+            // reads no clock.
+            if watch.went_idle.replace(false) {
                 watch.idle_since_ms.set(now_ms);
             }
             if watch.overdue(now_ms) {
@@ -342,7 +338,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_expires_after_the_timeout_and_a_busy_one_does_not() {
-        let t0 = NOW_MS.get() + 1_000;
+        let t0 = 1_000;
         sweep_at(t0);
         let timeout = 30_000;
         let idle = HeadWatch::register(Duration::from_millis(timeout));
@@ -351,8 +347,8 @@ mod tests {
         h2.watch().exempt.set(true);
         let request = busy.watch().begin();
         assert_eq!(watched(), 3);
-        // A late sweep (5 s instead of 1): the stamps of t0 move to it, so the timeout counts
-        // from there and nothing closes early.
+        // A late sweep (5 s after the last one): the connections that went idle in between
+        // are idle from it, so the timeout counts from there and nothing closes early.
         sweep_at(t0 + 5_000);
         assert_eq!(idle.watch().idle_since_ms.get(), t0 + 5_000);
         sweep_at(t0 + 5_000 + timeout - 1);
@@ -361,10 +357,10 @@ mod tests {
         assert!(idle.watch().expired.get());
         assert!(!busy.watch().expired.get(), "a request is in flight");
         assert!(!h2.watch().expired.get(), "HTTP/2 is not watched");
-        // The request ends: idle from then (stamped with the last sweep, moved to the next).
+        // The request ends: idle from the next sweep.
         drop(request);
-        let ended = NOW_MS.get();
-        assert_eq!(busy.watch().idle_since_ms.get(), ended);
+        let ended = t0 + 5_000 + timeout;
+        assert!(busy.watch().went_idle.get());
         sweep_at(ended + 1_000);
         sweep_at(ended + 1_000 + timeout - 1);
         assert!(!busy.watch().expired.get());
