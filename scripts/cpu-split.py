@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""User and system CPU time per request of Waystone, without and with basic_auth.
+"""User and system CPU time per request of Waystone, without and with basic_auth (and of
+nginx as the bench's plain reverse proxy, with `--nginx`).
 
 Starts the bench backend and two `waystone up` (no plugin; basic_auth), then loads each in
 turn with `wrk` (the bench's small body, 32 connections) and prints req/s and the proxy's
@@ -8,6 +9,7 @@ the backend on CPU 1, so the proxy has a core of its own:
 
     cargo build --profile production -p waystone && scripts/build-plugins.sh
     python3 scripts/cpu-split.py --workers 1 --pin      # or without --pin: cores shared
+    python3 scripts/cpu-split.py --workers 2 --nginx    # the headline shape, nginx beside
 """
 import argparse
 import os
@@ -26,13 +28,15 @@ ap.add_argument("--workers", type=int, default=1)
 ap.add_argument("--pin", action="store_true")
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--seconds", type=float, default=3)
+ap.add_argument("--nginx", action="store_true", help="nginx as a plain reverse proxy too")
 args = ap.parse_args()
 
 work = Path(tempfile.mkdtemp(prefix="waystone-cpu-split-"))
 work.chmod(0o755)
 procs = []
 try:
-    backend, port1, _ = b.start_backend(work, shutil.which("nginx") or "/usr/sbin/nginx")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    backend, port1, _ = b.start_backend(work, nginx)
     procs.append(backend)
     auth = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)]
     proxies = {}
@@ -41,6 +45,10 @@ try:
                                       args.workers, port1, plugins)
         procs.append(p)
         proxies[name] = (p, port)
+    if args.nginx:
+        p, port, _ = b.start_nginx_proxy(work, nginx, args.workers, port1)
+        procs.append(p)
+        proxies["nginx"] = (p, port)
     if args.pin:
         for p, _ in proxies.values():
             b.pin(p.pid, {0})
