@@ -7,6 +7,9 @@ counts exactly N keep-alive requests and dumps the profile:
 
     cargo build --profile production -p waystone
     python3 scripts/callgrind-proxy.py plain 1000   # or: auth 1000, or nginx 1000 (the peer)
+    python3 scripts/callgrind-proxy.py bare 1000    # the floor: crates/proxy/examples/bare_forwarder.rs
+                                                    # (cargo build --profile production
+                                                    #  -p waystone-proxy --example bare_forwarder)
     python3 scripts/callgrind-proxy.py auth 300 big # the bench's 64 KiB body instead of the small one
     python3 scripts/callgrind-proxy.py auth 1000 cache  # also simulate the caches and branch
                                                         # predictors: misses per request
@@ -78,6 +81,12 @@ try:
         p = b.Proc("nginx", [*valgrind, nginx, "-c", str(conf)], work / "nginx.log")
         procs.append(p)
         b.wait_port(port, p.p, "nginx", timeout=120)
+    elif mode == "bare":
+        port = b.free_port()
+        bare = REPO / "target/production/examples/bare_forwarder"
+        p = b.Proc("bare", [*valgrind, str(bare), str(port), str(port1)], work / "bare.log")
+        procs.append(p)
+        b.wait_port(port, p.p, "bare_forwarder", timeout=120)
     else:
         plugins = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)] if mode == "auth" else []
         p, port, _ = b.start_waystone(work, waystone, "ws", 1, port1, plugins, wrap=valgrind,

@@ -10,6 +10,8 @@ the backend on CPU 1, so the proxy has a core of its own:
     cargo build --profile production -p waystone && scripts/build-plugins.sh
     python3 scripts/cpu-split.py --workers 1 --pin      # or without --pin: cores shared
     python3 scripts/cpu-split.py --workers 2 --nginx    # the headline shape, nginx beside
+    python3 scripts/cpu-split.py --nginx --bare         # and the floor (one thread): the
+                                                        # bare_forwarder example, built for production
 """
 import argparse
 import os
@@ -29,6 +31,8 @@ ap.add_argument("--pin", action="store_true")
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--seconds", type=float, default=3)
 ap.add_argument("--nginx", action="store_true", help="nginx as a plain reverse proxy too")
+ap.add_argument("--bare", action="store_true",
+                help="crates/proxy/examples/bare_forwarder.rs too (one thread, whatever --workers)")
 args = ap.parse_args()
 
 work = Path(tempfile.mkdtemp(prefix="waystone-cpu-split-"))
@@ -49,6 +53,13 @@ try:
         p, port, _ = b.start_nginx_proxy(work, nginx, args.workers, port1)
         procs.append(p)
         proxies["nginx"] = (p, port)
+    if args.bare:
+        port = b.free_port()
+        p = b.Proc("bare", [str(REPO / "target/production/examples/bare_forwarder"), str(port), str(port1)],
+                   work / "bare.log")
+        procs.append(p)
+        b.wait_port(port, p.p, "bare_forwarder")
+        proxies["bare"] = (p, port)
     if args.pin:
         for p, _ in proxies.values():
             b.pin(p.pid, {0})
