@@ -5,9 +5,9 @@
 //! dropped, `x-forwarded-proto` and `x-request-id` added), the response head and a
 //! content-length body are copied as bytes.
 //!
-//! It is a yardstick, not a proxy (no chunked bodies, no limits, no errors answered): it says
-//! what a request costs on tokio before any of the work an HTTP/1.1 server codec of our own
-//! would keep. Counted like the proxy (BENCHMARKS.md):
+//! It is a yardstick, not a proxy (requests without bodies, responses with a content-length, no
+//! limits, no errors answered): it says what a request costs on tokio before any of the work an
+//! HTTP/1.1 server codec of our own would keep. Counted like the proxy (BENCHMARKS.md):
 //!
 //! ```sh
 //! cargo build --profile production -p waystone-proxy --example bare_forwarder
