@@ -261,6 +261,17 @@ def start_nginx_proxy(work: Path, nginx: str, workers: int, backend: int) -> tup
     return p, port, port2
 
 
+def start_bare_forwarder(work: Path, backend: int, wrap: list[str] | None = None,
+                         timeout: float = 30.0) -> tuple[Proc, int]:
+    """crates/proxy/examples/bare_forwarder.rs (built for production) in front of `backend`: the
+    floor the proxy is measured against by callgrind-proxy.py and cpu-split.py."""
+    port = free_port()
+    bare = Path(__file__).resolve().parent.parent / "target/production/examples/bare_forwarder"
+    p = Proc("bare", [*(wrap or []), str(bare), str(port), str(backend)], work / "bare.log")
+    wait_port(port, p.p, "bare_forwarder", timeout=timeout)
+    return p, port
+
+
 def envoy_config(port: int, admin: int, backend: int, plugins: list[tuple[str, Path, dict]]) -> dict:
     http_filters = []
     for name, wasm, cfg in plugins:

@@ -82,11 +82,8 @@ try:
         procs.append(p)
         b.wait_port(port, p.p, "nginx", timeout=120)
     elif mode == "bare":
-        port = b.free_port()
-        bare = REPO / "target/production/examples/bare_forwarder"
-        p = b.Proc("bare", [*valgrind, str(bare), str(port), str(port1)], work / "bare.log")
+        p, port = b.start_bare_forwarder(work, port1, wrap=valgrind, timeout=120)
         procs.append(p)
-        b.wait_port(port, p.p, "bare_forwarder", timeout=120)
     else:
         plugins = [("basic-auth", REPO / "target/wasm/basic_auth.wasm", b.BASIC_AUTH_CONFIG)] if mode == "auth" else []
         p, port, _ = b.start_waystone(work, waystone, "ws", 1, port1, plugins, wrap=valgrind,

@@ -54,11 +54,8 @@ try:
         procs.append(p)
         proxies["nginx"] = (p, port)
     if args.bare:
-        port = b.free_port()
-        p = b.Proc("bare", [str(REPO / "target/production/examples/bare_forwarder"), str(port), str(port1)],
-                   work / "bare.log")
+        p, port = b.start_bare_forwarder(work, port1)
         procs.append(p)
-        b.wait_port(port, p.p, "bare_forwarder")
         proxies["bare"] = (p, port)
     if args.pin:
         for p, _ in proxies.values():

@@ -315,7 +315,6 @@ mod tests {
 
     #[test]
     fn only_the_whole_h2_preface_start_lets_a_connection_off_the_head_timeout() {
-        sweep();
         let exempt_after = |reads: &[&[u8]]| {
             let registered = HeadWatch::register(HEAD_TIMEOUT);
             let mut io = WatchedIo::new((), registered.watch().clone());
